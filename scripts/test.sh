@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up everything the tests need, then lint and run the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh train airflow dev
+.venv/bin/ruff check .
+.venv/bin/python -m pytest "$@"

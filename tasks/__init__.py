@@ -1,0 +1,1 @@
+"""auto-correct-labels: find and fix mislabelled images in class-folder datasets."""

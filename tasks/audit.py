@@ -1,0 +1,76 @@
+"""Run a whole audit on this machine: index, plan, train every repeat as a subprocess of
+the trainer entrypoint, merge, report. Re-running with the same run id resumes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+from tasks import runs, storage
+from tasks.config import AuditConfig
+from tasks.index import index_dataset, list_dataset, listing_fingerprint, write_index
+from tasks.plan import RepeatSpec, plan_repeats
+
+log = logging.getLogger(__name__)
+
+
+def default_run_id(cfg: AuditConfig, listing_hash: str) -> str:
+    """Same dataset content and training config give the same run id, so a re-run resumes;
+    a changed dataset (e.g. after relabelling) starts a new run."""
+    name = storage.basename(cfg.data_path) or "dataset"
+    return f"{name}-{cfg.training_fingerprint()[:6]}{listing_hash[:6]}"
+
+
+def prepare_run(cfg: AuditConfig, run_id: str | None = None) -> str:
+    """Index the dataset into the run folder (skipped when the run already has a manifest)
+    and record the config; returns the run URI."""
+    listing = list_dataset(cfg.data_path)
+    run = runs.run_uri(cfg.work_uri, run_id or default_run_id(cfg, listing_fingerprint(listing)))
+    if storage.exists(storage.join(run, "manifest.parquet")):
+        log.info("resuming run %s (manifest exists)", run)
+    else:
+        log.info("indexing %s into run %s", cfg.data_path, run)
+        write_index(index_dataset(cfg, listing), run)
+    runs.write_config(run, cfg)
+    return run
+
+
+def trainer_command(run: str, repeat: int) -> list[str]:
+    """The trainer entrypoint, as a pod or a subprocess runs it."""
+    return [sys.executable, "-m", "tasks.train", "--run", run, "--repeat", str(repeat)]
+
+
+def run_trainer_subprocess(run: str, repeat: int,
+                           emit: Callable[[str], None] = print) -> None:
+    """Run one repeat as a subprocess, passing each log line to `emit` as it comes."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with subprocess.Popen(trainer_command(run, repeat), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, env=env) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            emit(line.rstrip("\n"))
+        code = proc.wait()
+    if code != 0:
+        raise RuntimeError(f"trainer for repeat {repeat} exited with code {code}")
+
+
+def run_audit(cfg: AuditConfig, run_id: str | None = None,
+              emit: Callable[[str], None] = print) -> str:
+    """Audit `cfg.data_path` end to end; returns the results CSV URI."""
+    from tasks.merge import merge_run
+    from tasks.report import write_report
+
+    t0 = time.perf_counter()
+    run = prepare_run(cfg, run_id)
+    specs: list[RepeatSpec] = plan_repeats(cfg)
+    for spec in specs:
+        log.info("training %s of %d", spec.label, len(specs))
+        run_trainer_subprocess(run, spec.repeat, emit)
+    results = merge_run(run)
+    report = write_report(run, seconds=time.perf_counter() - t0)
+    log.info("audit finished in %.0fs; report %s", time.perf_counter() - t0, report)
+    return results

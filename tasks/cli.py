@@ -1,0 +1,118 @@
+"""Command line: python -m tasks {sample,audit,relabel,undo}."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from tasks import runs, storage
+from tasks.config import ConfigError, load_config
+from tasks.index import DatasetError
+from tasks.merge import MissingShardsError
+from tasks.relabel import RelabelError
+
+log = logging.getLogger("tasks")
+
+# Errors a user can fix: one clear line, exit code 2, no traceback.
+USER_ERRORS = (ConfigError, DatasetError, MissingShardsError, RelabelError,
+               storage.StorageError, FileNotFoundError, FileExistsError, ValueError)
+
+
+def _cmd_sample(args: argparse.Namespace) -> None:
+    from tasks.sample import write_sample
+
+    truth = write_sample(args.out, args.n, args.noise, args.seed, args.noise_type, args.source)
+    print(truth)
+
+
+def _cmd_audit(args: argparse.Namespace) -> None:
+    from tasks.audit import run_audit
+
+    cfg = load_config(args.config, args.set)
+    results = run_audit(cfg, run_id=args.run_id)
+    if args.relabel or cfg.autocorrect:
+        _relabel(results, cfg.sensitivity, cfg.min_preds, dry_run=False)
+    print(results)
+
+
+def _relabel(results_uri: str, sensitivity: float | None, min_preds: int | None,
+             dry_run: bool) -> None:
+    from tasks.merge import read_results
+    from tasks.relabel import relabel, write_corrected_manifest
+
+    run = storage.parent(results_uri)
+    cfg = runs.read_config(run)
+    sensitivity = cfg.sensitivity if sensitivity is None else sensitivity
+    min_preds = cfg.min_preds if min_preds is None else min_preds
+    results = read_results(results_uri)
+    if cfg.relabel_mode == "manifest":
+        out = storage.join(run, "corrected-labels.csv")
+        if not dry_run:
+            write_corrected_manifest(results, out, sensitivity, min_preds)
+            print(out)
+        return
+    journal = runs.journal_uri(run)
+    relabel(results, cfg.data_path, journal, sensitivity, min_preds, dry_run=dry_run)
+    if not dry_run:
+        print(journal)
+
+
+def _cmd_relabel(args: argparse.Namespace) -> None:
+    _relabel(args.results, args.sensitivity, args.min_preds, args.dry_run)
+
+
+def _cmd_undo(args: argparse.Namespace) -> None:
+    from tasks.relabel import undo
+
+    undo(args.journal)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (also used to document the CLI)."""
+    p = argparse.ArgumentParser(prog="python -m tasks",
+                                description="Find and fix mislabelled images.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("sample", help="write a sample dataset with known label noise")
+    s.add_argument("--out", required=True, help="folder to create")
+    s.add_argument("--n", type=int, default=2000, help="number of images")
+    s.add_argument("--noise", type=float, default=0.1, help="fraction of labels to change")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--noise-type", default="symmetric", choices=["symmetric", "asymmetric"])
+    s.add_argument("--source", default="auto", choices=["auto", "fashion-mnist", "digits"])
+    s.set_defaults(func=_cmd_sample)
+
+    a = sub.add_parser("audit", help="audit a dataset; prints the results CSV path last")
+    a.add_argument("--config", help="YAML config (default configs/config.yaml)")
+    a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable)")
+    a.add_argument("--run-id", help="run id (default: derived from the dataset and config, "
+                   "so the same audit resumes)")
+    a.add_argument("--relabel", action="store_true", help="relabel afterwards (as autocorrect)")
+    a.set_defaults(func=_cmd_audit)
+
+    r = sub.add_parser("relabel", help="move images whose suggestion clears the thresholds")
+    r.add_argument("--results", required=True, help="results.csv inside a run folder")
+    r.add_argument("--sensitivity", type=float, help="override the run's sensitivity (0-100)")
+    r.add_argument("--min-preds", type=int, help="override the run's min_preds")
+    r.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    r.set_defaults(func=_cmd_relabel)
+
+    u = sub.add_parser("undo", help="reverse a relabel journal")
+    u.add_argument("--journal", required=True, help="relabel-journal.jsonl of a run")
+    u.set_defaults(func=_cmd_undo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        args.func(args)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

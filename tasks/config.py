@@ -1,0 +1,273 @@
+"""The one config schema, shared by the CLI, the YAML files and the DAG Params.
+
+Keys of the original tool keep their names and meaning; invalid values fail with a
+message that names the key and the value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+MODEL_NAMES = ("small_cnn", "resnet18", "efficientnet_v2_s", "alexnet")
+# Smallest input each architecture accepts (AlexNet's pooling collapses below 63 px).
+MIN_IMAGE_SIZE = {"small_cnn": 8, "resnet18": 16, "efficientnet_v2_s": 16, "alexnet": 63}
+
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "config.yaml"
+
+# Keys that change what a trainer computes; a shard records their hash.
+TRAINING_KEYS = (
+    "model_name", "model_weights", "n_repeats", "batch_size", "learning_rate", "num_epochs",
+    "track_eval", "patience", "test_split", "val_split", "split_strategy", "seed",
+    "image_size", "augment", "weight_decay", "ffcv",
+)
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the key and the value."""
+
+
+def _section(name: str) -> dict[str, Any]:
+    return {"section": name}
+
+
+class AuditConfig(BaseModel):
+    """Every setting of an audit. Field descriptions feed the CLI help and the DAG form."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # --- data -------------------------------------------------------------------
+    data_path: str = Field(
+        "data/sample",
+        min_length=1,
+        description="Dataset root: a local folder or s3://bucket/prefix/ laid out as "
+        "<root>/<class>/<image>.",
+        json_schema_extra=_section("Data"),
+    )
+    work_uri: str = Field(
+        "work",
+        min_length=1,
+        description="Where run artefacts go (manifest, shards, results, report, journal): "
+        "a local folder or s3://bucket/prefix/. Each run lives in <work_uri>/runs/<run_id>/.",
+        json_schema_extra=_section("Data"),
+    )
+    results_path: str | None = Field(
+        None,
+        description="Extra copy of the results CSV (local path or s3:// URI). "
+        "The CSV is always written to the run folder as results.csv.",
+        json_schema_extra=_section("Data"),
+    )
+    image_size: int = Field(
+        32, ge=8, le=1024,
+        description="Images are converted to RGB and resized to image_size x image_size pixels.",
+        json_schema_extra=_section("Data"),
+    )
+    ffcv: bool = Field(
+        False,
+        description="Build one FFCV .beton per run and train from it (needs the ffcv extra).",
+        json_schema_extra=_section("Data"),
+    )
+    num_workers: int = Field(
+        2, ge=0, le=64,
+        description="Data-loading worker processes per trainer.",
+        json_schema_extra=_section("Data"),
+    )
+    # --- model ------------------------------------------------------------------
+    model_name: Literal["small_cnn", "resnet18", "efficientnet_v2_s", "alexnet"] = Field(
+        "small_cnn",
+        description="Architecture: small_cnn (fast on CPU, small images), resnet18, "
+        "efficientnet_v2_s or alexnet (torchvision; alexnet needs image_size >= 63).",
+        json_schema_extra=_section("Model"),
+    )
+    model_weights: str | None = Field(
+        None,
+        description="Initial weights: empty for random init, a path or s3:// URI of a state "
+        "dict, or a torchvision weights name (e.g. IMAGENET1K_V1) already in the torch hub "
+        "cache. Nothing is downloaded.",
+        json_schema_extra=_section("Model"),
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="Where trainers run: auto picks CUDA when available.",
+        json_schema_extra=_section("Model"),
+    )
+    # --- training ---------------------------------------------------------------
+    n_repeats: int = Field(
+        10, ge=1, le=1000,
+        description="Models to train. Each predicts the images it did not see.",
+        json_schema_extra=_section("Training"),
+    )
+    split_strategy: Literal["rounds", "random"] = Field(
+        "rounds",
+        description="rounds: repeats form rounds of K = round(1/test_split) folds, so every "
+        "image is predicted once per complete round. random: a fresh random split per "
+        "repeat (the original tool's behaviour).",
+        json_schema_extra=_section("Training"),
+    )
+    test_split: float = Field(
+        0.2, gt=0, lt=1,
+        description="Share of images each repeat holds out and predicts.",
+        json_schema_extra=_section("Training"),
+    )
+    val_split: float = Field(
+        0.1, ge=0, lt=1,
+        description="Share of images each repeat uses for validation (early stopping).",
+        json_schema_extra=_section("Training"),
+    )
+    batch_size: int = Field(
+        128, ge=1, le=65536, description="Training batch size.",
+        json_schema_extra=_section("Training"),
+    )
+    learning_rate: float = Field(
+        0.05, gt=0, le=10,
+        description="Peak learning rate of the one-cycle SGD schedule.",
+        json_schema_extra=_section("Training"),
+    )
+    weight_decay: float = Field(
+        5e-4, ge=0, le=1, description="SGD weight decay.",
+        json_schema_extra=_section("Training"),
+    )
+    num_epochs: int = Field(
+        12, ge=1, le=1000, description="Epochs per repeat.",
+        json_schema_extra=_section("Training"),
+    )
+    track_eval: bool = Field(
+        True,
+        description="Evaluate on the validation part each epoch, keep the best epoch and stop "
+        "early after `patience` epochs without improvement.",
+        json_schema_extra=_section("Training"),
+    )
+    patience: int = Field(
+        4, ge=1, le=1000, description="Epochs without validation improvement before stopping.",
+        json_schema_extra=_section("Training"),
+    )
+    augment: Literal["flip_crop", "crop", "none"] = Field(
+        "flip_crop",
+        description="Training augmentation: random crop with padding, plus horizontal flip "
+        "for flip_crop (turn flips off for text, digits and other handed images).",
+        json_schema_extra=_section("Training"),
+    )
+    seed: int = Field(
+        0, ge=0, le=2**31 - 1, description="Seed for splits and training.",
+        json_schema_extra=_section("Training"),
+    )
+    # --- scoring and relabelling ------------------------------------------------
+    min_coverage: float = Field(
+        1.0, ge=0, le=1,
+        description="Merge fails (naming the missing repeats) when fewer than this share of "
+        "images has at least one out-of-sample prediction.",
+        json_schema_extra=_section("Scoring"),
+    )
+    sensitivity: float = Field(
+        60.0, ge=0, le=100,
+        description="Relabel an image when more than this % of its predictions chose the "
+        "suggested label.",
+        json_schema_extra=_section("Relabelling"),
+    )
+    min_preds: int = Field(
+        2, ge=1, le=1000,
+        description="Relabel only images with at least this many predictions.",
+        json_schema_extra=_section("Relabelling"),
+    )
+    autocorrect: bool = Field(
+        False,
+        description="Relabel after the audit (in the DAG and `audit --relabel`).",
+        json_schema_extra=_section("Relabelling"),
+    )
+    relabel_mode: Literal["move", "manifest"] = Field(
+        "move",
+        description="move: move images into their corrected class folder (journaled, undoable). "
+        "manifest: leave images in place and write corrected-labels.csv.",
+        json_schema_extra=_section("Relabelling"),
+    )
+    report_top_n: int = Field(
+        500, ge=1, le=100000, description="Most suspicious images shown in report.html.",
+        json_schema_extra=_section("Report"),
+    )
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> AuditConfig:
+        if self.test_split + self.val_split >= 1:
+            raise ValueError(
+                f"test_split + val_split must be < 1, got {self.test_split} + {self.val_split}"
+            )
+        if self.track_eval and self.val_split == 0:
+            raise ValueError("track_eval needs val_split > 0, got val_split 0")
+        least = MIN_IMAGE_SIZE[self.model_name]
+        if self.image_size < least:
+            raise ValueError(
+                f"image_size must be >= {least} for model_name {self.model_name!r}, "
+                f"got {self.image_size}"
+            )
+        return self
+
+    @property
+    def folds(self) -> int:
+        """K, the folds per round: round(1 / test_split), at least 2."""
+        return max(2, round(1 / self.test_split))
+
+    def training_fingerprint(self) -> str:
+        """Hash of the keys that change what a trainer computes."""
+        data = {k: getattr(self, k) for k in TRAINING_KEYS}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _describe(err: ValidationError) -> str:
+    """One line per problem, each naming the key and the offending value."""
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "config"
+        if e["type"] == "extra_forbidden":
+            valid = ", ".join(AuditConfig.model_fields)
+            lines.append(f"unknown config key {key!r}; valid keys: {valid}")
+        elif e["type"] == "literal_error":
+            lines.append(f"{key}: got {e['input']!r}; choose one of {e['ctx']['expected']}")
+        elif key == "config":
+            lines.append(str(e["msg"]).removeprefix("Value error, "))
+        else:
+            lines.append(f"{key}: {e['msg']}, got {e['input']!r}")
+    return "; ".join(lines)
+
+
+def parse_config(data: dict[str, Any]) -> AuditConfig:
+    """Validate a dict of settings; raise ConfigError with a one-line message."""
+    try:
+        return AuditConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"invalid config: {_describe(err)}") from None
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Parse a `key=value` override; the value is read as YAML (numbers, true, null)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    value = yaml.safe_load(raw) if raw.strip() else None
+    if key in ("data_path", "work_uri", "results_path", "model_weights") and value is not None:
+        value = raw  # paths stay strings even when they look like numbers
+    return key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                extra: dict[str, Any] | None = None) -> AuditConfig:
+    """Load a YAML config (default configs/config.yaml), apply `key=value` overrides."""
+    path = Path(path) if path else DEFAULT_CONFIG_PATH
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
+    data.update(extra or {})
+    for item in overrides or []:
+        key, value = parse_override(item)
+        data[key] = value
+    return parse_config(data)

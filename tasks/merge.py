@@ -1,0 +1,195 @@
+"""Pool the shards' out-of-sample predictions per image and score every label.
+
+Per image: `num_preds`, the votes per class, `corrected_label` (majority vote, ties broken
+by mean probability), `%` (vote share of `corrected_label`, 0-100), `label_quality` (mean
+out-of-sample probability of the given label) and `is_label_issue`.
+
+`is_label_issue` rule: cleanlab's confident-learning filter (`prune_by_noise_rate`) on the
+mean out-of-sample probabilities, AND the majority vote names another class. Confident
+learning compares each probability with a per-class threshold (the class's average
+self-confidence), which keeps ambiguous-but-correct images out; the vote keeps the flag
+consistent with the suggested label. `benchmarks/noise_bench.py` compares this rule with
+the alternatives.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from tasks import runs, storage
+from tasks.config import AuditConfig
+from tasks.index import read_manifest
+from tasks.plan import plan_repeats, split_for_repeat
+from tasks.train import existing_fingerprint, shard_fingerprint
+
+log = logging.getLogger(__name__)
+
+RESULT_COLUMNS = ["filename", "label", "corrected_label", "num_preds", "%", "label_quality",
+                  "is_label_issue", "suggested_quality", "votes", "id"]
+FILTER_BY = "prune_by_noise_rate"
+
+
+class MissingShardsError(RuntimeError):
+    """Too few repeats produced shards; the message lists the missing repeats."""
+
+    def __init__(self, message: str, missing: list[int]) -> None:
+        super().__init__(message)
+        self.missing = missing
+
+
+def read_shards(run: str, cfg: AuditConfig, manifest: pd.DataFrame,
+                num_classes: int) -> tuple[list[int], list[pd.DataFrame], list[int]]:
+    """(repeats found, their shard frames, repeats missing or stale)."""
+    found, frames, missing = [], [], []
+    for spec in plan_repeats(cfg):
+        uri = runs.shard_uri(run, spec.repeat)
+        if existing_fingerprint(uri) != shard_fingerprint(cfg, manifest, spec):
+            missing.append(spec.repeat)
+            continue
+        table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+        frames.append(_dense(table.to_pandas(), num_classes))
+        found.append(spec.repeat)
+    return found, frames, missing
+
+
+def _dense(df: pd.DataFrame, num_classes: int) -> pd.DataFrame:
+    """Shard frame with a dense `probs` column (top-k shards are filled with zeros)."""
+    if "probs" in df:
+        return df
+    probs = np.zeros((len(df), num_classes), dtype=np.float32)
+    for i, (idx, p) in enumerate(zip(df["topk_idx"], df["topk_prob"], strict=True)):
+        probs[i, idx] = p
+    df = df.drop(columns=["topk_idx", "topk_prob"])
+    df["probs"] = list(probs)
+    return df
+
+
+def aggregate(n_images: int, labels: np.ndarray, frames: list[pd.DataFrame],
+              num_classes: int) -> dict[str, np.ndarray]:
+    """Per-image vote counts, mean probabilities and prediction counts."""
+    votes = np.zeros((n_images, num_classes), dtype=np.int32)
+    prob_sum = np.zeros((n_images, num_classes), dtype=np.float64)
+    for df in frames:
+        ids = df["id"].to_numpy()
+        np.add.at(votes, (ids, df["pred"].to_numpy()), 1)
+        np.add.at(prob_sum, ids, np.stack(df["probs"].to_numpy()))
+    num_preds = votes.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_probs = prob_sum / num_preds[:, None]
+    return {"votes": votes, "mean_probs": mean_probs, "num_preds": num_preds}
+
+
+def score(labels: np.ndarray, votes: np.ndarray, mean_probs: np.ndarray,
+          num_preds: np.ndarray) -> dict[str, np.ndarray]:
+    """corrected label, vote share, label quality and the label-issue flag per image."""
+    from cleanlab.filter import find_label_issues
+
+    n = len(labels)
+    predicted = num_preds > 0
+    # Majority vote; ties broken by the mean probability (tiny weight, below one vote).
+    safe_probs = np.nan_to_num(mean_probs, nan=0.0)
+    corrected = np.argmax(votes + safe_probs * 1e-3, axis=1)
+    corrected[~predicted] = labels[~predicted]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pct = np.where(predicted, votes[np.arange(n), corrected] / num_preds * 100, np.nan)
+    quality = np.where(predicted, safe_probs[np.arange(n), labels], np.nan)
+    suggested_quality = np.where(predicted, safe_probs[np.arange(n), corrected], np.nan)
+    flagged = np.zeros(n, dtype=bool)
+    if predicted.sum() > 0:
+        sub_labels, sub_probs = labels[predicted], safe_probs[predicted]
+        sub_probs = sub_probs / sub_probs.sum(1, keepdims=True).clip(min=1e-12)
+        cl = _confident_learning(find_label_issues, sub_labels, sub_probs)
+        flagged[predicted] = cl
+    flagged &= corrected != labels
+    return {"corrected": corrected, "pct": pct, "quality": quality,
+            "suggested_quality": suggested_quality, "flagged": flagged}
+
+
+def _confident_learning(find_label_issues, labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """cleanlab's filter, run over the classes that have predicted images."""
+    present = np.unique(labels)
+    remap = np.full(probs.shape[1], -1)
+    remap[present] = np.arange(len(present))
+    sub = probs[:, present]
+    sub = sub / sub.sum(1, keepdims=True).clip(min=1e-12)
+    return find_label_issues(remap[labels], sub, filter_by=FILTER_BY, n_jobs=1)
+
+
+def _votes_text(row_votes: np.ndarray, classes: list[str]) -> str:
+    nz = np.flatnonzero(row_votes)
+    order = nz[np.argsort(-row_votes[nz], kind="stable")]
+    return ";".join(f"{classes[i]}:{row_votes[i]}" for i in order)
+
+
+def merge_run(run: str) -> str:
+    """Merge the shards of a run into predictions.parquet and results.csv; returns the
+    results URI. Raises MissingShardsError when coverage is below `min_coverage`."""
+    cfg = runs.read_config(run)
+    manifest, classes = read_manifest(run)
+    labels = manifest["label_idx"].to_numpy(np.int64)
+    _, frames, missing = read_shards(run, cfg, manifest, len(classes))
+    planned = np.zeros(len(manifest), dtype=bool)
+    specs = plan_repeats(cfg)
+    for spec in specs:
+        planned[split_for_repeat(cfg, spec, labels).test] = True
+    agg = aggregate(len(manifest), labels, frames, len(classes))
+    covered = (agg["num_preds"] > 0) & planned
+    coverage = covered.sum() / max(1, planned.sum())
+    if missing:
+        log.warning("missing shards for repeats %s (%d of %d)", missing, len(missing), len(specs))
+    if coverage < cfg.min_coverage or not frames:
+        raise MissingShardsError(
+            f"only {coverage:.1%} of images have a prediction (min_coverage "
+            f"{cfg.min_coverage:.0%}); missing repeats: {missing}. Re-run those repeats "
+            f"(python -m tasks.train --run {run} --repeat N) and merge again", missing)
+    s = score(labels, agg["votes"], agg["mean_probs"], agg["num_preds"])
+    cls = np.asarray(classes, dtype=object)
+    results = pd.DataFrame({
+        "filename": manifest["key"],
+        "label": manifest["label"],
+        "corrected_label": cls[s["corrected"]],
+        "num_preds": agg["num_preds"],
+        "%": np.round(s["pct"], 2),
+        "label_quality": np.round(s["quality"], 5),
+        "is_label_issue": s["flagged"],
+        "suggested_quality": np.round(s["suggested_quality"], 5),
+        "votes": [_votes_text(v, classes) for v in agg["votes"]],
+        "id": manifest["id"],
+    })
+    results = sort_most_suspicious(results)
+    out = runs.results_uri(run)
+    csv = results.to_csv(index=False)
+    storage.write_text(out, csv)
+    if cfg.results_path:
+        storage.write_text(cfg.results_path, csv)
+    preds = results.assign(mean_probs=list(agg["mean_probs"][results["id"].to_numpy()]
+                                          .astype(np.float32)))
+    buf = io.BytesIO()
+    preds.to_parquet(buf, index=False)
+    storage.write_bytes(storage.join(run, "predictions.parquet"), buf.getvalue())
+    log.info("merged %d shards (%d missing): %d images, %.1f%% covered, %d flagged as label "
+             "issues; wrote %s", len(frames), len(missing), len(results), 100 * coverage,
+             int(s["flagged"].sum()), out)
+    return out
+
+
+def sort_most_suspicious(results: pd.DataFrame) -> pd.DataFrame:
+    """Flagged first, then by label quality (lowest first); unpredicted images last."""
+    key = results["label_quality"].fillna(2.0)
+    return (results.assign(_flag=~results["is_label_issue"], _q=key)
+            .sort_values(["_flag", "_q", "filename"], kind="stable")
+            .drop(columns=["_flag", "_q"]).reset_index(drop=True))
+
+
+def read_results(uri: str) -> pd.DataFrame:
+    """A results CSV as written by `merge_run`."""
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"results CSV {uri} does not exist")
+    return pd.read_csv(io.BytesIO(storage.read_bytes(uri)), keep_default_na=False,
+                       na_values={"%": [""], "label_quality": [""], "suggested_quality": [""]},
+                       dtype={"filename": str, "label": str, "corrected_label": str})

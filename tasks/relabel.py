@@ -1,0 +1,214 @@
+"""Relabel a dataset from an audit's results, safely, with a journal and an undo.
+
+A row moves when `corrected_label != label`, `% > sensitivity` and
+`num_preds >= min_preds`. The journal (the whole plan) is written before anything moves.
+Each move is: copy (server-side on S3) to `<root>/<corrected_label>/<name>`, verify the
+copy's size and checksum against the source, then delete the source. An existing object
+is never overwritten: a clash gets a deterministic suffix. Every step is idempotent and its
+state is read back from the store, so re-running an interrupted relabel finishes it, and
+`undo` reverses a journal the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import PurePosixPath
+
+import pandas as pd
+
+from tasks import storage
+from tasks.index import unsafe_key_reason
+
+log = logging.getLogger(__name__)
+
+
+class RelabelError(RuntimeError):
+    """A move cannot be done safely; nothing was deleted."""
+
+
+@dataclass(frozen=True)
+class Move:
+    """One planned move of an image between class folders, keys relative to the root."""
+
+    src: str
+    dst: str
+    label: str
+    corrected_label: str
+    pct: float
+    num_preds: int
+    size: int
+    etag: str
+
+
+def select_rows(results: pd.DataFrame, sensitivity: float, min_preds: int) -> pd.DataFrame:
+    """Rows whose suggestion clears the thresholds."""
+    pct = pd.to_numeric(results["%"], errors="coerce").fillna(-1)
+    keep = ((results["corrected_label"] != results["label"]) & (pct > sensitivity)
+            & (results["num_preds"] >= min_preds))
+    return results[keep]
+
+
+def _target_key(src: str, corrected: str, suffix: str = "") -> str:
+    parts = src.split("/")
+    name = PurePosixPath(parts[-1])
+    if suffix:
+        name = name.with_name(f"{name.stem}{suffix}{name.suffix}")
+    return "/".join([corrected, *parts[1:-1], str(name)])
+
+
+def plan_moves(root: str, rows: pd.DataFrame) -> list[Move]:
+    """Moves for the selected rows, with a source check and clash-free destinations."""
+    moves: list[Move] = []
+    taken: set[str] = set()
+    for row in rows.to_dict("records"):
+        src, corrected = str(row["filename"]), str(row["corrected_label"])
+        for key in (src, corrected):
+            reason = unsafe_key_reason(key)
+            if reason:
+                raise RelabelError(f"refusing to relabel {key!r}: {reason}")
+        info = storage.head(storage.join(root, src))
+        if info is None:
+            raise RelabelError(f"{storage.join(root, src)} is missing; was the dataset changed "
+                               "since the audit?")
+        dst = _target_key(src, corrected)
+        if dst in taken or storage.exists(storage.join(root, dst)):
+            tag = hashlib.sha1(src.encode(), usedforsecurity=False).hexdigest()[:8]
+            dst = _target_key(src, corrected, f".relabel-{tag}")
+            if dst in taken or storage.exists(storage.join(root, dst)):
+                raise RelabelError(f"both {_target_key(src, corrected)!r} and {dst!r} exist")
+        taken.add(dst)
+        moves.append(Move(src=src, dst=dst, label=str(row["label"]), corrected_label=corrected,
+                          pct=float(row["%"]), num_preds=int(row["num_preds"]),
+                          size=info.size, etag=info.etag))
+    return moves
+
+
+def _same(info: storage.ObjectInfo | None, move: Move) -> bool:
+    return info is not None and info.size == move.size and info.etag == move.etag
+
+
+def _move_one(root: str, move: Move, src_key: str, dst_key: str) -> str:
+    """Bring one move to its end state; returns what was done. Idempotent."""
+    src_uri, dst_uri = storage.join(root, src_key), storage.join(root, dst_key)
+    src, dst = storage.head(src_uri), storage.head(dst_uri)
+    if src is None and _same(dst, move):
+        return "already done"
+    if src is None:
+        raise RelabelError(f"{src_uri} and {dst_uri} are both missing or changed; "
+                           "nothing was deleted by this tool - check the bucket")
+    if not _same(src, move):
+        raise RelabelError(f"{src_uri} changed since the plan (size/checksum differ); skipping "
+                           "is unsafe, re-audit instead")
+    if dst is None:
+        storage.copy(src_uri, dst_uri)
+        dst = storage.head(dst_uri)
+    if not _same(dst, move):
+        raise RelabelError(f"copy {dst_uri} does not match {src_uri} (size/checksum); "
+                           "source kept")
+    storage.delete(src_uri)
+    return "moved"
+
+
+class Journal:
+    """The relabel journal: a header line and one line per planned move (JSONL)."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+
+    def write(self, header: dict, moves: list[Move]) -> None:
+        lines = [json.dumps(header)] + [json.dumps({"type": "move", **asdict(m)}) for m in moves]
+        storage.write_text(self.uri, "\n".join(lines) + "\n")
+
+    def read(self) -> tuple[dict, list[Move]]:
+        if not storage.exists(self.uri):
+            raise FileNotFoundError(f"journal {self.uri} does not exist")
+        lines = [json.loads(x) for x in storage.read_text(self.uri).splitlines() if x.strip()]
+        header = lines[0]
+        moves = [Move(**{k: v for k, v in x.items() if k != "type"}) for x in lines[1:]]
+        return header, moves
+
+    def set_state(self, state: str) -> None:
+        header, moves = self.read()
+        header.update(state=state, updated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        self.write(header, moves)
+
+
+def _execute(root: str, moves: list[Move], reverse: bool) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for i, m in enumerate(moves, 1):
+        src, dst = (m.dst, m.src) if reverse else (m.src, m.dst)
+        done = _move_one(root, m, src, dst)
+        counts[done] = counts.get(done, 0) + 1
+        if i % 500 == 0 or i == len(moves):
+            log.info("%s %d/%d", "undo" if reverse else "relabel", i, len(moves))
+    return counts
+
+
+def relabel(results: pd.DataFrame, root: str, journal_uri: str, sensitivity: float,
+            min_preds: int, dry_run: bool = False) -> list[Move]:
+    """Relabel `root` from `results`; resumes an unfinished journal at `journal_uri`.
+    Returns the moves (planned only, with `dry_run`)."""
+    journal = Journal(journal_uri)
+    if storage.exists(journal_uri):
+        header, moves = journal.read()
+        if header.get("state") == "started":
+            log.info("resuming interrupted relabel from %s (%d moves)", journal_uri, len(moves))
+            if not dry_run:
+                counts = _execute(header["root"], moves, reverse=False)
+                journal.set_state("complete")
+                log.info("relabel finished: %s", counts)
+            return moves
+        if header.get("state") == "undoing":
+            raise RelabelError(f"{journal_uri}: an undo was interrupted; run undo again to "
+                               "finish it before relabelling")
+        if header.get("state") == "complete":
+            log.info("%s: this relabel is already complete (%d moves); undo it first to plan "
+                     "again", journal_uri, len(moves))
+            return moves
+    moves = plan_moves(root, select_rows(results, sensitivity, min_preds))
+    for m in moves:
+        log.info("%s %s -> %s (%.0f%% of %d predictions)", "would move" if dry_run else "move",
+                 m.src, m.dst, m.pct, m.num_preds)
+    log.info("%d images %s at sensitivity %s, min_preds %d", len(moves),
+             "would move" if dry_run else "to move", sensitivity, min_preds)
+    if dry_run or not moves:
+        return moves
+    journal.write({"type": "header", "root": root, "state": "started",
+                   "sensitivity": sensitivity, "min_preds": min_preds,
+                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, moves)
+    counts = _execute(root, moves, reverse=False)
+    journal.set_state("complete")
+    log.info("relabel finished: %s; journal %s", counts, journal_uri)
+    return moves
+
+
+def undo(journal_uri: str) -> list[Move]:
+    """Reverse every move of a journal (finishing an interrupted relabel or undo first)."""
+    journal = Journal(journal_uri)
+    header, moves = journal.read()
+    if header.get("state") == "undone":
+        log.info("%s was already undone", journal_uri)
+        return moves
+    journal.set_state("undoing")
+    counts = _execute(header["root"], list(reversed(moves)), reverse=True)
+    journal.set_state("undone")
+    log.info("undo finished: %s", counts)
+    return moves
+
+
+def write_corrected_manifest(results: pd.DataFrame, out_uri: str, sensitivity: float,
+                             min_preds: int) -> int:
+    """Non-destructive mode: a CSV of every image with the label to use; returns how many
+    labels change."""
+    rows = select_rows(results, sensitivity, min_preds)
+    table = results[["filename", "label"]].copy()
+    table["new_label"] = table["label"]
+    table.loc[rows.index, "new_label"] = rows["corrected_label"]
+    table["changed"] = table["new_label"] != table["label"]
+    storage.write_text(out_uri, table.to_csv(index=False))
+    log.info("wrote %s: %d of %d labels changed", out_uri, int(table["changed"].sum()), len(table))
+    return int(table["changed"].sum())

@@ -1,0 +1,361 @@
+"""Train one repeat and write its out-of-sample predictions as a shard.
+
+The one trainer entrypoint, the same in a Kubernetes pod and in a local subprocess:
+
+    python -m tasks.train --run <run uri> --repeat <r>
+
+It reads config.json and the manifest from the run folder, trains on the repeat's train
+part (early stopping on its validation part), predicts its held-out part and writes
+`shards/repeat-<r>.parquet` atomically. A shard that exists with the same fingerprint
+makes the call a no-op, so retries are safe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import io
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from tasks import runs, storage
+from tasks.config import AuditConfig
+from tasks.index import read_manifest
+from tasks.models import IMAGENET_MEAN, IMAGENET_STD, build_model
+from tasks.plan import RepeatSpec, Split, plan_repeats, split_for_repeat
+
+log = logging.getLogger("tasks.train")
+
+FULL_PROBS_MAX_CLASSES = 256  # beyond this a shard keeps the top-k class probabilities
+TOP_K = 32
+IN_MEMORY_BUDGET = 4 << 30  # decoded uint8 images up to this size are kept in RAM
+
+
+# --- images -----------------------------------------------------------------------------
+
+def decode_image(path: str, size: int) -> np.ndarray:
+    """An image file as RGB uint8 HWC, resized to size x size."""
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
+        return np.array(img, dtype=np.uint8)
+
+
+def load_images(paths: list[str], size: int, workers: int) -> torch.Tensor:
+    """Decode files into one uint8 tensor N x 3 x size x size."""
+    out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for i, arr in enumerate(pool.map(lambda p: decode_image(p, size), paths, chunksize=64)):
+            out[i] = torch.from_numpy(arr).permute(2, 0, 1)
+    return out
+
+
+class FileImages(torch.utils.data.Dataset):
+    """Images streamed from files, for datasets too large to keep decoded in memory."""
+
+    def __init__(self, paths: list[str], labels: np.ndarray, size: int) -> None:
+        self.paths, self.labels, self.size = paths, labels, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        arr = decode_image(self.paths[i], self.size)
+        return torch.from_numpy(arr).permute(2, 0, 1), int(self.labels[i]), i
+
+
+class Batches:
+    """uint8 image batches with labels and row positions, from memory or streamed from files.
+    Augmentation and normalisation happen afterwards, on the batch, on the training device."""
+
+    def __init__(self, paths: list[str], labels: np.ndarray, cfg: AuditConfig,
+                 in_memory: bool | None = None) -> None:
+        self.paths, self.labels, self.cfg = paths, labels, cfg
+        decoded = len(paths) * 3 * cfg.image_size**2
+        self.in_memory = decoded <= IN_MEMORY_BUDGET if in_memory is None else in_memory
+        self.images: torch.Tensor | None = None
+        if self.in_memory:
+            t0 = time.perf_counter()
+            self.images = load_images(paths, cfg.image_size, max(cfg.num_workers, 2))
+            log.info("decoded %d images to %dx%d in %.1fs (%.0f MiB in memory)", len(paths),
+                     cfg.image_size, cfg.image_size, time.perf_counter() - t0, decoded / 2**20)
+
+    def iterate(self, rows: np.ndarray, shuffle: bool, generator: torch.Generator,
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, np.ndarray]]:
+        """Yield (images uint8 Bx3xHxW, labels, row positions) over `rows`."""
+        bs = self.cfg.batch_size
+        order = rows[torch.randperm(len(rows), generator=generator).numpy()] if shuffle else rows
+        if self.images is not None:
+            for start in range(0, len(order), bs):
+                idx = order[start:start + bs]
+                yield self.images[idx], torch.from_numpy(self.labels[idx]).long(), idx
+            return
+        ds = FileImages([self.paths[i] for i in order], self.labels[order], self.cfg.image_size)
+        loader = torch.utils.data.DataLoader(ds, batch_size=bs, shuffle=False,
+                                             num_workers=self.cfg.num_workers,
+                                             persistent_workers=False)
+        for x, y, local in loader:
+            yield x, y.long(), order[local.numpy()]
+
+
+class Augment(nn.Module):
+    """uint8 batch -> normalised float batch; random crop (reflect padding) and optional
+    horizontal flip in training mode. Runs on the training device."""
+
+    def __init__(self, size: int, mode: str) -> None:
+        super().__init__()
+        self.pad = max(1, size // 8) if mode != "none" else 0
+        self.flip = mode == "flip_crop"
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255)
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                flip_all: bool = False) -> torch.Tensor:
+        x = x.float()
+        if self.training and self.pad:
+            b, _, h, w = x.shape
+            p = self.pad
+            xp = F.pad(x, (p, p, p, p), mode="reflect")
+            dy = torch.randint(0, 2 * p + 1, (b, 1), generator=generator).to(x.device)
+            dx = torch.randint(0, 2 * p + 1, (b, 1), generator=generator).to(x.device)
+            iy = (dy + torch.arange(h, device=x.device))[:, None, :, None]
+            ix = (dx + torch.arange(w, device=x.device))[:, None, None, :]
+            bi = torch.arange(b, device=x.device)[:, None, None, None]
+            ci = torch.arange(3, device=x.device)[None, :, None, None]
+            x = xp[bi, ci, iy, ix]
+            if self.flip:
+                mask = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+                x = torch.where(mask[:, None, None, None], x.flip(3), x)
+        if flip_all:
+            x = x.flip(3)
+        return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+
+
+# --- training ---------------------------------------------------------------------------
+
+def pick_device(cfg: AuditConfig) -> torch.device:
+    """CUDA when asked for or available under `auto`; a clear error when asked but absent."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device is 'cuda' but no CUDA GPU is visible to this process")
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    return torch.device("cuda" if use_cuda else "cpu")
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, augment: Augment, batches: Batches, rows: np.ndarray,
+            device: torch.device, tta_flip: bool) -> np.ndarray:
+    """Softmax probabilities for `rows`, in the order of `rows`; with `tta_flip` the mean over
+    the image and its mirror."""
+    model.eval()
+    augment.eval()
+    out = np.zeros((len(rows), 0), dtype=np.float32)
+    parts, positions = [], []
+    pos_of = {int(r): i for i, r in enumerate(rows)}
+    for x, _, idx in batches.iterate(rows, shuffle=False, generator=torch.Generator()):
+        x = x.to(device, non_blocking=True)
+        with _autocast(device):
+            logits = model(augment(x)).float()
+            probs = logits.softmax(1)
+            if tta_flip:
+                probs = (probs + model(augment(x, flip_all=True)).float().softmax(1)) / 2
+        parts.append(probs.cpu().numpy())
+        positions.extend(pos_of[int(i)] for i in idx)
+    out = np.concatenate(parts)
+    result = np.empty_like(out)
+    result[np.asarray(positions)] = out
+    return result
+
+
+def train_repeat(cfg: AuditConfig, spec: RepeatSpec, split: Split, batches: Batches,
+                 num_classes: int) -> tuple[nn.Module, dict[str, float]]:
+    """Train one model; returns the best model (by validation accuracy when tracked)."""
+    device = pick_device(cfg)
+    torch.manual_seed(spec.seed)
+    gen = torch.Generator().manual_seed(spec.seed)
+    model = build_model(cfg.model_name, num_classes, cfg.model_weights)
+    model = model.to(device, memory_format=torch.channels_last)
+    augment = Augment(cfg.image_size, cfg.augment).to(device)
+    steps = max(1, -(-len(split.train) // cfg.batch_size))
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate, momentum=0.9,
+                          nesterov=True, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.learning_rate,
+                                                total_steps=cfg.num_epochs * steps,
+                                                pct_start=0.25)
+    scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and
+                                  not torch.cuda.is_bf16_supported())
+    best_acc, best_state, best_epoch, stale = -1.0, None, 0, 0
+    stats: dict[str, float] = {}
+    for epoch in range(1, cfg.num_epochs + 1):
+        model.train()
+        augment.train()
+        t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
+        for x, y, _ in batches.iterate(split.train, shuffle=True, generator=gen):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with _autocast(device):
+                logits = model(augment(x, generator=gen))
+                loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            seen += len(y)
+            loss_sum += float(loss.detach()) * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+        rate = seen / (time.perf_counter() - t0)
+        line = (f"{spec.label} epoch {epoch}/{cfg.num_epochs} loss {loss_sum / seen:.3f} "
+                f"train acc {correct / seen:.3f} {rate:,.0f} img/s")
+        stats = {"epoch": epoch, "train_loss": loss_sum / seen, "train_acc": correct / seen}
+        if cfg.track_eval and len(split.val):
+            probs = predict(model, augment, batches, split.val, device, tta_flip=False)
+            val_acc = float((probs.argmax(1) == batches.labels[split.val]).mean())
+            line += f" val acc {val_acc:.3f}"
+            if val_acc > best_acc:
+                best_acc, best_epoch, stale = val_acc, epoch, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                stale += 1
+        log.info(line)
+        if cfg.track_eval and stale >= cfg.patience:
+            log.info("%s stopping early: no val improvement for %d epochs (best %.3f at epoch %d)",
+                     spec.label, stale, best_acc, best_epoch)
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+        stats.update(best_epoch=best_epoch, val_acc=best_acc)
+    return model, stats
+
+
+# --- shards -----------------------------------------------------------------------------
+
+def shard_fingerprint(cfg: AuditConfig, manifest: pd.DataFrame, spec: RepeatSpec) -> str:
+    """Changes when anything that decides the shard's content changes."""
+    h = hashlib.sha256(cfg.training_fingerprint().encode())
+    h.update(pd.util.hash_pandas_object(manifest[["key", "label", "etag"]], index=False)
+             .to_numpy().tobytes())
+    h.update(repr(spec.to_dict()).encode())
+    return h.hexdigest()[:24]
+
+
+def shard_table(ids: np.ndarray, given: np.ndarray, probs: np.ndarray, spec: RepeatSpec,
+                fingerprint: str, stats: dict[str, float]) -> pa.Table:
+    """The shard schema: one row per held-out image."""
+    pred = probs.argmax(1)
+    cols: dict[str, pa.Array] = {
+        "id": pa.array(ids, pa.int64()),
+        "repeat": pa.array(np.full(len(ids), spec.repeat), pa.int32()),
+        "given": pa.array(given, pa.int32()),
+        "pred": pa.array(pred, pa.int32()),
+        "p_given": pa.array(probs[np.arange(len(ids)), given], pa.float32()),
+    }
+    if probs.shape[1] <= FULL_PROBS_MAX_CLASSES:
+        cols["probs"] = pa.array(list(probs.astype(np.float32)), pa.list_(pa.float32()))
+    else:
+        top = np.argsort(-probs, axis=1)[:, :TOP_K]
+        cols["topk_idx"] = pa.array(list(top.astype(np.int32)), pa.list_(pa.int32()))
+        cols["topk_prob"] = pa.array(list(np.take_along_axis(probs, top, 1).astype(np.float32)),
+                                     pa.list_(pa.float32()))
+    meta = {"fingerprint": fingerprint, "spec": repr(spec.to_dict()),
+            "num_classes": str(probs.shape[1]), "stats": repr(stats)}
+    return pa.table(cols).replace_schema_metadata({k: v.encode() for k, v in meta.items()})
+
+
+def existing_fingerprint(uri: str) -> str | None:
+    """The fingerprint recorded in an existing shard, or None."""
+    if not storage.exists(uri):
+        return None
+    meta = pq.read_schema(io.BytesIO(storage.read_bytes(uri))).metadata or {}
+    return meta.get(b"fingerprint", b"").decode() or None
+
+
+def run_repeat(run: str, repeat: int, force: bool = False) -> str:
+    """Train repeat `repeat` of the run at `run` and write its shard; returns the shard URI."""
+    cfg = runs.read_config(run)
+    manifest, classes = read_manifest(run)
+    specs = plan_repeats(cfg)
+    if not 0 <= repeat < len(specs):
+        raise ValueError(f"repeat {repeat} is out of range: the run has 0..{len(specs) - 1}")
+    spec = specs[repeat]
+    out = runs.shard_uri(run, repeat)
+    fingerprint = shard_fingerprint(cfg, manifest, spec)
+    if not force and existing_fingerprint(out) == fingerprint:
+        log.info("%s already done: %s", spec.label, out)
+        return out
+    labels = manifest["label_idx"].to_numpy(np.int64)
+    split = split_for_repeat(cfg, spec, labels)
+    log.info("%s: %d train / %d val / %d test images, %d classes, model %s on %s",
+             spec.label, len(split.train), len(split.val), len(split.test), len(classes),
+             cfg.model_name, pick_device(cfg))
+    t0 = time.perf_counter()
+    batches = make_batches(cfg, run, manifest, labels)
+    model, stats = train_repeat(cfg, spec, split, batches, len(classes))
+    augment = Augment(cfg.image_size, cfg.augment).to(pick_device(cfg))
+    probs = predict(model, augment, batches, split.test, pick_device(cfg),
+                    tta_flip=cfg.augment == "flip_crop")
+    test_acc = float((probs.argmax(1) == labels[split.test]).mean())
+    stats.update(test_agreement=test_acc, seconds=time.perf_counter() - t0)
+    table = shard_table(manifest["id"].to_numpy()[split.test], labels[split.test], probs, spec,
+                        fingerprint, stats)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes(out, buf.getvalue())
+    log.info("%s done in %.0fs: held-out agreement with given labels %.3f; wrote %s",
+             spec.label, stats["seconds"], test_acc, out)
+    return out
+
+
+def make_batches(cfg: AuditConfig, run: str, manifest: pd.DataFrame,
+                 labels: np.ndarray) -> Batches:
+    """The batch source for a run: decoded images from the dataset files (fetched into the
+    local cache when the dataset is in object storage)."""
+    uris = [storage.join(cfg.data_path, k) for k in manifest["key"]]
+    t0 = time.perf_counter()
+    paths = storage.fetch_many(uris)
+    if storage.is_s3(cfg.data_path):
+        log.info("fetched %d images into the local cache in %.1fs", len(paths),
+                 time.perf_counter() - t0)
+    return Batches(paths, labels, cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: python -m tasks.train --run URI --repeat R [--force]."""
+    parser = argparse.ArgumentParser(prog="python -m tasks.train",
+                                     description="Train one repeat and write its shard.")
+    parser.add_argument("--run", required=True, help="run folder URI (local or s3://)")
+    parser.add_argument("--repeat", required=True, type=int, help="repeat number, from 0")
+    parser.add_argument("--force", action="store_true", help="retrain even if the shard exists")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        run_repeat(args.run, args.repeat, force=args.force)
+    except Exception as err:  # one clear line for the task log, traceback at debug
+        log.debug("trainer failed", exc_info=True)
+        log.error("repeat %d failed: %s: %s", args.repeat, type(err).__name__, err)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
