@@ -172,7 +172,7 @@ def test_trainer_image_contract() -> None:
     text = (ROOT / "images/trainer/Dockerfile").read_text()
     assert 'ENTRYPOINT ["python", "-m", "tasks.train"]' in text
     assert re.search(r"torch==2\.14\.1 torchvision==0\.29\.1", text)
-    assert "/src[train,ffcv]" in text
+    assert '[train,ffcv]"' in text
     # FFCV's build libraries in the build stage; their run-time libraries in the final one.
     build, runtime = text.split("\nFROM ${CUDA_IMAGE}\n")
     assert "pkg-config libturbojpeg0-dev libopencv-dev" in build
