@@ -25,7 +25,7 @@ from tasks import runs, storage
 from tasks.config import AuditConfig
 from tasks.index import read_manifest
 from tasks.plan import plan_repeats, split_for_repeat
-from tasks.train import existing_fingerprint, shard_fingerprint
+from tasks.shards import existing_fingerprint, shard_fingerprint
 
 log = logging.getLogger(__name__)
 

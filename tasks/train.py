@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import io
 import logging
 import sys
@@ -36,6 +35,7 @@ from tasks.config import AuditConfig
 from tasks.index import read_manifest
 from tasks.models import IMAGENET_MEAN, IMAGENET_STD, build_model
 from tasks.plan import RepeatSpec, Split, plan_repeats, split_for_repeat
+from tasks.shards import existing_fingerprint, shard_fingerprint
 
 log = logging.getLogger("tasks.train")
 
@@ -249,15 +249,6 @@ def train_repeat(cfg: AuditConfig, spec: RepeatSpec, split: Split, batches: Batc
 
 # --- shards -----------------------------------------------------------------------------
 
-def shard_fingerprint(cfg: AuditConfig, manifest: pd.DataFrame, spec: RepeatSpec) -> str:
-    """Changes when anything that decides the shard's content changes."""
-    h = hashlib.sha256(cfg.training_fingerprint().encode())
-    h.update(pd.util.hash_pandas_object(manifest[["key", "label", "etag"]], index=False)
-             .to_numpy().tobytes())
-    h.update(repr(spec.to_dict()).encode())
-    return h.hexdigest()[:24]
-
-
 def shard_table(ids: np.ndarray, given: np.ndarray, probs: np.ndarray, spec: RepeatSpec,
                 fingerprint: str, stats: dict[str, float]) -> pa.Table:
     """The shard schema: one row per held-out image."""
@@ -279,14 +270,6 @@ def shard_table(ids: np.ndarray, given: np.ndarray, probs: np.ndarray, spec: Rep
     meta = {"fingerprint": fingerprint, "spec": repr(spec.to_dict()),
             "num_classes": str(probs.shape[1]), "stats": repr(stats)}
     return pa.table(cols).replace_schema_metadata({k: v.encode() for k, v in meta.items()})
-
-
-def existing_fingerprint(uri: str) -> str | None:
-    """The fingerprint recorded in an existing shard, or None."""
-    if not storage.exists(uri):
-        return None
-    meta = pq.read_schema(io.BytesIO(storage.read_bytes(uri))).metadata or {}
-    return meta.get(b"fingerprint", b"").decode() or None
 
 
 def run_repeat(run: str, repeat: int, force: bool = False) -> str:
