@@ -146,10 +146,11 @@ class AuditConfig(BaseModel):
         4, ge=1, le=1000, description="Epochs without validation improvement before stopping.",
         json_schema_extra=_section("Training"),
     )
-    augment: Literal["flip_crop", "crop", "none"] = Field(
-        "flip_crop",
-        description="Training augmentation: random crop with padding, plus horizontal flip "
-        "for flip_crop (turn flips off for text, digits and other handed images).",
+    augment: Literal["flip", "flip_crop", "crop", "none"] = Field(
+        "flip",
+        description="Training augmentation: horizontal flip (flip), a random shift of up to "
+        "image_size/16 px (crop), both, or none. Use crop or none for text, digits and other "
+        "images whose mirror image means something else.",
         json_schema_extra=_section("Training"),
     )
     seed: int = Field(

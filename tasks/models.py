@@ -30,15 +30,15 @@ def _conv_block(cin: int, cout: int) -> nn.Sequential:
 
 
 class SmallCNN(nn.Sequential):
-    """Three conv blocks (32-64-128 channels) with pooling and a linear head: about 100k
-    parameters, several thousand images/s on two CPU cores at 32 px."""
+    """Five conv blocks (32-64-64-128-128 channels) in three stages with pooling and a
+    linear head: about 290k parameters, 1,500+ images/s training on two CPU cores at 32 px."""
 
     def __init__(self, num_classes: int) -> None:
         super().__init__(
             _conv_block(3, 32), nn.MaxPool2d(2),
-            _conv_block(32, 64), nn.MaxPool2d(2),
-            _conv_block(64, 128), nn.MaxPool2d(2),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.1), nn.Linear(128, num_classes),
+            _conv_block(32, 64), _conv_block(64, 64), nn.MaxPool2d(2),
+            _conv_block(64, 128), _conv_block(128, 128), nn.MaxPool2d(2),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, num_classes),
         )
 
 

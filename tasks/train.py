@@ -113,13 +113,14 @@ class Batches:
 
 
 class Augment(nn.Module):
-    """uint8 batch -> normalised float batch; random crop (reflect padding) and optional
-    horizontal flip in training mode. Runs on the training device."""
+    """uint8 batch -> normalised float batch; in training mode a random shift of up to
+    size/16 pixels (crop of the reflect-padded image) and/or a horizontal flip, as `mode`
+    says. Runs on the training device."""
 
     def __init__(self, size: int, mode: str) -> None:
         super().__init__()
-        self.pad = max(1, size // 8) if mode != "none" else 0
-        self.flip = mode == "flip_crop"
+        self.pad = max(1, size // 16) if "crop" in mode else 0
+        self.flip = "flip" in mode
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255)
 
@@ -295,7 +296,7 @@ def run_repeat(run: str, repeat: int, force: bool = False) -> str:
     model, stats = train_repeat(cfg, spec, split, batches, len(classes))
     augment = Augment(cfg.image_size, cfg.augment).to(pick_device(cfg))
     probs = predict(model, augment, batches, split.test, pick_device(cfg),
-                    tta_flip=cfg.augment == "flip_crop")
+                    tta_flip="flip" in cfg.augment)
     test_acc = float((probs.argmax(1) == labels[split.test]).mean())
     stats.update(test_agreement=test_acc, seconds=time.perf_counter() - t0)
     table = shard_table(manifest["id"].to_numpy()[split.test], labels[split.test], probs, spec,
