@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from tasks import storage
 from tasks.config import AuditConfig
+from tasks.storage import unsafe_key_reason
 
 log = logging.getLogger(__name__)
 
@@ -37,19 +38,6 @@ class DatasetIndex:
     manifest: pd.DataFrame
     classes: list[str]
     skipped: pd.DataFrame
-
-
-def unsafe_key_reason(key: str) -> str | None:
-    """Why a key must not be used as a path (escapes the root, control chars), or None."""
-    if key.startswith("/") or key.startswith("\\"):
-        return "absolute path"
-    if any(unicodedata.category(c) == "Cc" for c in key):
-        return "control character in name"
-    if any(part in ("..", ".") or part == "" for part in key.split("/")):
-        return "'..', '.' or empty path component"
-    if "\\" in key:
-        return "backslash in name"
-    return None
 
 
 def _classify(info: storage.ObjectInfo) -> tuple[str | None, str | None]:
@@ -92,7 +80,8 @@ def _check_file(path: str) -> tuple[str | None, str]:
 
 
 def list_dataset(data_path: str) -> list[storage.ObjectInfo]:
-    """Every object under the dataset root (cheap: no content is read)."""
+    """Every object under the dataset root (cheap: no content is read). An s3:// root
+    with no objects under it is an error (StorageError), like a missing local folder."""
     if not storage.is_s3(data_path):
         from pathlib import Path
 
@@ -127,7 +116,7 @@ def index_dataset(cfg: AuditConfig, listing: list[storage.ObjectInfo] | None = N
             hidden += 1
 
     uris = [storage.join(cfg.data_path, info.key) for info, _ in candidates]
-    paths = storage.fetch_many(uris)
+    paths = storage.fetch_many(uris, [info.etag for info, _ in candidates])
     with ThreadPoolExecutor(max_workers=workers) as pool:
         checks = list(pool.map(_check_file, paths))
 
