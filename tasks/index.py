@@ -43,11 +43,11 @@ class DatasetIndex:
 def _classify(info: storage.ObjectInfo) -> tuple[str | None, str | None]:
     """(label, None) for a candidate image, (None, reason) to skip it, (None, None) to ignore."""
     parts = info.key.split("/")
-    if any(p.startswith(".") for p in parts if p not in ("", ".", "..")):
-        return None, None  # hidden files and folders (.DS_Store, .ipynb_checkpoints)
-    reason = unsafe_key_reason(info.key)
+    reason = unsafe_key_reason(info.key)  # first: an unsafe key is reported even if hidden
     if reason:
         return None, f"unsafe key: {reason}"
+    if any(p.startswith(".") for p in parts):
+        return None, None  # hidden files and folders (.DS_Store, .ipynb_checkpoints)
     if len(parts) < 2:
         return None, "not inside a class folder"
     ext = "." + parts[-1].rsplit(".", 1)[-1].lower() if "." in parts[-1] else ""
@@ -138,7 +138,7 @@ def index_dataset(cfg: AuditConfig, listing: list[storage.ObjectInfo] | None = N
     skipped_df = pd.DataFrame(skipped, columns=["filename", "reason"])
 
     for row in skipped:
-        log.warning("skipped %s: %s", row["filename"], row["reason"])
+        log.warning("skipped %r: %s", row["filename"], row["reason"])
     counts = manifest["label"].value_counts().reindex(classes)
     log.info("indexed %d images in %d classes (%s); skipped %d, ignored %d hidden",
              len(manifest), len(classes),

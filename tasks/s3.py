@@ -5,7 +5,7 @@ URIs are `s3://bucket/key`. Endpoint, region and credentials come the standard b
 `AWS_SECRET_ACCESS_KEY`, `~/.aws`, instance roles); inside an Airflow process the AWS
 connection (`ACL_AWS_CONN_ID`, default `aws_default`) fills in what the environment leaves
 unset. Requests are retried with exponential backoff on throttling and connection errors
-(botocore `standard` mode, 10 attempts; `AWS_RETRY_MODE` / `AWS_MAX_ATTEMPTS` override).
+(botocore `standard` mode, 20 attempts; `AWS_RETRY_MODE` / `AWS_MAX_ATTEMPTS` override).
 Errors are `StorageError`s that name the URI, never the credentials.
 
 Objects are downloaded into a local cache (`ACL_CACHE_DIR`, default
@@ -53,7 +53,9 @@ CONCURRENCY_ENV = "ACL_S3_CONCURRENCY"
 CONN_ID_ENV = "ACL_AWS_CONN_ID"
 DEFAULT_CACHE_DIR = "~/.cache/auto-correct-labels"
 DEFAULT_CONCURRENCY = 16
-DEFAULT_MAX_ATTEMPTS = 10
+# botocore waits 50 ms x 2^attempt (up to 20 s, jittered) after a connection error, so 20
+# attempts ride out about two minutes of an unreachable endpoint; throttling backs off longer.
+DEFAULT_MAX_ATTEMPTS = 20
 # Uploads above this size go multipart (boto3 managed transfer), in parts of CHUNK.
 MULTIPART_THRESHOLD = 64 << 20
 MULTIPART_CHUNK = 16 << 20
@@ -139,6 +141,16 @@ def _is_aws(endpoint: str) -> bool:
     return host.endswith((".amazonaws.com", ".amazonaws.com.cn"))
 
 
+def _third_party_options(core: botocore.session.Session, options: dict[str, Any]) -> None:
+    """MinIO, Ceph, SeaweedFS ...: path-style addressing (a bucket is not a DNS name there),
+    and checksums only where the API requires them (older servers reject the newer default
+    checksum headers). Settings in the environment or ~/.aws/config win."""
+    options["s3"] = {"addressing_style": "path"}
+    for name in ("request_checksum_calculation", "response_checksum_validation"):
+        if core.get_config_variable(name) is None:
+            options[name] = "when_required"
+
+
 def make_client(concurrency: int = DEFAULT_CONCURRENCY) -> tuple[Any, list[str]]:
     """A boto3 S3 client and the secret strings it uses (to keep them out of messages)."""
     core = botocore.session.get_session()
@@ -151,16 +163,13 @@ def make_client(concurrency: int = DEFAULT_CONCURRENCY) -> tuple[Any, list[str]]
     options: dict[str, Any] = {"retries": retries, "max_pool_connections": concurrency + 4,
                                "connect_timeout": 10, "read_timeout": 60}
     session = boto3.session.Session(botocore_session=core)
+    endpoint = (settings.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL_S3")
+                or os.environ.get("AWS_ENDPOINT_URL"))
+    if endpoint and not _is_aws(endpoint):
+        _third_party_options(core, options)
     client = session.client("s3", config=Config(**options), **settings)
-    if not _is_aws(client.meta.endpoint_url):
-        # MinIO, Ceph, SeaweedFS ...: path-style addressing (a bucket is not a DNS name
-        # there), and checksums only where the API requires them (older servers reject
-        # the newer default checksum headers).
-        options["s3"] = {"addressing_style": "path"}
-        if core.get_config_variable("request_checksum_calculation") is None:
-            options["request_checksum_calculation"] = "when_required"
-        if core.get_config_variable("response_checksum_validation") is None:
-            options["response_checksum_validation"] = "when_required"
+    if "s3" not in options and not _is_aws(client.meta.endpoint_url):  # set in ~/.aws/config
+        _third_party_options(core, options)
         client = session.client("s3", config=Config(**options), **settings)
     client.meta.events.register("needs-retry.s3", _log_failed_attempt)
     secrets = [settings.get("aws_secret_access_key", ""), settings.get("aws_session_token", ""),

@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -153,7 +152,7 @@ def test_fetch_many_caches_by_etag_and_rejects_unsafe_keys(s3):
     backend.write_bytes(late, b"as indexed")
     indexed = backend.head(late).etag
     backend.write_bytes(late, b"changed after indexing")
-    with pytest.raises(storage.StorageError, match="late.png changed since it was listed"):
+    with pytest.raises(storage.StorageError, match=r"late\.png changed since it was listed"):
         storage.fetch_many([late], [indexed])
 
     before = sorted(p for p in s3.cache.rglob("*"))
@@ -260,3 +259,281 @@ def test_airflow_connection_supplies_endpoint_and_credentials(s3, tmp_path):
     assert lines[1] == (f"['AWS_ACCESS_KEY_ID', 'AWS_DEFAULT_REGION', 'AWS_ENDPOINT_URL_S3', "
                         f"'AWS_SECRET_ACCESS_KEY'] {s3.server.endpoint}")
     assert_no_secrets(out.stderr, "the log of a process using the Airflow connection")
+
+
+# --- bad keys ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sample_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny generated dataset (160 Fashion-MNIST PNGs, 10% wrong labels) on local disk."""
+    from tasks.sample import write_sample
+
+    out = tmp_path_factory.mktemp("sample") / "ds"
+    write_sample(out, 160, 0.1, 0, "symmetric", "auto")
+    return out
+
+
+def tiny_config(data_path: str, work_uri: str, **extra) -> AuditConfig:
+    return AuditConfig(data_path=data_path, work_uri=work_uri, n_repeats=2, num_epochs=1,
+                       test_split=0.5, num_workers=0, **extra)
+
+
+def test_bad_keys_in_the_bucket_are_skipped_and_reported(s3, sample_dataset):
+    from tasks.audit import prepare_run
+    from tasks.index import index_dataset, list_dataset
+
+    for path in sorted(sample_dataset.rglob("*.png"))[::4]:  # 40 images are enough here
+        put(s3, f"{s3.prefix}/ds/{path.relative_to(sample_dataset).as_posix()}",
+            path.read_bytes())
+    image = next(sample_dataset.rglob("*.png")).read_bytes()
+    stored_bad = ["coat/\x01ctl.png", "coat/tab\tname.png", "coat/\x1b[31mred.png"]
+    for key in stored_bad:
+        put(s3, f"{s3.prefix}/ds/{key}", image)
+    root = f"{s3.root}/ds"
+    cfg = tiny_config(root, f"{s3.root}/work")
+
+    # End to end through the run folder: skipped.csv in the bucket lists them.
+    run = prepare_run(cfg)
+    skipped = pd.read_csv(io.BytesIO(storage.read_bytes(f"{run}/skipped.csv")))
+    assert set(skipped["filename"]) == set(stored_bad)
+    assert skipped["reason"].str.startswith("unsafe key").all()
+    manifest = pd.read_parquet(io.BytesIO(storage.read_bytes(f"{run}/manifest.parquet")))
+    assert len(manifest) == 40
+    # Only the good images were fetched into the cache.
+    assert len([p for p in s3.cache.rglob("*") if p.is_file()]) == 40
+
+    # SeaweedFS refuses '..' and absolute keys and turns '\\' into '/'; AWS S3 stores them
+    # as they are. The listing a bucket on AWS would give holds them next to the real keys:
+    listing = list_dataset(root)
+    info = listing[0]
+    escaping = ["../escape.png", "/abs/x.png", "coat/../../up.png", "coat/./dot.png",
+                "coat//empty.png", "coat/..\\..\\win.png"]
+    listing += [storage.ObjectInfo(key=k, size=info.size, etag=info.etag) for k in escaping]
+    index = index_dataset(cfg, sorted(listing, key=lambda i: i.key))
+    reasons = dict(zip(index.skipped["filename"], index.skipped["reason"], strict=True))
+    assert set(reasons) == set(stored_bad) | set(escaping)
+    assert all(r.startswith("unsafe key") for r in reasons.values())
+    assert not set(index.manifest["key"]) & set(reasons)
+    assert len([p for p in s3.cache.rglob("*") if p.is_file()]) == 40
+
+
+# --- relabelling in the bucket ----------------------------------------------------------
+
+# A relabel (or undo) in a child process that SIGKILLs itself right after the nth call of
+# one step: the journal write, a server-side copy or a delete.
+KILL_CHILD = """
+import os, signal, sys
+import pandas as pd
+from tasks import relabel, runs, storage
+
+command, target, point, nth = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+calls = []
+
+def kill_after(fn):
+    def wrapper(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == nth:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+    return wrapper
+
+if point == "journal":
+    relabel.Journal.write = kill_after(relabel.Journal.write)
+else:
+    setattr(storage, point, kill_after(getattr(storage, point)))
+if command == "undo":
+    relabel.undo(target)
+else:  # what `python -m tasks relabel --results` does, without importing the trainer
+    run = storage.parent(target)
+    cfg = runs.read_config(run)
+    results = pd.read_csv(storage.local_path(target), keep_default_na=False)
+    relabel.relabel(results, cfg.data_path, runs.journal_uri(run), cfg.sensitivity,
+                    cfg.min_preds)
+"""
+
+MOVES = {"cat/cat-0.png": "dog", "cat/shared.png": "dog", "dog/dog-2.png": "cat",
+         "dog/dog-3.png": "bird", "bird/bird-0.png": "cat"}
+
+
+def relabel_case(s3, relabel_mode: str = "move") -> tuple[str, str]:
+    """A dataset in the bucket, and a run folder whose results suggest 5 moves (one onto
+    an existing name) and 3 rows that stay. Returns (dataset prefix, results URI)."""
+    from tasks import runs
+
+    prefix = f"{s3.prefix}/ds"
+    for cls, n in (("bird", 2), ("cat", 5), ("dog", 5)):
+        for i in range(n):
+            put(s3, f"{prefix}/{cls}/{cls}-{i}.png", os.urandom(48) + f"{cls}-{i}".encode())
+        put(s3, f"{prefix}/{cls}/shared.png", os.urandom(48))
+    rows = [(src, src.split("/")[0], dst, 100.0, 4) for src, dst in MOVES.items()]
+    rows += [("cat/cat-1.png", "cat", "dog", 50.0, 4),   # below sensitivity
+             ("cat/cat-2.png", "cat", "dog", 100.0, 1),  # too few predictions
+             ("dog/dog-0.png", "dog", "dog", 100.0, 4)]
+    results = pd.DataFrame(rows, columns=["filename", "label", "corrected_label", "%",
+                                          "num_preds"])
+    results["label_quality"], results["is_label_issue"] = 0.1, True
+    run = f"{s3.root}/work/runs/r1"
+    runs.write_config(run, AuditConfig(data_path=f"s3://{s3.bucket}/{prefix}",
+                                       work_uri=f"{s3.root}/work", sensitivity=60,
+                                       min_preds=2, relabel_mode=relabel_mode))
+    storage.write_text(runs.results_uri(run), results.to_csv(index=False))
+    return prefix + "/", runs.results_uri(run)
+
+
+@pytest.mark.parametrize(("command", "point", "nth"), [
+    ("relabel", "journal", 1), ("relabel", "copy", 2), ("relabel", "delete", 3),
+    ("undo", "delete", 2),
+])
+def test_relabel_in_the_bucket_survives_a_kill(s3, command, point, nth, capsys):
+    from tasks import cli
+    from tasks.relabel import Journal
+
+    prefix, results = relabel_case(s3)
+    journal = results.replace("results.csv", "relabel-journal.jsonl")
+    before = snapshot(s3, prefix)
+    if command == "undo":
+        assert cli.main(["relabel", "--results", results]) == 0
+        assert Counter(snapshot(s3, prefix).values()) == Counter(before.values())
+    target = results if command == "relabel" else journal
+    child = subprocess.run([sys.executable, "-c", KILL_CHILD, command, target, point, str(nth)],
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    assert_no_secrets(child.stdout + child.stderr, "the relabel log")
+    # Killed mid-way: nothing lost (a copy may exist twice until the re-run).
+    assert not Counter(before.values()) - Counter(snapshot(s3, prefix).values())
+
+    if command == "relabel":
+        assert cli.main(["relabel", "--results", results]) == 0  # completes from the journal
+        after = snapshot(s3, prefix)
+        assert Counter(after.values()) == Counter(before.values())
+        header, moves = Journal(journal).read()
+        assert header["state"] == "complete"
+        assert {m.src: m.corrected_label for m in moves} == MOVES
+        for m in moves:
+            assert m.src not in after and after[m.dst] == before[m.src]
+        assert after["dog/shared.png"] == before["dog/shared.png"]  # never overwritten
+        assert {m.dst for m in moves if m.src == "cat/shared.png"} == {
+            f"dog/shared.relabel-{hashlib.sha1(b'cat/shared.png').hexdigest()[:8]}.png"}
+    assert cli.main(["undo", "--journal", journal]) == 0
+    assert snapshot(s3, prefix) == before
+    assert Journal(journal).read()[0]["state"] == "undone"
+    assert_no_secrets(capsys.readouterr().out, "the relabel output")
+
+
+def test_relabel_manifest_mode_leaves_the_bucket_alone(s3, capsys):
+    from tasks import cli
+
+    prefix, results = relabel_case(s3, relabel_mode="manifest")
+    before = snapshot(s3, prefix)
+    assert cli.main(["relabel", "--results", results]) == 0
+    out = results.replace("results.csv", "corrected-labels.csv")
+    assert capsys.readouterr().out.strip() == out
+    table = pd.read_csv(io.BytesIO(storage.read_bytes(out)))
+    changed = table[table["changed"]]
+    assert dict(zip(changed["filename"], changed["new_label"], strict=True)) == MOVES
+    assert snapshot(s3, prefix) == before
+
+
+# --- audits in the bucket ---------------------------------------------------------------
+
+TINY = ["--set", "n_repeats=2", "--set", "num_epochs=1", "--set", "test_split=0.5",
+        "--set", "num_workers=0"]
+
+
+def wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"audit exited ({proc.returncode}) before {what}:\n"
+                                 + log.read_text()[-3000:])
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}:\n" + log.read_text()[-3000:])
+        time.sleep(0.2)
+
+
+def test_audit_in_the_bucket_matches_local_and_survives_a_server_restart(
+        s3, sample_dataset, tmp_path, capsys, monkeypatch):
+    from tasks import cli
+    from tasks.audit import prepare_run
+    from tasks.merge import merge_run
+    from tasks.train import run_repeat
+
+    # The same audit on the local copy, for reference (its steps in this process).
+    run = prepare_run(tiny_config(str(sample_dataset), str(tmp_path / "work")))
+    for repeat in range(2):
+        run_repeat(run, repeat)
+    local_csv = Path(merge_run(run)).read_bytes()
+
+    # data_path and work_uri in the bucket; the server is killed once repeat 0's shard is
+    # written, and only started again after the trainer of repeat 1 met the dead endpoint.
+    upload_folder(s3, sample_dataset, f"{s3.prefix}/ds")
+    s3_args = ["--set", f"data_path={s3.root}/ds", "--set", f"work_uri={s3.root}/work", *TINY]
+    log_path = tmp_path / "audit.log"
+    monkeypatch.setenv("PYTHONUNBUFFERED", "1")
+    client = s3.server.client()
+
+    def shards() -> dict[str, object]:
+        keys = [k for k in keys_under(s3, f"{s3.prefix}/work/") if "/shards/" in k]
+        return {k: client.head_object(Bucket=s3.bucket, Key=k)["LastModified"] for k in keys}
+
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "tasks", "audit", *s3_args],
+                                stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: any(k.endswith("/shards/repeat-0000.parquet")
+                             for k in keys_under(s3, f"{s3.prefix}/work/")),
+                 proc, log_path, 240, "the shard of repeat 0")
+        first = shards()
+        s3.server.kill()
+        wait_for(lambda: "attempt 1 failed" in log_path.read_text(), proc, log_path, 120,
+                 "a failed S3 attempt")
+        s3.server.start()
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if s3.server.proc is None:
+            s3.server.start()
+    text = log_path.read_text()
+    assert "(EndpointConnectionError)" in text
+    if proc.returncode == 0:  # rode out the restart with retries
+        assert "audit finished" in text
+        results = text.strip().splitlines()[-1]
+        assert storage.read_bytes(results) == local_csv  # same seed: same CSV as local
+    else:  # or gave up, with one clear line
+        assert proc.returncode == 2, text[-3000:]
+        assert text.strip().splitlines()[-1].startswith("error: trainer for repeat 1 exited")
+
+    # Re-running resumes the same run, without retraining finished repeats.
+    done = shards()
+    assert cli.main(["audit", *s3_args]) == 0
+    out = capsys.readouterr()
+    results = out.out.strip().splitlines()[-1]
+    assert results.startswith(f"{s3.root}/work/runs/") and results.endswith("/results.csv")
+    assert storage.read_bytes(results) == local_csv
+    assert out.out.count("already done") == len(done) >= 1
+    after = shards()
+    assert {k: after[k] for k in done} == done and {k: after[k] for k in first} == first
+
+    # The credentials appear in no log and no artefact of the run.
+    assert_no_secrets(text + out.out + out.err, "the audit logs")
+    for key in keys_under(s3, f"{s3.prefix}/work/"):
+        assert_no_secrets(client.get_object(Bucket=s3.bucket, Key=key)["Body"].read(), key)
+
+
+def test_trainer_that_cannot_reach_s3_fails_with_one_clear_line(s3, monkeypatch):
+    from tasks.audit import TrainerError, run_trainer_subprocess
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{free_ports(1)[0]}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    lines: list[str] = []
+    with pytest.raises(TrainerError, match="trainer for repeat 0 exited with code 1"):
+        run_trainer_subprocess(f"{s3.root}/work/runs/r", 0, emit=lines.append)
+    failed = [line for line in lines if "repeat 0 failed" in line]
+    assert len(failed) == 1 and "StorageError: cannot read s3://acl-test/" in failed[0]
+    assert "did not answer after retries" in failed[0]
+    assert not any("Traceback" in line for line in lines)
+    assert_no_secrets("\n".join(lines), "the trainer log")
