@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
@@ -60,6 +60,7 @@ DEFAULT_MAX_ATTEMPTS = 20
 MULTIPART_THRESHOLD = 64 << 20
 MULTIPART_CHUNK = 16 << 20
 COPY_OBJECT_LIMIT = 5 << 30  # the largest object CopyObject copies in one request
+PROGRESS_SECONDS = 10
 STREAM_ATTEMPTS = 3  # botocore retries a request, not a body that breaks mid-stream
 
 _STREAM_ERRORS = (ResponseStreamingError, IncompleteReadError, ReadTimeoutError)
@@ -107,7 +108,7 @@ def airflow_connection_settings() -> dict[str, str]:
     extra = conn.extra_dejson or {}
     s3_extra = (extra.get("service_config") or {}).get("s3") or {}
     out: dict[str, str] = {}
-    endpoint = s3_extra.get("endpoint_url") or extra.get("endpoint_url") or conn.host
+    endpoint = s3_extra.get("endpoint_url") or extra.get("endpoint_url")
     if endpoint and not (os.environ.get("AWS_ENDPOINT_URL_S3")
                          or os.environ.get("AWS_ENDPOINT_URL")):
         out["endpoint_url"] = str(endpoint)
@@ -152,7 +153,7 @@ def _third_party_options(core: botocore.session.Session, options: dict[str, Any]
 
 
 def make_client(concurrency: int = DEFAULT_CONCURRENCY) -> tuple[Any, list[str]]:
-    """A boto3 S3 client and the secret strings it uses (to keep them out of messages)."""
+    """A boto3 S3 client and the credential strings it uses (kept out of messages)."""
     core = botocore.session.get_session()
     settings = airflow_connection_settings()
     retries: dict[str, Any] = {}
@@ -172,9 +173,10 @@ def make_client(concurrency: int = DEFAULT_CONCURRENCY) -> tuple[Any, list[str]]
         _third_party_options(core, options)
         client = session.client("s3", config=Config(**options), **settings)
     client.meta.events.register("needs-retry.s3", _log_failed_attempt)
-    secrets = [settings.get("aws_secret_access_key", ""), settings.get("aws_session_token", ""),
-               os.environ.get("AWS_SECRET_ACCESS_KEY", ""),
-               os.environ.get("AWS_SESSION_TOKEN", "")]
+    secrets = [settings.get(k, "") for k in ("aws_access_key_id", "aws_secret_access_key",
+                                             "aws_session_token")]
+    secrets += [os.environ.get(k, "") for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                                "AWS_SESSION_TOKEN")]
     return client, [s for s in secrets if len(s) >= 4]
 
 
@@ -435,15 +437,29 @@ class S3Backend:
         paths = [self._cache_path(b, k, e) for (b, k), e in zip(parts, etags, strict=True)]
         todo = [i for i, p in enumerate(paths) if not p.is_file()]
         if todo:
-            t0 = time.perf_counter()
-            with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-                sizes = list(pool.map(lambda i: self._download(uris[i], etags[i], paths[i]),
-                                      todo))
-            secs = time.perf_counter() - t0
-            log.info("fetched %d of %d objects (%.1f MiB) into %s in %.1fs (%.0f objects/s)",
-                     len(todo), len(uris), sum(sizes) / 2**20, cache_dir(), secs,
-                     len(todo) / max(secs, 1e-9))
+            self._download_all([(uris[i], etags[i], paths[i]) for i in todo], len(uris))
         return [str(p) for p in paths]
+
+    def _download_all(self, jobs: list[tuple[str, str, Path]], total: int) -> None:
+        """Download in parallel, logging progress every PROGRESS_SECONDS; the first error
+        cancels what has not started and is raised."""
+        t0 = last = time.perf_counter()
+        size = 0
+        pool = ThreadPoolExecutor(max_workers=self.concurrency)
+        try:
+            futures = [pool.submit(self._download, *job) for job in jobs]
+            for n, future in enumerate(as_completed(futures), 1):
+                size += future.result()
+                now = time.perf_counter()
+                if now - last >= PROGRESS_SECONDS and n < len(jobs):
+                    log.info("fetched %d/%d objects (%.0f objects/s)", n, len(jobs),
+                             n / (now - t0))
+                    last = now
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        secs = time.perf_counter() - t0
+        log.info("fetched %d of %d objects (%.1f MiB) into %s in %.1fs (%.0f objects/s)",
+                 len(jobs), total, size / 2**20, cache_dir(), secs, len(jobs) / max(secs, 1e-9))
 
     # --- the cache ----------------------------------------------------------------------
 
