@@ -434,6 +434,11 @@ class S3Backend:
                                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1
                                       else ""))
             etags = [i.etag for i in infos if i is not None]
+        try:
+            cache_dir().mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StorageError(f"cannot create the object cache {cache_dir()} ({err.strerror}); "
+                               f"set {CACHE_ENV} to a writable folder") from None
         paths = [self._cache_path(b, k, e) for (b, k), e in zip(parts, etags, strict=True)]
         todo = [i for i, p in enumerate(paths) if not p.is_file()]
         if todo:

@@ -191,8 +191,15 @@ def test_errors_name_the_uri_and_never_the_credentials(s3, monkeypatch, tmp_path
     assert "Traceback" not in err
     messages.append(err)
 
-    # Credentials that may only read another bucket; a wrong secret.
     backend.write_bytes(f"{s3.root}/private.png", b"x")
+
+    # A cache folder that cannot be created.
+    (tmp_path / "a-file").write_text("x")
+    monkeypatch.setenv("ACL_CACHE_DIR", str(tmp_path / "a-file" / "cache"))
+    fails(lambda: backend.local_path(f"{s3.root}/private.png"),
+          "cannot create the object cache .* set ACL_CACHE_DIR to a writable folder")
+
+    # Credentials that may only read another bucket; a wrong secret.
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", READER_KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", READER_SECRET)
     reader = S3Backend()
