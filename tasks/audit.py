@@ -44,10 +44,14 @@ def trainer_command(run: str, repeat: int) -> list[str]:
     return [sys.executable, "-m", "tasks.train", "--run", run, "--repeat", str(repeat)]
 
 
+class TrainerError(RuntimeError):
+    """A trainer subprocess failed; its log (passed to `emit`) says why."""
+
+
 def run_trainer_subprocess(run: str, repeat: int,
                            emit: Callable[[str], None] = print) -> None:
     """Run one repeat as a subprocess, passing each log line to `emit` as it comes."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **storage.subprocess_env(), "PYTHONUNBUFFERED": "1"}
     with subprocess.Popen(trainer_command(run, repeat), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, env=env) as proc:
         assert proc.stdout is not None
@@ -55,7 +59,8 @@ def run_trainer_subprocess(run: str, repeat: int,
             emit(line.rstrip("\n"))
         code = proc.wait()
     if code != 0:
-        raise RuntimeError(f"trainer for repeat {repeat} exited with code {code}")
+        raise TrainerError(f"trainer for repeat {repeat} exited with code {code} (its log "
+                           f"above says why); re-running the audit resumes at this repeat")
 
 
 def run_audit(cfg: AuditConfig, run_id: str | None = None,

@@ -7,6 +7,7 @@ import logging
 import sys
 
 from tasks import runs, storage
+from tasks.audit import TrainerError
 from tasks.config import ConfigError, load_config
 from tasks.index import DatasetError
 from tasks.merge import MissingShardsError
@@ -15,7 +16,7 @@ from tasks.relabel import RelabelError
 log = logging.getLogger("tasks")
 
 # Errors a user can fix: one clear line, exit code 2, no traceback.
-USER_ERRORS = (ConfigError, DatasetError, MissingShardsError, RelabelError,
+USER_ERRORS = (ConfigError, DatasetError, MissingShardsError, RelabelError, TrainerError,
                storage.StorageError, FileNotFoundError, FileExistsError, ValueError)
 
 

@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from tasks import storage
 from tasks.config import AuditConfig
+from tasks.storage import unsafe_key_reason
 
 log = logging.getLogger(__name__)
 
@@ -39,27 +40,14 @@ class DatasetIndex:
     skipped: pd.DataFrame
 
 
-def unsafe_key_reason(key: str) -> str | None:
-    """Why a key must not be used as a path (escapes the root, control chars), or None."""
-    if key.startswith("/") or key.startswith("\\"):
-        return "absolute path"
-    if any(unicodedata.category(c) == "Cc" for c in key):
-        return "control character in name"
-    if any(part in ("..", ".") or part == "" for part in key.split("/")):
-        return "'..', '.' or empty path component"
-    if "\\" in key:
-        return "backslash in name"
-    return None
-
-
 def _classify(info: storage.ObjectInfo) -> tuple[str | None, str | None]:
     """(label, None) for a candidate image, (None, reason) to skip it, (None, None) to ignore."""
     parts = info.key.split("/")
-    if any(p.startswith(".") for p in parts if p not in ("", ".", "..")):
-        return None, None  # hidden files and folders (.DS_Store, .ipynb_checkpoints)
-    reason = unsafe_key_reason(info.key)
+    reason = unsafe_key_reason(info.key)  # first: an unsafe key is reported even if hidden
     if reason:
         return None, f"unsafe key: {reason}"
+    if any(p.startswith(".") for p in parts):
+        return None, None  # hidden files and folders (.DS_Store, .ipynb_checkpoints)
     if len(parts) < 2:
         return None, "not inside a class folder"
     ext = "." + parts[-1].rsplit(".", 1)[-1].lower() if "." in parts[-1] else ""
@@ -92,7 +80,8 @@ def _check_file(path: str) -> tuple[str | None, str]:
 
 
 def list_dataset(data_path: str) -> list[storage.ObjectInfo]:
-    """Every object under the dataset root (cheap: no content is read)."""
+    """Every object under the dataset root (cheap: no content is read). An s3:// root
+    with no objects under it is an error (StorageError), like a missing local folder."""
     if not storage.is_s3(data_path):
         from pathlib import Path
 
@@ -127,7 +116,7 @@ def index_dataset(cfg: AuditConfig, listing: list[storage.ObjectInfo] | None = N
             hidden += 1
 
     uris = [storage.join(cfg.data_path, info.key) for info, _ in candidates]
-    paths = storage.fetch_many(uris)
+    paths = storage.fetch_many(uris, [info.etag for info, _ in candidates])
     with ThreadPoolExecutor(max_workers=workers) as pool:
         checks = list(pool.map(_check_file, paths))
 
@@ -149,7 +138,7 @@ def index_dataset(cfg: AuditConfig, listing: list[storage.ObjectInfo] | None = N
     skipped_df = pd.DataFrame(skipped, columns=["filename", "reason"])
 
     for row in skipped:
-        log.warning("skipped %s: %s", row["filename"], row["reason"])
+        log.warning("skipped %r: %s", row["filename"], row["reason"])
     counts = manifest["label"].value_counts().reindex(classes)
     log.info("indexed %d images in %d classes (%s); skipped %d, ignored %d hidden",
              len(manifest), len(classes),

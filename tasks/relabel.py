@@ -21,7 +21,7 @@ from pathlib import PurePosixPath
 import pandas as pd
 
 from tasks import storage
-from tasks.index import unsafe_key_reason
+from tasks.storage import unsafe_key_reason
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class Move:
     num_preds: int
     size: int
     etag: str
+    md5: str = ""  # content MD5 at plan time (journals written before it had none)
 
 
 def select_rows(results: pd.DataFrame, sensitivity: float, min_preds: int) -> pd.DataFrame:
@@ -70,10 +71,13 @@ def plan_moves(root: str, rows: pd.DataFrame) -> list[Move]:
             reason = unsafe_key_reason(key)
             if reason:
                 raise RelabelError(f"refusing to relabel {key!r}: {reason}")
-        info = storage.head(storage.join(root, src))
+        src_uri = storage.join(root, src)
+        info = storage.head(src_uri)
         if info is None:
-            raise RelabelError(f"{storage.join(root, src)} is missing; was the dataset changed "
-                               "since the audit?")
+            raise RelabelError(f"{src_uri} is missing; was the dataset changed since the audit?")
+        # Local head() is the content MD5 already; an S3 ETag is one only for single-part,
+        # unencrypted objects.
+        md5 = info.etag if not storage.is_s3(root) else _content_md5(src_uri)
         dst = _target_key(src, corrected)
         if dst in taken or storage.exists(storage.join(root, dst)):
             tag = hashlib.sha1(src.encode(), usedforsecurity=False).hexdigest()[:8]
@@ -83,30 +87,41 @@ def plan_moves(root: str, rows: pd.DataFrame) -> list[Move]:
         taken.add(dst)
         moves.append(Move(src=src, dst=dst, label=str(row["label"]), corrected_label=corrected,
                           pct=float(row["%"]), num_preds=int(row["num_preds"]),
-                          size=info.size, etag=info.etag))
+                          size=info.size, etag=info.etag, md5=md5))
     return moves
 
 
-def _same(info: storage.ObjectInfo | None, move: Move) -> bool:
-    return info is not None and info.size == move.size and info.etag == move.etag
+def _content_md5(uri: str) -> str:
+    return hashlib.md5(storage.read_bytes(uri), usedforsecurity=False).hexdigest()
+
+
+def _same(info: storage.ObjectInfo | None, uri: str, move: Move) -> bool:
+    """True when the object at `uri` (head `info`) holds the planned content: same size and
+    ETag, or, when the ETag differs (a server-side copy of a multipart or encrypted object
+    gets a new one), same content MD5."""
+    if info is None or info.size != move.size:
+        return False
+    if info.etag == move.etag:
+        return True
+    return bool(move.md5) and _content_md5(uri) == move.md5
 
 
 def _move_one(root: str, move: Move, src_key: str, dst_key: str) -> str:
     """Bring one move to its end state; returns what was done. Idempotent."""
     src_uri, dst_uri = storage.join(root, src_key), storage.join(root, dst_key)
     src, dst = storage.head(src_uri), storage.head(dst_uri)
-    if src is None and _same(dst, move):
+    if src is None and _same(dst, dst_uri, move):
         return "already done"
     if src is None:
         raise RelabelError(f"{src_uri} and {dst_uri} are both missing or changed; "
                            "nothing was deleted by this tool - check the bucket")
-    if not _same(src, move):
+    if not _same(src, src_uri, move):
         raise RelabelError(f"{src_uri} changed since the plan (size/checksum differ); skipping "
                            "is unsafe, re-audit instead")
     if dst is None:
         storage.copy(src_uri, dst_uri)
         dst = storage.head(dst_uri)
-    if not _same(dst, move):
+    if not _same(dst, dst_uri, move):
         raise RelabelError(f"copy {dst_uri} does not match {src_uri} (size/checksum); "
                            "source kept")
     storage.delete(src_uri)

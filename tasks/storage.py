@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,20 @@ class ObjectInfo:
     key: str
     size: int
     etag: str
+
+
+def unsafe_key_reason(key: str) -> str | None:
+    """Why a key must not be used as a path (escapes the root, control chars), or None.
+    Keys listed from a bucket are data: they are checked before they name a file anywhere."""
+    if key.startswith("/") or key.startswith("\\"):
+        return "absolute path"
+    if any(unicodedata.category(c) == "Cc" for c in key):
+        return "control character in name"
+    if any(part in ("..", ".") or part == "" for part in key.split("/")):
+        return "'..', '.' or empty path component"
+    if "\\" in key:
+        return "backslash in name"
+    return None
 
 
 def is_s3(uri: str) -> bool:
@@ -129,7 +145,7 @@ class LocalBackend:
     def local_path(self, uri: str) -> str:
         return uri
 
-    def fetch_many(self, uris: list[str]) -> list[str]:
+    def fetch_many(self, uris: list[str], etags: list[str] | None = None) -> list[str]:
         return list(uris)
 
 
@@ -193,9 +209,21 @@ def local_path(uri: str) -> str:
     return _backend(uri).local_path(uri)
 
 
-def fetch_many(uris: list[str]) -> list[str]:
+def fetch_many(uris: list[str], etags: list[str] | None = None) -> list[str]:
     """Local paths for many URIs of one store; S3 objects are downloaded in parallel into
-    the local cache (reused across repeats on the same machine)."""
+    the local cache (reused across repeats on the same machine). `etags`, when known (from
+    a listing or a manifest), name the expected version of each object: the cache is keyed
+    by them, and an object that changed since is an error instead of a silent mix."""
     if not uris:
         return []
-    return _backend(uris[0]).fetch_many(uris)
+    return _backend(uris[0]).fetch_many(uris, etags)
+
+
+def subprocess_env() -> dict[str, str]:
+    """Environment a child process (a local trainer) needs to reach the same object store:
+    empty unless the S3 settings came from an Airflow connection of this process."""
+    if "airflow" not in sys.modules:
+        return {}
+    from tasks.s3 import connection_env
+
+    return connection_env()

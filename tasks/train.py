@@ -315,7 +315,10 @@ def make_batches(cfg: AuditConfig, run: str, manifest: pd.DataFrame,
     local cache when the dataset is in object storage)."""
     uris = [storage.join(cfg.data_path, k) for k in manifest["key"]]
     t0 = time.perf_counter()
-    paths = storage.fetch_many(uris)
+    # The manifest's ETags pin the version indexed: the cache is keyed by them, and an
+    # object changed since is an error instead of training on a different image.
+    etags = manifest["etag"].astype(str).tolist() if storage.is_s3(cfg.data_path) else None
+    paths = storage.fetch_many(uris, etags)
     if storage.is_s3(cfg.data_path):
         log.info("fetched %d images into the local cache in %.1fs", len(paths),
                  time.perf_counter() - t0)
