@@ -90,15 +90,7 @@ def write_beton(paths: list[str], labels: np.ndarray, size: int, out: str,
     # Pages must hold the largest sample; FFCV's default (8 MiB per worker) bloats small sets.
     page_size = max(MIN_PAGE_SIZE, 1 << (12 * size * size - 1).bit_length())
     writer = DatasetWriter(out, fields, page_size=page_size, num_workers=max(1, workers))
-    quiet = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"  # no progress bar in task logs; we log a summary line
-    try:
-        writer.from_indexed_dataset(_ManifestImages(paths, labels, size), chunksize=256)
-    finally:
-        if quiet is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = quiet
+    writer.from_indexed_dataset(_ManifestImages(paths, labels, size), chunksize=256)
 
 
 def _upload(local: str, uri: str) -> None:
