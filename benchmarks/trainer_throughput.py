@@ -9,11 +9,12 @@
 Each source trains a fresh model with `tasks.train.train_epoch` (the trainer's own loop:
 augmentation and normalisation on the device, SGD, one-cycle schedule). One untimed warm-up
 epoch per source absorbs one-off costs (FFCV's JIT compile, worker start-up), then
-`--epochs` epochs are timed; with `--rounds` > 1 the sources take turns and the best round
-counts, which damps noise from other work on a shared machine. Also printed: loader-only
-rates (batches drawn, no training) and the time to build the .beton per 10k images.
+`--epochs` epochs are timed per round; the sources take turns for `--rounds` rounds and
+medians are reported, the ratios as the median of per-round ratios, which damps noise from
+other work on a shared machine. Also printed: loader-only rates (batches drawn, no
+training) and the time to build the .beton per 10k images.
 
-    python -m benchmarks.trainer_throughput --n 4000 --epochs 2
+    python -m benchmarks.trainer_throughput --n 4000 --rounds 3
     python -m benchmarks.trainer_throughput --device cuda --image-size 224 \\
         --model efficientnet_v2_s --n 20000 --batch-size 256 --num-workers 8
 
@@ -57,8 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--num-workers", type=int, default=2,
                    help="DataLoader worker processes for (a), FFCV threads for (b)")
-    p.add_argument("--epochs", type=int, default=2, help="timed epochs per source and round")
-    p.add_argument("--rounds", type=int, default=1, help="take turns this often, keep the best")
+    p.add_argument("--epochs", type=int, default=1, help="timed epochs per source and round")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="the sources take turns this often; medians are reported")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--sources", default="plain,ffcv,memory",
                    help=f"comma-separated subset of {','.join(SOURCES)}")
@@ -175,26 +177,31 @@ def main(argv: list[str] | None = None) -> int:
     for s in sources:  # warm-up: JIT compile, first worker start-up, allocator growth
         seen, secs = trainers[s].epoch()
         print(f"warm-up {s:6s}: {seen / secs:8,.0f} img/s (first epoch, not counted)")
-    best: dict[str, float] = {}
+    rates: dict[str, list[float]] = {s: [] for s in sources}
     for r in range(args.rounds):
-        for s in sources:
+        order = sources[r % len(sources):] + sources[:r % len(sources)]  # rotate: no position bias
+        for s in order:
             seen = secs = 0.0
             for _ in range(args.epochs):
                 k, t = trainers[s].epoch()
                 seen, secs = seen + k, secs + t
-            rate = seen / secs
-            best[s] = max(best.get(s, 0.0), rate)
-            print(f"round {r + 1} {s:6s}: {rate:8,.0f} img/s")
+            rates[s].append(seen / secs)
+            print(f"round {r + 1} {s:6s}: {rates[s][-1]:8,.0f} img/s")
     loader_only = {s: loader_rate(batches[s], rows, device) for s in sources if s != "memory"}
 
-    print("\nresults (images/s of training; best round)")
+    print(f"\nresults: training images/s, median of {args.rounds} round(s) (min-max)")
     for s in sources:
         extra = f"   loader alone {loader_only[s]:,.0f} img/s" if s in loader_only else ""
-        print(f"  {SOURCES[s]:44s} {best[s]:8,.0f}{extra}")
-    if "memory" in best:
+        print(f"  {SOURCES[s]:44s} {np.median(rates[s]):8,.0f} "
+              f"({min(rates[s]):,.0f}-{max(rates[s]):,.0f}){extra}")
+    if "memory" in rates:
+        # Each round's ratio compares epochs run minutes apart at most, so load from other
+        # work on the machine cancels out better than in a ratio of overall medians.
         for s, name in (("plain", "(a)/(c)"), ("ffcv", "(b)/(c)")):
-            if s in best:
-                print(f"  {name} = {best[s] / best['memory']:.2f}")
+            if s in rates:
+                paired = [a / c for a, c in zip(rates[s], rates["memory"], strict=True)]
+                print(f"  {name} = {np.median(paired):.2f}  (per round: "
+                      f"{', '.join(f'{x:.2f}' for x in paired)})")
     if build_per_10k is not None:
         print(f"  .beton build time per 10k images: {build_per_10k:.1f}s")
     if tmp is not None:
