@@ -9,7 +9,8 @@ extras=("$@"); [ ${#extras[@]} -gt 0 ] || extras=(train)
 apt_pkgs=(dataset-fashion-mnist)
 for e in "${extras[@]}"; do
   case "$e" in
-    ffcv) apt_pkgs+=(pkg-config libturbojpeg0-dev libopencv-dev) ;;
+    # build deps of FFCV; libgl1 for the opencv-python wheel FFCV pulls in
+    ffcv) apt_pkgs+=(pkg-config libturbojpeg0-dev libopencv-dev libgl1) ;;
     dev) apt_pkgs+=(chromium chromium-driver docker-compose) ;;
   esac
 done

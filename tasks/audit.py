@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from tasks import runs, storage
 from tasks.config import AuditConfig
+from tasks.ffcv_data import ensure_beton
 from tasks.index import index_dataset, list_dataset, listing_fingerprint, write_index
 from tasks.plan import RepeatSpec, plan_repeats
 
@@ -26,8 +27,8 @@ def default_run_id(cfg: AuditConfig, listing_hash: str) -> str:
 
 
 def prepare_run(cfg: AuditConfig, run_id: str | None = None) -> str:
-    """Index the dataset into the run folder (skipped when the run already has a manifest)
-    and record the config; returns the run URI."""
+    """Index the dataset into the run folder (skipped when the run already has a manifest),
+    record the config and, with `ffcv`, build the run's .beton; returns the run URI."""
     listing = list_dataset(cfg.data_path)
     run = runs.run_uri(cfg.work_uri, run_id or default_run_id(cfg, listing_fingerprint(listing)))
     if storage.exists(storage.join(run, "manifest.parquet")):
@@ -36,6 +37,7 @@ def prepare_run(cfg: AuditConfig, run_id: str | None = None) -> str:
         log.info("indexing %s into run %s", cfg.data_path, run)
         write_index(index_dataset(cfg, listing), run)
     runs.write_config(run, cfg)
+    ensure_beton(run, cfg)  # once per run, before the trainers (a no-op without ffcv)
     return run
 
 

@@ -7,18 +7,40 @@ message that names the key and the value.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
 
 MODEL_NAMES = ("small_cnn", "resnet18", "efficientnet_v2_s", "alexnet")
 # Smallest input each architecture accepts (AlexNet's pooling collapses below 63 px).
 MIN_IMAGE_SIZE = {"small_cnn": 8, "resnet18": 16, "efficientnet_v2_s": 16, "alexnet": 63}
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "config.yaml"
+
+FFCV_MISSING = (
+    "ffcv is true but the FFCV package is not installed; install it with "
+    "`bash scripts/setup.sh ffcv` (needs apt packages pkg-config libturbojpeg0-dev "
+    "libopencv-dev, then `pip install -e '.[ffcv]'`), or set ffcv: false"
+)
+
+
+def ffcv_installed() -> bool:
+    """True when the `ffcv` package can be imported (found without importing it)."""
+    try:
+        return importlib.util.find_spec("ffcv") is not None
+    except (ImportError, ValueError):
+        return False
 
 # Keys that change what a trainer computes; a shard records their hash.
 TRAINING_KEYS = (
@@ -192,7 +214,7 @@ class AuditConfig(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _check_combinations(self) -> AuditConfig:
+    def _check_combinations(self, info: ValidationInfo) -> AuditConfig:
         if self.test_split + self.val_split >= 1:
             raise ValueError(
                 f"test_split + val_split must be < 1, got {self.test_split} + {self.val_split}"
@@ -205,6 +227,12 @@ class AuditConfig(BaseModel):
                 f"image_size must be >= {least} for model_name {self.model_name!r}, "
                 f"got {self.image_size}"
             )
+        # Where the FFCV steps run, their package must be there: fail now, not in a trainer.
+        # Callers whose process never touches FFCV (an Airflow image that starts trainer pods,
+        # reading back a finished run) validate with context {"check_installed": False}.
+        check = (info.context or {}).get("check_installed", True)
+        if self.ffcv and check and not ffcv_installed():
+            raise ValueError(FFCV_MISSING)
         return self
 
     @property
@@ -235,10 +263,12 @@ def _describe(err: ValidationError) -> str:
     return "; ".join(lines)
 
 
-def parse_config(data: dict[str, Any]) -> AuditConfig:
-    """Validate a dict of settings; raise ConfigError with a one-line message."""
+def parse_config(data: dict[str, Any], check_installed: bool = True) -> AuditConfig:
+    """Validate a dict of settings; raise ConfigError with a one-line message.
+    `check_installed=False` skips checking that optional packages the config asks for
+    (FFCV) are installed in this process."""
     try:
-        return AuditConfig.model_validate(data)
+        return AuditConfig.model_validate(data, context={"check_installed": check_installed})
     except ValidationError as err:
         raise ConfigError(f"invalid config: {_describe(err)}") from None
 
@@ -256,7 +286,8 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                extra: dict[str, Any] | None = None) -> AuditConfig:
+                extra: dict[str, Any] | None = None,
+                check_installed: bool = True) -> AuditConfig:
     """Load a YAML config (default configs/config.yaml), apply `key=value` overrides."""
     path = Path(path) if path else DEFAULT_CONFIG_PATH
     try:
@@ -271,4 +302,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for item in overrides or []:
         key, value = parse_override(item)
         data[key] = value
-    return parse_config(data)
+    return parse_config(data, check_installed=check_installed)

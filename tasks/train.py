@@ -32,6 +32,7 @@ from torch import nn
 
 from tasks import runs, storage
 from tasks.config import AuditConfig
+from tasks.ffcv_data import FfcvBatches, build_beton, require_ffcv
 from tasks.index import read_manifest
 from tasks.models import IMAGENET_MEAN, IMAGENET_STD, build_model
 from tasks.plan import RepeatSpec, Split, plan_repeats, split_for_repeat
@@ -164,8 +165,8 @@ def _autocast(device: torch.device):
 
 
 @torch.no_grad()
-def predict(model: nn.Module, augment: Augment, batches: Batches, rows: np.ndarray,
-            device: torch.device, tta_flip: bool) -> np.ndarray:
+def predict(model: nn.Module, augment: Augment, batches: Batches | FfcvBatches,
+            rows: np.ndarray, device: torch.device, tta_flip: bool) -> np.ndarray:
     """Softmax probabilities for `rows`, in the order of `rows`; with `tta_flip` the mean over
     the image and its mirror."""
     model.eval()
@@ -188,8 +189,52 @@ def predict(model: nn.Module, augment: Augment, batches: Batches, rows: np.ndarr
     return result
 
 
-def train_repeat(cfg: AuditConfig, spec: RepeatSpec, split: Split, batches: Batches,
-                 num_classes: int) -> tuple[nn.Module, dict[str, float]]:
+def make_optimiser(model: nn.Module, cfg: AuditConfig, steps_per_epoch: int,
+                   device: torch.device) -> tuple[torch.optim.Optimizer,
+                                                  torch.optim.lr_scheduler.LRScheduler,
+                                                  torch.amp.GradScaler]:
+    """SGD with Nesterov momentum, a one-cycle schedule over all epochs, and a grad scaler
+    (active only for float16 autocast on CUDA)."""
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate, momentum=0.9,
+                          nesterov=True, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.learning_rate,
+                                                total_steps=cfg.num_epochs * steps_per_epoch,
+                                                pct_start=0.25)
+    scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and
+                                  not torch.cuda.is_bf16_supported())
+    return opt, sched, scaler
+
+
+def train_epoch(model: nn.Module, augment: Augment, batches: Batches | FfcvBatches,
+                rows: np.ndarray, opt: torch.optim.Optimizer,
+                sched: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
+                device: torch.device, gen: torch.Generator) -> tuple[int, float, int]:
+    """One pass over `rows` in random order; returns (images seen, summed loss, correct).
+    Loss and accuracy stay on the device until the end, so no step waits for the GPU."""
+    model.train()
+    augment.train()
+    seen = 0
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    for x, y, _ in batches.iterate(rows, shuffle=True, generator=gen):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with _autocast(device):
+            logits = model(augment(x, generator=gen))
+            loss = F.cross_entropy(logits, y)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        seen += len(y)
+        loss_sum += loss.detach().float() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+    return seen, float(loss_sum), int(correct)
+
+
+def train_repeat(cfg: AuditConfig, spec: RepeatSpec, split: Split,
+                 batches: Batches | FfcvBatches, num_classes: int,
+                 ) -> tuple[nn.Module, dict[str, float]]:
     """Train one model; returns the best model (by validation accuracy when tracked)."""
     device = pick_device(cfg)
     torch.manual_seed(spec.seed)
@@ -198,32 +243,13 @@ def train_repeat(cfg: AuditConfig, spec: RepeatSpec, split: Split, batches: Batc
     model = model.to(device, memory_format=torch.channels_last)
     augment = Augment(cfg.image_size, cfg.augment).to(device)
     steps = max(1, -(-len(split.train) // cfg.batch_size))
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate, momentum=0.9,
-                          nesterov=True, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.learning_rate,
-                                                total_steps=cfg.num_epochs * steps,
-                                                pct_start=0.25)
-    scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and
-                                  not torch.cuda.is_bf16_supported())
+    opt, sched, scaler = make_optimiser(model, cfg, steps, device)
     best_acc, best_state, best_epoch, stale = -1.0, None, 0, 0
     stats: dict[str, float] = {}
     for epoch in range(1, cfg.num_epochs + 1):
-        model.train()
-        augment.train()
-        t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
-        for x, y, _ in batches.iterate(split.train, shuffle=True, generator=gen):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with _autocast(device):
-                logits = model(augment(x, generator=gen))
-                loss = F.cross_entropy(logits, y)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            seen += len(y)
-            loss_sum += float(loss.detach()) * len(y)
-            correct += int((logits.argmax(1) == y).sum())
+        t0 = time.perf_counter()
+        seen, loss_sum, correct = train_epoch(model, augment, batches, split.train, opt, sched,
+                                              scaler, device, gen)
         rate = seen / (time.perf_counter() - t0)
         line = (f"{spec.label} epoch {epoch}/{cfg.num_epochs} loss {loss_sum / seen:.3f} "
                 f"train acc {correct / seen:.3f} {rate:,.0f} img/s")
@@ -310,9 +336,18 @@ def run_repeat(run: str, repeat: int, force: bool = False) -> str:
 
 
 def make_batches(cfg: AuditConfig, run: str, manifest: pd.DataFrame,
-                 labels: np.ndarray) -> Batches:
-    """The batch source for a run: decoded images from the dataset files (fetched into the
-    local cache when the dataset is in object storage)."""
+                 labels: np.ndarray) -> Batches | FfcvBatches:
+    """The batch source for a run: with `ffcv` the run's .beton (built here if the prepare
+    step did not; fetched into the local cache from object storage), else decoded images
+    from the dataset files (fetched into the local cache when in object storage)."""
+    if cfg.ffcv:
+        require_ffcv()
+        uri = build_beton(run, cfg, manifest)  # a no-op when the prepare step built it
+        t0 = time.perf_counter()
+        path = storage.local_path(uri)
+        if storage.is_s3(uri):
+            log.info("fetched %s into the local cache in %.1fs", uri, time.perf_counter() - t0)
+        return FfcvBatches(path, labels, cfg, device=pick_device(cfg))
     uris = [storage.join(cfg.data_path, k) for k in manifest["key"]]
     t0 = time.perf_counter()
     # The manifest's ETags pin the version indexed: the cache is keyed by them, and an
