@@ -47,7 +47,7 @@ TAGS = ["auto-correct-labels", f"runner:{DEPLOYMENT.runner}"]
 @task
 def index(params: dict[str, Any] | None = None, dag_run=None) -> str:
     """Check the config, index the dataset into this run's folder; returns the run URI."""
-    return acl.prepare(params or {}, dag_run.conf, dag_run.run_id)
+    return acl.prepare(params or {}, dag_run.conf, dag_run.run_id, DEPLOYMENT.runner)
 
 
 @task

@@ -210,19 +210,35 @@ def _fail(err: Exception) -> Exception:
 
 # --- task bodies ---------------------------------------------------------------------------
 
-def prepare(params: Mapping[str, Any], conf: Mapping[str, Any] | None, run_id: str) -> str:
+def prepare(params: Mapping[str, Any], conf: Mapping[str, Any] | None, run_id: str,
+            runner: str = "local") -> str:
     """Validate the conf (before any work), index the dataset into the run folder of this
     DAG run and record the config; returns the run URI."""
     from tasks.audit import prepare_run
 
     try:
         cfg = validate_conf(conf, params)
+        if runner == "kubernetes":
+            for key in ("data_path", "work_uri"):
+                if not storage.is_s3(value := getattr(cfg, key)):
+                    raise ConfigError(f"{key} must be an s3:// URI with ACL_RUNNER=kubernetes "
+                                      f"(trainer pods cannot see the local folder {value!r})")
     except ConfigError as err:
         raise _fail(err) from None
+    cfg = absolute_paths(cfg)
     run = prepare_run(cfg, run_id)
     log.info("run folder %s: %d repeats of %s on %s", run, cfg.n_repeats, cfg.model_name,
              cfg.data_path)
     return run
+
+
+def absolute_paths(cfg: AuditConfig) -> AuditConfig:
+    """Local relative paths resolved against this worker's folder once, at index time, so
+    later tasks (maybe on another worker or folder) and the XCom URIs agree."""
+    update = {key: str(Path(value).resolve())
+              for key in ("data_path", "work_uri", "results_path")
+              if (value := getattr(cfg, key)) and not storage.is_s3(value)}
+    return cfg.model_copy(update=update)
 
 
 def plan_train_kwargs(run: str, runner: str = "local") -> list[dict[str, Any]]:

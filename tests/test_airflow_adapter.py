@@ -207,3 +207,20 @@ def test_load_audits_keeps_the_good_ones(tmp_path: Path) -> None:
         acl.check_audit_files(dep)
     assert acl.load_audits(acl.Deployment.from_env({"ACL_AUDITS_DIR": str(tmp_path / "no")})) \
         == ([], [])
+
+
+def test_local_paths_become_absolute_once(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = acl.absolute_paths(AuditConfig(data_path="data/pets", work_uri="s3://b/work",
+                                         results_path="out/latest.csv"))
+    assert cfg.data_path == str(tmp_path / "data" / "pets")
+    assert cfg.work_uri == "s3://b/work"
+    assert cfg.results_path == str(tmp_path / "out" / "latest.csv")
+
+
+def test_kubernetes_runner_needs_object_storage(tmp_path: Path) -> None:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    form = {"data_path": str(tmp_path / "data"), "work_uri": "s3://b/work"}
+    with pytest.raises(AirflowFailException, match="data_path must be an s3:// URI"):
+        acl.prepare(form, {}, "manual__1", runner="kubernetes")
