@@ -187,9 +187,9 @@ def params_doc(defaults: AuditConfig) -> str:
 
 def validate_conf(conf: Mapping[str, Any] | None,
                   params: Mapping[str, Any] | None = None) -> AuditConfig:
-    """The run's config: `params` (the form, already merged with the conf by Airflow) over
-    the defaults, checked against the schema. Unknown conf keys, bad values and bad
-    combinations raise ConfigError naming the key."""
+    """The run's config: the form's values (`params`, which Airflow has already merged with
+    the conf) with the conf on top, checked against the schema. Unknown conf keys, bad
+    values and bad combinations raise ConfigError naming the key."""
     conf = dict(conf or {})
     unknown = sorted(set(conf) - set(AuditConfig.model_fields))
     if unknown:

@@ -71,6 +71,7 @@ def states(dr) -> dict[tuple[str, int], str]:
 
 def test_every_dag_imports_cleanly(dagbag) -> None:
     assert dagbag.import_errors == {}
+    assert dagbag.captured_warnings == {}
     assert {"auto_correct_labels", "audit_sample_weekly"} <= set(dagbag.dag_ids)
     for dag in dagbag.dags.values():
         assert dag.tags and dag.doc_md and dag.catchup is False
