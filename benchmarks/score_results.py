@@ -13,7 +13,8 @@ import pandas as pd
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 
-def score_against_truth(results: pd.DataFrame, truth: pd.DataFrame, flagged: np.ndarray | None = None,
+def score_against_truth(results: pd.DataFrame, truth: pd.DataFrame,
+                        flagged: np.ndarray | None = None,
                         sensitivity: float = 60.0, min_preds: int = 1) -> dict[str, float]:
     """Detection and correction metrics of one audit (rows matched on filename)."""
     df = results.merge(truth, on="filename", how="inner", validate="one_to_one")

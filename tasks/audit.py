@@ -57,9 +57,13 @@ def run_trainer_subprocess(run: str, repeat: int,
     with subprocess.Popen(trainer_command(run, repeat), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, env=env) as proc:
         assert proc.stdout is not None
-        for line in proc.stdout:
-            emit(line.rstrip("\n"))
-        code = proc.wait()
+        try:
+            for line in proc.stdout:
+                emit(line.rstrip("\n"))
+            code = proc.wait()
+        except BaseException:  # e.g. Airflow stopping the task: stop the trainer with it
+            proc.kill()
+            raise
     if code != 0:
         raise TrainerError(f"trainer for repeat {repeat} exited with code {code} (its log "
                            f"above says why); re-running the audit resumes at this repeat")

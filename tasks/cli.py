@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from tasks import runs, storage
+from tasks import storage
 from tasks.audit import TrainerError
 from tasks.config import ConfigError, load_config
 from tasks.index import DatasetError
@@ -39,24 +39,11 @@ def _cmd_audit(args: argparse.Namespace) -> None:
 
 def _relabel(results_uri: str, sensitivity: float | None, min_preds: int | None,
              dry_run: bool) -> None:
-    from tasks.merge import read_results
-    from tasks.relabel import relabel, write_corrected_manifest
+    from tasks.relabel import relabel_results
 
-    run = storage.parent(results_uri)
-    cfg = runs.read_config(run)
-    sensitivity = cfg.sensitivity if sensitivity is None else sensitivity
-    min_preds = cfg.min_preds if min_preds is None else min_preds
-    results = read_results(results_uri)
-    if cfg.relabel_mode == "manifest":
-        out = storage.join(run, "corrected-labels.csv")
-        if not dry_run:
-            write_corrected_manifest(results, out, sensitivity, min_preds)
-            print(out)
-        return
-    journal = runs.journal_uri(run)
-    relabel(results, cfg.data_path, journal, sensitivity, min_preds, dry_run=dry_run)
-    if not dry_run:
-        print(journal)
+    out = relabel_results(results_uri, sensitivity, min_preds, dry_run=dry_run)
+    if out:
+        print(out)
 
 
 def _cmd_relabel(args: argparse.Namespace) -> None:

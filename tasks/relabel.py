@@ -227,3 +227,29 @@ def write_corrected_manifest(results: pd.DataFrame, out_uri: str, sensitivity: f
     storage.write_text(out_uri, table.to_csv(index=False))
     log.info("wrote %s: %d of %d labels changed", out_uri, int(table["changed"].sum()), len(table))
     return int(table["changed"].sum())
+
+
+def relabel_results(results_uri: str, sensitivity: float | None = None,
+                    min_preds: int | None = None, dry_run: bool = False) -> str | None:
+    """Relabel from a run's results CSV with the run's relabel_mode and thresholds (or the
+    given overrides). Returns the journal URI (move) or corrected-labels.csv URI
+    (manifest); None for a dry run."""
+    from tasks import runs
+    from tasks.merge import read_results
+
+    run = storage.parent(results_uri)
+    cfg = runs.read_config(run)
+    sensitivity = cfg.sensitivity if sensitivity is None else sensitivity
+    min_preds = cfg.min_preds if min_preds is None else min_preds
+    results = read_results(results_uri)
+    if cfg.relabel_mode == "manifest":
+        if dry_run:
+            select = select_rows(results, sensitivity, min_preds)
+            log.info("%d labels would change in corrected-labels.csv", len(select))
+            return None
+        out = storage.join(run, "corrected-labels.csv")
+        write_corrected_manifest(results, out, sensitivity, min_preds)
+        return out
+    journal = runs.journal_uri(run)
+    relabel(results, cfg.data_path, journal, sensitivity, min_preds, dry_run=dry_run)
+    return None if dry_run else journal

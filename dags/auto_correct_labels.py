@@ -1,0 +1,127 @@
+"""
+### Auto-correct labels: find (and optionally fix) mislabelled images
+
+Audits an image dataset laid out as `<root>/<class>/<image>` (a local folder or
+`s3://bucket/prefix/`). Many models are trained on different splits; each predicts the
+images it did not train on, and the pooled out-of-sample predictions score every label.
+An image whose predictions consistently disagree with its folder is probably mislabelled.
+
+**Flow**: `index` (list and verify the images, validate the config first) → `plan` (the
+repeats: round, fold, seed) → `train_repeat` (one mapped task per repeat, named
+`repeat r (round i, fold k)`) → `merge` (pool the shards into `results.csv`; fails naming
+the missing repeats when coverage is below `min_coverage`) → `report` (`report.html`) →
+`autocorrect` → `relabel` (only when the `autocorrect` param is on).
+
+**Where things are**: every artefact lives in `<work_uri>/runs/<run id>/`: `manifest.parquet`,
+`shards/repeat-NNNN.parquet`, `results.csv` (one row per image, most suspicious first),
+`report.html`, `relabel-journal.jsonl`. The `merge` task's XCom holds the CSV's URI.
+
+**A repeat failed?** `merge` still runs and names the missing repeats. Clear the failed
+`train_repeat` map indexes with *Downstream* checked; finished repeats are never retrained.
+
+**Runner** (`ACL_RUNNER`): `local` runs the trainer as a subprocess of the task and streams
+its log (per-epoch progress) into the task log; `kubernetes` runs each repeat as a GPU pod
+from the trainer image. Both run `python -m tasks.train --run <run uri> --repeat <r>`.
+
+Scheduled audits: every file in `configs/audits/` (`ACL_AUDITS_DIR`) becomes a DAG
+`audit_<name>` whose results CSV is an Asset.
+
+#### Params (defaults from `configs/config.yaml`, or `ACL_CONFIG`)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pendulum
+from airflow.sdk import DAG, Asset, TriggerRule, task
+
+from tasks import airflow_adapter as acl
+
+DEPLOYMENT = acl.Deployment.from_env()
+DEFAULTS = DEPLOYMENT.default_config()
+START = pendulum.datetime(2026, 1, 1, tz="UTC")
+TAGS = ["auto-correct-labels", f"runner:{DEPLOYMENT.runner}"]
+
+
+@task
+def index(params: dict[str, Any] | None = None, dag_run=None) -> str:
+    """Check the config, index the dataset into this run's folder; returns the run URI."""
+    return acl.prepare(params or {}, dag_run.conf, dag_run.run_id, DEPLOYMENT.runner)
+
+
+@task
+def plan(run: str) -> list[dict[str, Any]]:
+    """The repeats, as the mapped trainer's arguments."""
+    return acl.plan_train_kwargs(run, DEPLOYMENT.runner)
+
+
+@task(map_index_template=acl.LOCAL_MAP_INDEX_TEMPLATE)
+def train_repeat(run: str, repeat: int, label: str) -> str:
+    """Local runner: one repeat as a trainer subprocess; returns its shard URI."""
+    return acl.run_repeat_local(run, repeat, label)
+
+
+@task(trigger_rule=TriggerRule.ALL_DONE_MIN_ONE_SUCCESS)
+def merge(run: str) -> str:
+    """Runs when every repeat is done, failed or not; returns the results CSV URI."""
+    return acl.merge_shards(run)
+
+
+@task
+def report(run: str, results: str, dag_run=None) -> str:
+    """report.html with the most suspicious images; returns its URI."""
+    return acl.write_run_report(run, dag_run.start_date)
+
+
+@task.short_circuit
+def autocorrect(run: str) -> bool:
+    """Go on to relabel only when the run's `autocorrect` param is on."""
+    return acl.autocorrect_requested(run)
+
+
+@task
+def relabel(results: str) -> str | None:
+    """Move images to their corrected class (or write corrected-labels.csv)."""
+    return acl.relabel_run(results)
+
+
+def audit_flow(results_asset: Asset | None = None) -> None:
+    """The task graph of one audit, inside the current DAG."""
+    run = index()
+    repeats = plan(run)
+    if DEPLOYMENT.runner == "kubernetes":
+        trained = acl.trainer_pod_operator(dep=DEPLOYMENT).expand_kwargs(repeats)
+    else:
+        trained = train_repeat.expand_kwargs(repeats)
+    results = merge.override(outlets=[results_asset] if results_asset else [])(run)
+    trained >> results
+    report(run, results) >> autocorrect(run) >> relabel(results)
+
+
+with DAG(
+    dag_id="auto_correct_labels",
+    schedule=None,
+    start_date=START,
+    catchup=False,
+    doc_md=f"{__doc__}\n{acl.params_doc(DEFAULTS)}",
+    params=acl.build_params(DEFAULTS),
+    tags=TAGS,
+):
+    audit_flow()
+
+# Invalid audit files are reported by dags/audit_file_errors.py, not here.
+for audit in acl.load_audits(DEPLOYMENT)[0]:
+    with DAG(
+        dag_id=audit.dag_id,
+        description=audit.description or f"Scheduled audit of {audit.config.data_path}",
+        schedule=audit.schedule,
+        start_date=START,
+        catchup=False,
+        max_active_runs=1,
+        doc_md=f"{__doc__}\nScheduled by `{audit.source}`; its config is the default of each "
+        f"param below.\n\n{acl.params_doc(audit.config)}",
+        params=acl.build_params(audit.config),
+        tags=[*TAGS, "scheduled-audit"],
+    ):
+        audit_flow(Asset(uri=acl.asset_uri(audit.results_uri), name=f"{audit.dag_id}_results"))

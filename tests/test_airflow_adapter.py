@@ -1,0 +1,226 @@
+"""tasks/airflow_adapter.py without a metadata DB: the trigger form, conf validation, the
+deployment settings, the trainer pod factory and scheduled-audit files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+from airflow.sdk import DAG
+from airflow.sdk.exceptions import ParamValidationError
+from kubernetes.client import ApiClient
+
+from tasks import airflow_adapter as acl
+from tasks.config import DEFAULT_CONFIG_PATH, AuditConfig, ConfigError, load_config
+
+K8S_VERSION = "1.33"
+
+
+@pytest.fixture(scope="module")
+def params() -> dict:
+    return acl.build_params(load_config(DEFAULT_CONFIG_PATH))
+
+
+def test_form_has_every_key_with_schema_and_yaml_defaults(params: dict) -> None:
+    assert list(params) == list(AuditConfig.model_fields)
+    for key, value in yaml.safe_load(DEFAULT_CONFIG_PATH.read_text()).items():
+        assert params[key].value == value, key
+    for key, param in params.items():
+        field = AuditConfig.model_fields[key]
+        assert param.description == field.description, key
+        assert param.schema["section"] == field.json_schema_extra["section"], key
+        assert param.schema["title"] == key
+    assert params["n_repeats"].schema.items() >= {
+        "type": "integer", "minimum": 1, "maximum": 1000}.items()
+    assert params["test_split"].schema.items() >= {
+        "type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1}.items()
+    assert params["autocorrect"].schema["type"] == "boolean"
+    assert params["results_path"].schema["type"] == ["null", "string"]
+    model = params["model_name"].schema
+    assert model["enum"] == ["small_cnn", "resnet18", "efficientnet_v2_s", "alexnet"]
+    assert set(model["values_display"]) == set(model["enum"])
+    assert model["values_display"]["resnet18"] == "ResNet-18"
+
+
+def test_form_rejects_out_of_range_and_unknown_choices(params: dict) -> None:
+    with pytest.raises(ParamValidationError, match="minimum"):
+        params["n_repeats"].resolve(0)
+    with pytest.raises(ParamValidationError, match="vgg"):
+        params["model_name"].resolve("vgg")
+    assert params["results_path"].resolve(None) is None
+
+
+def test_form_defaults_follow_acl_config(tmp_path: Path) -> None:
+    cfg = tmp_path / "team.yaml"
+    cfg.write_text("n_repeats: 3\nmodel_name: resnet18\n")
+    dep = acl.Deployment.from_env({"ACL_CONFIG": str(cfg)})
+    params = acl.build_params(dep.default_config())
+    assert params["n_repeats"].value == 3
+    assert params["model_name"].value == "resnet18"
+    assert params["num_epochs"].value == AuditConfig.model_fields["num_epochs"].default
+
+
+def test_doc_lists_every_key() -> None:
+    doc = acl.params_doc(load_config(DEFAULT_CONFIG_PATH))
+    for key in AuditConfig.model_fields:
+        assert f"| `{key}` |" in doc
+
+
+@pytest.mark.parametrize(("conf", "named"), [
+    ({"n_repeat": 2}, "'n_repeat'"),
+    ({"model_name": "vgg"}, "model_name"),
+    ({"n_repeats": 0}, "n_repeats"),
+    ({"test_split": 0.6, "val_split": 0.5}, "test_split + val_split"),
+    ({"model_name": "alexnet", "image_size": 32}, "image_size"),
+])
+def test_bad_conf_names_the_key(params: dict, conf: dict, named: str) -> None:
+    form = {k: p.value for k, p in params.items()}
+    with pytest.raises(ConfigError) as err:
+        acl.validate_conf(conf, form | {k: v for k, v in conf.items() if k in form})
+    assert named in str(err.value)
+
+
+def test_conf_overrides_the_form(params: dict) -> None:
+    form = {k: p.value for k, p in params.items()}
+    cfg = acl.validate_conf({"n_repeats": 3}, form | {"n_repeats": 3, "num_epochs": 2})
+    assert (cfg.n_repeats, cfg.num_epochs, cfg.model_name) == (3, 2, form["model_name"])
+
+
+def test_deployment_defaults_and_errors() -> None:
+    dep = acl.Deployment.from_env({})
+    assert (dep.runner, dep.namespace, dep.gpu_count, dep.gpu_pool) == (
+        "local", "auto-correct-labels", 1, "gpu_pods")
+    assert dep.startup_timeout >= 600
+    for env, name in [({"ACL_RUNNER": "docker"}, "ACL_RUNNER"),
+                      ({"ACL_GPU_COUNT": "two"}, "ACL_GPU_COUNT"),
+                      ({"ACL_NODE_SELECTOR": "[1]"}, "ACL_NODE_SELECTOR"),
+                      ({"ACL_TOLERATIONS": "{not json"}, "ACL_TOLERATIONS"),
+                      ({"ACL_STARTUP_TIMEOUT": "0"}, "ACL_STARTUP_TIMEOUT")]:
+        with pytest.raises(ConfigError, match=name):
+            acl.Deployment.from_env(env)
+
+
+def _render_pods(dep: acl.Deployment, repeats: int = 2) -> list[dict]:
+    """Every trainer pod of a run, rendered without a cluster and validated strictly."""
+    run = "s3://acl-work/runs/manual__2026-01-01T00_00_00_00_00"
+    with DAG("pods", schedule=None):
+        mapped = acl.trainer_pod_operator(dep=dep).expand_kwargs(
+            [acl.pod_kwargs(run, r, 0, r) for r in range(repeats)])
+    pods = []
+    for r in range(repeats):
+        op = mapped.unmap(acl.pod_kwargs(run, r, 0, r))
+        pod = ApiClient().sanitize_for_serialization(op.build_pod_request_obj(dry_run=True))
+        kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+        assert pod["spec"]["containers"][0]["args"] == [
+            "-m", "tasks.train", "--run", run, "--repeat", str(r)]
+        pods.append(pod)
+    return pods
+
+
+def test_cpu_pods_with_custom_placement() -> None:
+    dep = acl.Deployment.from_env({
+        "ACL_GPU_COUNT": "0", "ACL_NODE_SELECTOR": '{"pool": "batch"}',
+        "ACL_TOLERATIONS": '[{"key": "spot", "operator": "Exists", "effect": "NoExecute", '
+                           '"tolerationSeconds": 300}]',
+        "ACL_TRAINER_CPU": "2", "ACL_TRAINER_MEMORY": "6Gi",
+        "ACL_S3_ENDPOINT": "http://seaweedfs.storage:8333", "ACL_K8S_NAMESPACE": "audits",
+        "ACL_TRAINER_IMAGE": "registry.local/trainer:dev"})
+    for pod in _render_pods(dep):
+        spec, container = pod["spec"], pod["spec"]["containers"][0]
+        assert pod["metadata"]["namespace"] == "audits"
+        assert container["image"] == "registry.local/trainer:dev"
+        assert "nvidia.com/gpu" not in container["resources"]["limits"]
+        assert container["resources"]["requests"] == {"cpu": "2", "memory": "6Gi"}
+        assert spec["nodeSelector"] == {"pool": "batch"}
+        assert spec["tolerations"] == [{"key": "spot", "operator": "Exists",
+                                        "effect": "NoExecute", "tolerationSeconds": 300}]
+        env = {e["name"]: e for e in container["env"]}
+        assert env["AWS_ENDPOINT_URL_S3"]["value"] == "http://seaweedfs.storage:8333"
+
+
+def test_gpu_pods_tolerate_the_gpu_taint() -> None:
+    dep = acl.Deployment.from_env({"ACL_GPU_COUNT": "2"})
+    for pod in _render_pods(dep):
+        container = pod["spec"]["containers"][0]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in \
+            pod["spec"]["tolerations"]
+        assert "AWS_ENDPOINT_URL_S3" not in json.dumps(pod)
+
+
+# --- scheduled audit files -----------------------------------------------------------------
+
+def _audit(tmp_path: Path, name: str, body: dict | str) -> Path:
+    path = tmp_path / name
+    path.write_text(body if isinstance(body, str) else yaml.safe_dump(body))
+    return path
+
+
+def test_audit_file_becomes_an_audit(tmp_path: Path) -> None:
+    base = load_config(DEFAULT_CONFIG_PATH)
+    path = _audit(tmp_path, "pets-daily.yaml", {
+        "schedule": "@daily", "dataset": "s3://pets/images/",
+        "overrides": {"n_repeats": 4, "work_uri": str(tmp_path / "work")}})
+    audit = acl.load_audit(path, base)
+    assert (audit.name, audit.dag_id, audit.schedule) == ("pets_daily", "audit_pets_daily",
+                                                         "@daily")
+    assert audit.config.data_path == "s3://pets/images/"
+    assert audit.config.n_repeats == 4
+    assert audit.results_uri == str(tmp_path / "work" / "audits" / "pets_daily" / "results.csv")
+    assert acl.asset_uri(audit.results_uri).startswith("file:///")
+    assert acl.asset_uri("s3://b/x/results.csv") == "s3://b/x/results.csv"
+
+
+@pytest.mark.parametrize(("body", "named"), [
+    ({"schedul": "@daily", "dataset": "d"}, "'schedul'"),
+    ({"schedule": "61 * * * *", "dataset": "d"}, "schedule"),
+    ({"schedule": "@daily"}, "dataset"),
+    ({"schedule": "@daily", "dataset": "d", "overrides": {"n_repeats": 0}}, "n_repeats"),
+    ({"schedule": "@daily", "dataset": "d", "overrides": {"epochs": 3}}, "'epochs'"),
+    ({"name": "has space", "schedule": "@daily", "dataset": "d"}, "name"),
+    ("schedule: [unclosed", "YAML"),
+])
+def test_bad_audit_file_names_file_and_key(tmp_path: Path, body: dict | str,
+                                           named: str) -> None:
+    path = _audit(tmp_path, "bad.yaml", body)
+    with pytest.raises(ConfigError) as err:
+        acl.load_audit(path, load_config(DEFAULT_CONFIG_PATH))
+    assert str(path) in str(err.value)
+    assert named in str(err.value)
+
+
+def test_load_audits_keeps_the_good_ones(tmp_path: Path) -> None:
+    _audit(tmp_path, "a.yaml", {"schedule": "@daily", "dataset": "d1"})
+    _audit(tmp_path, "b.yaml", {"schedule": "@daily", "dataset": "d2",
+                                "overrides": {"test_split": 2}})
+    _audit(tmp_path, "c.yml", {"name": "a", "schedule": "@hourly", "dataset": "d3"})
+    dep = acl.Deployment.from_env({"ACL_AUDITS_DIR": str(tmp_path)})
+    audits, errors = acl.load_audits(dep)
+    assert [a.name for a in audits] == ["a"]
+    assert len(errors) == 2
+    assert "b.yaml" in errors[0] and "test_split" in errors[0]
+    assert "c.yml" in errors[1] and "already used" in errors[1]
+    with pytest.raises(acl.AuditFileError, match="2 invalid audit file"):
+        acl.check_audit_files(dep)
+    assert acl.load_audits(acl.Deployment.from_env({"ACL_AUDITS_DIR": str(tmp_path / "no")})) \
+        == ([], [])
+
+
+def test_local_paths_become_absolute_once(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = acl.absolute_paths(AuditConfig(data_path="data/pets", work_uri="s3://b/work",
+                                         results_path="out/latest.csv"))
+    assert cfg.data_path == str(tmp_path / "data" / "pets")
+    assert cfg.work_uri == "s3://b/work"
+    assert cfg.results_path == str(tmp_path / "out" / "latest.csv")
+
+
+def test_kubernetes_runner_needs_object_storage(tmp_path: Path) -> None:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    form = {"data_path": str(tmp_path / "data"), "work_uri": "s3://b/work"}
+    with pytest.raises(AirflowFailException, match="data_path must be an s3:// URI"):
+        acl.prepare(form, {}, "manual__1", runner="kubernetes")

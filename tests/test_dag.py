@@ -1,0 +1,248 @@
+"""The DAG files with a real Airflow: a migrated SQLite metadata DB in a temporary
+AIRFLOW_HOME (tests/conftest.py), DagBag parsing, and `dag.test()` runs of the local runner
+on a tiny generated dataset."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import jinja2
+import kubernetes_validate
+import pendulum
+import pytest
+import yaml
+from kubernetes.client import ApiClient
+
+from tasks import airflow_adapter as acl
+from tasks import runs
+from tasks.config import AuditConfig, parse_config
+from tasks.merge import read_results
+
+ROOT = Path(__file__).resolve().parent.parent
+TASK_IDS = {"index", "plan", "train_repeat", "merge", "report", "autocorrect", "relabel"}
+N_IMAGES = 120
+
+pytestmark = pytest.mark.usefixtures("airflow_db")
+
+
+def load_dagbag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(ROOT / "dags"))
+
+
+@pytest.fixture(scope="module")
+def dagbag(airflow_db):
+    return load_dagbag()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    from tasks.sample import write_sample
+
+    out = tmp_path_factory.mktemp("data") / "sample"
+    write_sample(out, N_IMAGES, noise=0.1, seed=0)
+    return out
+
+
+def tiny_conf(dataset: Path, work: Path, **extra) -> dict:
+    return {"data_path": str(dataset), "work_uri": str(work), "n_repeats": 2,
+            "num_epochs": 1, "test_split": 0.5, "num_workers": 0, **extra}
+
+
+class LogLines(logging.Handler):
+    """Records of one logger, kept in memory (attached to the logger itself, so Airflow's
+    logging setup during dag.test cannot detach it)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+        logging.getLogger(name).addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def states(dr) -> dict[tuple[str, int], str]:
+    return {(ti.task_id, ti.map_index): ti.state for ti in dr.get_task_instances()}
+
+
+def test_every_dag_imports_cleanly(dagbag) -> None:
+    assert dagbag.import_errors == {}
+    assert dagbag.captured_warnings == {}
+    assert {"auto_correct_labels", "audit_sample_weekly"} <= set(dagbag.dag_ids)
+    for dag in dagbag.dags.values():
+        assert dag.tags and dag.doc_md and dag.catchup is False
+        assert dag.start_date.tzinfo is not None
+        assert {t.task_id for t in dag.tasks} == TASK_IDS
+        assert set(dag.params) == set(AuditConfig.model_fields)
+    dag = dagbag.dags["auto_correct_labels"]
+    assert type(dag.timetable).__name__ == "NullTimetable"  # manual trigger only
+    assert all(f"`{key}`" in dag.doc_md for key in AuditConfig.model_fields)
+    train = dag.get_task("train_repeat")
+    assert train.map_index_template == acl.LOCAL_MAP_INDEX_TEMPLATE
+    assert dag.get_task("merge").trigger_rule.startswith("all_done")
+    assert dag.get_task("relabel").upstream_task_ids == {"autocorrect", "merge"}
+
+
+def test_example_audit_file_is_a_scheduled_dag(dagbag) -> None:
+    spec = yaml.safe_load((ROOT / "configs" / "audits" / "sample_weekly.yaml").read_text())
+    dag = dagbag.dags[f"audit_{spec['name']}"]
+    assert dag.timetable.expression == spec["schedule"]
+    for key, value in spec["overrides"].items():
+        assert dag.params[key] == value
+    assert dag.params["data_path"] == spec["dataset"]
+    (asset,) = dag.get_task("merge").outlets
+    # Relative paths (the default work_uri "work") resolve against Airflow's working folder.
+    results = Path("work", "audits", spec["name"], "results.csv")
+    assert asset.uri == results.resolve().as_uri()
+    assert dag.params["results_path"] == str(results.resolve())
+
+
+def test_invalid_audit_file_is_an_import_error_naming_file_and_key(tmp_path, monkeypatch) -> None:
+    (tmp_path / "pets.yaml").write_text(yaml.safe_dump({
+        "schedule": "30 2 * * *", "dataset": "s3://pets/images/",
+        "overrides": {"results_path": "s3://pets/audits/latest.csv"}}))
+    (tmp_path / "broken.yaml").write_text(yaml.safe_dump({
+        "schedule": "@daily", "dataset": "s3://x/", "overrides": {"n_repeats": 0}}))
+    monkeypatch.setenv("ACL_AUDITS_DIR", str(tmp_path))
+    bag = load_dagbag()
+    (path, message), = bag.import_errors.items()
+    assert path.endswith("audit_file_errors.py")
+    assert str(tmp_path / "broken.yaml") in message and "n_repeats" in message
+    assert {"auto_correct_labels", "audit_pets"} <= set(bag.dag_ids)
+    pets = bag.dags["audit_pets"]
+    assert pets.timetable.expression == "30 2 * * *"
+    assert [a.uri for a in pets.get_task("merge").outlets] == ["s3://pets/audits/latest.csv"]
+
+
+def test_bad_conf_is_refused_before_any_work(dagbag, dataset, tmp_path) -> None:
+    from airflow.sdk.exceptions import AirflowFailException, ParamValidationError
+
+    dag = dagbag.dags["auto_correct_labels"]
+    work = tmp_path / "work"
+    # Out of the form's bounds: Airflow refuses to create the run.
+    with pytest.raises(ParamValidationError, match="n_repeats"):
+        dag.test(run_conf=tiny_conf(dataset, work, n_repeats=0))
+    # Unknown key: the first task fails before indexing anything; nothing else runs.
+    conf = tiny_conf(dataset, work, n_repeat=3)
+    dr = dag.test(run_conf=conf)
+    assert dr.state == "failed"
+    got = states(dr)
+    assert got[("index", -1)] == "failed"
+    assert {s for (t, _), s in got.items() if t != "index"} == {"upstream_failed"}
+    assert not work.exists()
+    # ...with this message in its log.
+    with pytest.raises(AirflowFailException, match="unknown config key 'n_repeat'"):
+        acl.prepare(dag.params.dump(), conf, dr.run_id)
+
+
+def test_local_runner_audits_a_tiny_dataset(dagbag, dataset, tmp_path) -> None:
+    dag = dagbag.dags["auto_correct_labels"]
+    trainer_lines = LogLines(acl.TRAINER_LOGGER)
+    conf = tiny_conf(dataset, tmp_path / "work", autocorrect=True, relabel_mode="manifest")
+    dr = dag.test(run_conf=conf)
+    assert dr.state == "success", states(dr)
+    got = states(dr)
+    assert set(got.values()) == {"success"}
+    assert {k for k in got if k[0] == "train_repeat"} == {("train_repeat", 0), ("train_repeat", 1)}
+    names = {ti.rendered_map_index for ti in dr.get_task_instances()
+             if ti.task_id == "train_repeat"}
+    assert names == {"repeat 0 (round 0, fold 0)", "repeat 1 (round 0, fold 1)"}
+    run = runs.run_uri(str(tmp_path / "work"), dr.run_id)
+    results = read_results(runs.results_uri(run))
+    images = sorted(p.relative_to(dataset).as_posix() for p in dataset.rglob("*.png"))
+    assert len(results) == N_IMAGES
+    assert sorted(results["filename"]) == images
+    assert (results["num_preds"] == 1).all()  # K=2 folds, one round: one prediction each
+    assert Path(run, "report.html").is_file()
+    assert Path(run, "corrected-labels.csv").is_file()  # autocorrect on, manifest mode
+    # The trainer's own log lines (per-epoch progress) stream into the task log.
+    assert any("repeat 1 (round 0, fold 1) epoch 1/1" in line for line in trainer_lines.lines)
+
+
+def test_failed_repeat_fails_merge_then_rerun_completes(dagbag, dataset, tmp_path) -> None:
+    from airflow.models.dagrun import DagRun
+    from airflow.sdk.exceptions import AirflowFailException
+    from airflow.utils.types import DagRunType
+
+    dag = dagbag.dags["auto_correct_labels"]
+    work = tmp_path / "work"
+    when = pendulum.datetime(2026, 2, 1, tz="UTC")
+    run_id = DagRun.generate_run_id(run_type=DagRunType.MANUAL, logical_date=when, run_after=when)
+    run = Path(runs.run_uri(str(work), run_id))
+    # Repeat 1 cannot write its shard (a folder is in the way): its task fails.
+    blocker = Path(runs.shard_uri(str(run), 1))
+    blocker.mkdir(parents=True)
+    conf = tiny_conf(dataset, work)
+    trainer_lines = LogLines(acl.TRAINER_LOGGER)
+    dr = dag.test(run_conf=conf, logical_date=when, run_after=when)
+    got = states(dr)
+    assert dr.state == "failed"
+    assert got[("train_repeat", 0)] == "success"
+    assert got[("train_repeat", 1)] == "failed"
+    assert got[("merge", -1)] == "failed"  # it ran although a repeat failed
+    assert got[("report", -1)] == "upstream_failed"
+    with pytest.raises(AirflowFailException, match=r"missing repeats: \[1\]"):
+        acl.merge_shards(str(run))  # what merge said in its log
+    shard0 = Path(runs.shard_uri(str(run), 0))
+    first_write = shard0.stat().st_mtime_ns
+
+    # The cause is fixed; running the same run again (what "Clear" does in the UI) trains
+    # only the missing repeat and completes the audit.
+    blocker.rmdir()
+    dr = dag.test(run_conf=conf, logical_date=when, run_after=when)
+    assert dr.state == "success", states(dr)
+    assert dr.run_id == run_id
+    assert shard0.stat().st_mtime_ns == first_write
+    assert any("repeat 0 (round 0, fold 0) already done" in line
+               for line in trainer_lines.lines)
+    assert len(read_results(runs.results_uri(str(run)))) == N_IMAGES
+
+
+def test_kubernetes_runner_renders_every_pod(tmp_path, monkeypatch) -> None:
+    secrets = {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLEKEYID1234",
+               "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/EXAMPLE/secretvalue"}
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)  # present in Airflow's env: must not leak into pods
+    monkeypatch.setenv("ACL_RUNNER", "kubernetes")
+    monkeypatch.setenv("ACL_S3_ENDPOINT", "http://seaweedfs.acl:8333")
+    bag = load_dagbag()
+    assert bag.import_errors == {}
+    dag = bag.dags["auto_correct_labels"]
+    mapped = dag.get_task("train_repeat")
+    assert mapped.operator_class.__name__ == "KubernetesPodOperator"
+
+    run = runs.run_uri(str(tmp_path / "work"), "manual__2026-03-01T00:00:00+00:00")
+    runs.write_config(run, parse_config({"data_path": "s3://acl/data/", "n_repeats": 4,
+                                         "test_split": 0.5}))
+    plan = acl.plan_train_kwargs(run, "kubernetes")
+    assert len(plan) == 4
+    for repeat, kwargs in enumerate(plan):
+        op = mapped.unmap(kwargs)
+        pod = ApiClient().sanitize_for_serialization(op.build_pod_request_obj(dry_run=True))
+        kubernetes_validate.validate(pod, "1.33", strict=True)
+        text = json.dumps(pod)
+        assert not any(value in text for value in secrets.values())
+        spec = pod["spec"]
+        (container,) = spec["containers"]
+        assert container["command"] == ["python"]
+        assert container["args"] == ["-m", "tasks.train", "--run", run, "--repeat", str(repeat)]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert container["image"] == "ghcr.io/auto-correct-labels/trainer:0.1.0"
+        assert pod["metadata"]["namespace"] == "auto-correct-labels"
+        assert spec["serviceAccountName"] == "acl-trainer"
+        assert spec["restartPolicy"] == "Never"
+        env = {e["name"]: e for e in container["env"]}
+        for name in secrets:
+            assert "value" not in env[name]
+            assert env[name]["valueFrom"]["secretKeyRef"] == {
+                "name": "acl-s3-credentials", "key": name, "optional": True}
+        assert env["AWS_ENDPOINT_URL_S3"]["value"] == "http://seaweedfs.acl:8333"
+        label = jinja2.Template(op.map_index_template).render(task=op)
+        assert label == f"repeat {repeat} (round {repeat // 2}, fold {repeat % 2})"
+        assert op.pool == "gpu_pods" and op.retries >= 1
+        assert op.startup_timeout_seconds >= 600
+        assert op.on_finish_action.value == "delete_pod" and op.get_logs
