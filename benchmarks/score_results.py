@@ -1,7 +1,8 @@
 """Score a results CSV against a sample's truth file: precision, recall, F1 of the flagged
-set, AUROC and average precision of label_quality, correction accuracy, coverage.
+set, AUROC and average precision of label_quality, correction accuracy, coverage. The
+metrics are `benchmarks.noise_bench.rule_metrics`, so they match the benchmark's tables.
 
-    python benchmarks/score_results.py RESULTS.csv TRUTH.csv [--sensitivity 60]
+    python -m benchmarks.score_results RESULTS.csv TRUTH.csv [--sensitivity 60]
 """
 
 from __future__ import annotations
@@ -10,37 +11,24 @@ import argparse
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import average_precision_score, roc_auc_score
+
+from benchmarks.noise_bench import predictions_from_frames, rule_metrics
 
 
 def score_against_truth(results: pd.DataFrame, truth: pd.DataFrame,
                         flagged: np.ndarray | None = None,
                         sensitivity: float = 60.0, min_preds: int = 1) -> dict[str, float]:
-    """Detection and correction metrics of one audit (rows matched on filename)."""
-    df = results.merge(truth, on="filename", how="inner", validate="one_to_one")
-    if len(df) != len(truth):
-        raise ValueError(f"{len(truth) - len(df)} truth rows have no result row")
-    wrong = (df["true_label"] != df["given_label"]).to_numpy()
-    flag = df["is_label_issue"].to_numpy(bool) if flagged is None else flagged
-    tp = int((flag & wrong).sum())
-    precision = tp / max(1, flag.sum())
-    recall = tp / max(1, wrong.sum())
-    f1 = 2 * precision * recall / max(1e-12, precision + recall)
-    quality = df["label_quality"].to_numpy(float)
-    has = ~np.isnan(quality)
-    auroc = roc_auc_score(wrong[has], -quality[has]) if wrong[has].any() else float("nan")
-    ap = average_precision_score(wrong[has], -quality[has]) if wrong[has].any() else float("nan")
-    pct = pd.to_numeric(df["%"], errors="coerce").fillna(-1).to_numpy()
-    move = ((df["corrected_label"] != df["label"]).to_numpy() & (pct > sensitivity)
-            & (df["num_preds"].to_numpy() >= min_preds))
-    correct = (df["corrected_label"] == df["true_label"]).to_numpy()
-    return {
-        "precision": precision, "recall": recall, "f1": f1, "auroc": auroc, "ap": ap,
-        "flagged": int(flag.sum()), "relabelled": int(move.sum()),
-        "correction_acc": float(correct[move].mean()) if move.any() else float("nan"),
-        "coverage": float((df["num_preds"] > 0).mean()),
-        "min_preds": int(df["num_preds"].min()),
-    }
+    """Detection and correction metrics of one audit (rows matched on filename; `flagged`,
+    when given, is in the results' row order). Relabelled: the product's rule
+    (`%` > sensitivity, `num_preds` >= min_preds, suggestion differs)."""
+    classes = sorted(set(results["label"].astype(str)) | set(results["corrected_label"]
+                                                             .astype(str)))
+    p = predictions_from_frames(results, truth.astype(str), classes)
+    move = (p.corrected != p.given) & (np.nan_to_num(p.pct, nan=-1) > sensitivity) & (
+        p.num_preds >= min_preds)
+    flag = p.is_label_issue if flagged is None else np.asarray(flagged, dtype=bool)
+    metrics = rule_metrics(p.true, p.given, flag, p.quality, move, p.corrected, p.predicted)
+    return {**metrics, "min_preds": int(p.num_preds.min())}
 
 
 def main() -> None:
