@@ -10,7 +10,8 @@ For every dataset x noise model it writes a sample with known wrong labels
   a prediction; relabelled when also `%` >= sensitivity. `min_coverage: 0`, since random
   splits leave about (1 - test_split)^n_repeats of the images unpredicted.
 - default: the config as it is (`--set` overrides included): flagged = `is_label_issue`,
-  relabelled = `tasks.relabel.select_rows` (`%` > sensitivity, `num_preds` >= min_preds).
+  relabelled = `tasks.relabel.select_rows` (flagged, `%` > sensitivity,
+  `num_preds` >= min_preds).
 
 From the default audit's out-of-sample mean probabilities (`predictions.parquet`), with no
 extra training, it also scores cleanlab's `find_label_issues` for every `filter_by`, and
@@ -174,7 +175,8 @@ def default_relabel(p: Predictions, sensitivity: float, min_preds: int) -> np.nd
 
     cls = np.asarray(p.classes, dtype=object)
     frame = pd.DataFrame({"corrected_label": cls[p.corrected], "label": cls[p.given],
-                          "%": p.pct, "num_preds": p.num_preds})
+                          "%": p.pct, "num_preds": p.num_preds,
+                          "is_label_issue": p.is_label_issue})
     mask = np.zeros(len(frame), dtype=bool)
     mask[select_rows(frame, sensitivity, min_preds).index.to_numpy()] = True
     return mask

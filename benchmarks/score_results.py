@@ -12,20 +12,19 @@ import argparse
 import numpy as np
 import pandas as pd
 
-from benchmarks.noise_bench import predictions_from_frames, rule_metrics
+from benchmarks.noise_bench import default_relabel, predictions_from_frames, rule_metrics
 
 
 def score_against_truth(results: pd.DataFrame, truth: pd.DataFrame,
                         flagged: np.ndarray | None = None,
-                        sensitivity: float = 60.0, min_preds: int = 1) -> dict[str, float]:
+                        sensitivity: float = 60.0, min_preds: int = 2) -> dict[str, float]:
     """Detection and correction metrics of one audit (rows matched on filename; `flagged`,
     when given, is in the results' row order). Relabelled: the product's rule
-    (`%` > sensitivity, `num_preds` >= min_preds, suggestion differs)."""
+    (`tasks.relabel.select_rows`)."""
     classes = sorted(set(results["label"].astype(str)) | set(results["corrected_label"]
                                                              .astype(str)))
     p = predictions_from_frames(results, truth.astype(str), classes)
-    move = (p.corrected != p.given) & (np.nan_to_num(p.pct, nan=-1) > sensitivity) & (
-        p.num_preds >= min_preds)
+    move = default_relabel(p, sensitivity, min_preds)
     flag = p.is_label_issue if flagged is None else np.asarray(flagged, dtype=bool)
     metrics = rule_metrics(p.true, p.given, flag, p.quality, move, p.corrected, p.predicted)
     return {**metrics, "min_preds": int(p.num_preds.min())}

@@ -4,12 +4,14 @@ Per image: `num_preds`, the votes per class, `corrected_label` (majority vote, t
 by mean probability), `%` (vote share of `corrected_label`, 0-100), `label_quality` (mean
 out-of-sample probability of the given label) and `is_label_issue`.
 
-`is_label_issue` rule: cleanlab's confident-learning filter (`prune_by_noise_rate`) on the
-mean out-of-sample probabilities, AND the majority vote names another class. Confident
-learning compares each probability with a per-class threshold (the class's average
-self-confidence), which keeps ambiguous-but-correct images out; the vote keeps the flag
-consistent with the suggested label. `benchmarks/noise_bench.py` compares this rule with
-the alternatives.
+`is_label_issue` rule: cleanlab's `find_label_issues` with `filter_by="low_self_confidence"`
+on the mean out-of-sample probabilities, AND the majority vote names another class.
+cleanlab estimates how many labels are wrong in each class from the confident joint (each
+probability compared with its class's average self-confidence), then flags that many images
+per class, those with the lowest probability of their given label. The count adapts to the
+noise rate; the ranking uses the pooled probabilities, which are finer than the votes; the
+vote keeps every flag consistent with the suggested label. `benchmarks/noise_bench.py`
+compares this rule with cleanlab's other filters and the original method.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ log = logging.getLogger(__name__)
 
 RESULT_COLUMNS = ["filename", "label", "corrected_label", "num_preds", "%", "label_quality",
                   "is_label_issue", "suggested_quality", "votes", "id"]
-FILTER_BY = "prune_by_noise_rate"
+FILTER_BY = "low_self_confidence"
 
 
 class MissingShardsError(RuntimeError):

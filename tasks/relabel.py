@@ -1,7 +1,8 @@
 """Relabel a dataset from an audit's results, safely, with a journal and an undo.
 
-A row moves when `corrected_label != label`, `% > sensitivity` and
-`num_preds >= min_preds`. The journal (the whole plan) is written before anything moves.
+A row moves when it is flagged (`is_label_issue`), `corrected_label != label`,
+`% > sensitivity` and `num_preds >= min_preds`: an image the audit does not flag is never
+moved, however the votes fell. The journal (the whole plan) is written before anything moves.
 Each move is: copy (server-side on S3) to `<root>/<corrected_label>/<name>`, verify the
 copy's size and checksum against the source, then delete the source. An existing object
 is never overwritten: a clash gets a deterministic suffix. Every step is idempotent and its
@@ -46,9 +47,11 @@ class Move:
 
 
 def select_rows(results: pd.DataFrame, sensitivity: float, min_preds: int) -> pd.DataFrame:
-    """Rows whose suggestion clears the thresholds."""
+    """Rows to relabel: flagged as a label issue, `corrected_label != label`,
+    `% > sensitivity` and `num_preds >= min_preds`."""
     pct = pd.to_numeric(results["%"], errors="coerce").fillna(-1)
-    keep = ((results["corrected_label"] != results["label"]) & (pct > sensitivity)
+    keep = (results["is_label_issue"].astype(bool)
+            & (results["corrected_label"] != results["label"]) & (pct > sensitivity)
             & (results["num_preds"] >= min_preds))
     return results[keep]
 

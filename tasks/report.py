@@ -426,7 +426,8 @@ SCRIPT = """
     let shown = 0, relabel = 0;
     for (const c of cards) {
       const d = c.dataset;
-      const r = d.changed === '1' && Number(d.pct) > s && Number(d.preds) >= minPreds;
+      const r = d.flagged === '1' && d.changed === '1' && Number(d.pct) > s
+        && Number(d.preds) >= minPreds;
       d.relabel = r ? '1' : '0';
       c.classList.toggle('relabel', r);
       c.querySelector('.verdict').textContent = r ? 'would relabel'
@@ -552,8 +553,9 @@ value="{sens:g}"><span id="sens-value">{sens:g}%</span></label>
 <section id="skipped"><h2>Skipped files ({_int(len(skipped))})</h2>
 <div class="panel">{_skipped(skipped)}</div></section>
 <footer>An image is <b>flagged</b> when the pooled out-of-sample predictions disagree with its
-folder (cleanlab's confident learning and a majority vote for another class). It <b>would be
-relabelled</b> when the suggested label differs, more than the sensitivity's share of its
+folder (cleanlab's confident-learning estimate of each class's wrong labels, lowest label
+quality first, and a majority vote for another class). It <b>would be relabelled</b> when it
+is flagged, the suggested label differs, more than the sensitivity's share of its
 predictions chose it, and it has at least {cfg.min_preds} predictions (config: sensitivity
 {sens:g}%). The est. noise rate is the share of a class flagged. Every image, with its votes,
 is in results.csv in the run folder.</footer>
