@@ -621,6 +621,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"comma-separated, from {', '.join(DATASETS)}")
     p.add_argument("--noise", default=",".join(NOISES),
                    help=f"comma-separated, from {', '.join(NOISES)}")
+    p.add_argument("--pairs", help="comma-separated dataset:noise pairs, in this order, "
+                   "instead of every dataset x noise (e.g. fmnist20k:sym20,digits:asym20)")
     p.add_argument("--n-repeats", type=int, default=10, help="trainings per audit")
     p.add_argument("--num-epochs", type=int, help="epochs per training (default: the config's)")
     p.add_argument("--seed", type=int, default=0, help="data (subset and noise) and audit seed")
@@ -642,6 +644,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if bad or not items:
             p.error(f"--{key}: unknown {bad or 'empty list'}; choose from {', '.join(allowed)}")
         setattr(args, key, items)
+    args.pairs = ([tuple(x.strip().split(":", 1)) for x in args.pairs.split(",") if x.strip()]
+                  if args.pairs else [(d, n) for d in args.datasets for n in args.noise])
+    bad = [f"{d}:{n}" for d, n in args.pairs if d not in DATASETS or n not in NOISES]
+    if bad:
+        p.error(f"--pairs: unknown {bad}; datasets {DATASETS}, noise {NOISES}")
     return args
 
 
@@ -659,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"noise bench: {info['machine']}\n  {info['software']}; load {info['load']}")
     print("config:", json.dumps({k: v for k, v in base.items()
                                  if k not in ("data_path", "work_uri", "results_path")}))
-    combos = [(d, n) for d in args.datasets for n in args.noise]
+    combos = args.pairs
     tables = []
     for i, (dataset, noise) in enumerate(combos, 1):
         prefix = f"[{i}/{len(combos)} {dataset} {noise}]"
