@@ -78,6 +78,21 @@ def _file_etag(path: Path) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    """This process's umask (read from /proc where possible: setting it to read it races
+    with threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 class LocalBackend:
     """Files on the local disk."""
 
@@ -96,6 +111,8 @@ class LocalBackend:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+            # mkstemp makes the file 0600; a written file gets the mode of any new file.
+            os.chmod(tmp, 0o666 & ~_umask())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -131,6 +148,7 @@ class LocalBackend:
         os.close(fd)
         try:
             shutil.copyfile(src, tmp)
+            shutil.copymode(src, tmp)  # a moved image keeps its mode (mkstemp made it 0600)
             os.link(tmp, dst)  # atomic, and fails instead of overwriting an existing file
         except FileExistsError:
             raise StorageError(f"refusing to overwrite {dst}") from None
