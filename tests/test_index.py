@@ -1,0 +1,165 @@
+"""tasks/index.py: a dataset with every kind of bad input indexes fine and lists what it
+skipped; datasets that cannot be audited fail with one clear line; the manifest schema and
+the class order are stable."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tasks import index, runs
+from tasks.audit import prepare_run
+from tasks.index import MANIFEST_COLUMNS, DatasetError, index_dataset, read_manifest
+from tests.datasets import image_bytes, tiny_config, write_classes
+
+UNICODE_NAME = "bird/ünïcødé 猫 01.png"
+
+
+def bad_input_dataset(root: Path) -> None:
+    """Three classes of good images, plus one of each kind of bad input."""
+    write_classes(root, {"bird": 6, "cat": 6, "dog": 6})
+    png = image_bytes(1000)
+    (root / "cat" / "corrupt.png").write_bytes(png[: len(png) // 2])  # truncated PNG
+    (root / "cat" / "garbage.png").write_bytes(b"not an image at all")
+    (root / "dog" / "zero.png").write_bytes(b"")
+    (root / "dog" / "notes.txt").write_text("a text file in a class folder")
+    (root / "dog" / "noextension").write_bytes(png)
+    (root / "fish").mkdir()  # an empty class folder
+    (root / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (root / "cat" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (root / "cat" / ".thumbs").mkdir()
+    (root / "cat" / ".thumbs" / "hidden.png").write_bytes(image_bytes(1001))
+    (root / ".trash" / "cat").mkdir(parents=True)
+    (root / ".trash" / "cat" / "old.png").write_bytes(image_bytes(1002))
+    (root / "README.md").write_text("not inside a class folder")
+    (root / "dog" / "UPPER.JPG").write_bytes(image_bytes(1003, "JPEG"))
+    (root / "dog" / "photo.Jpeg").write_bytes(image_bytes(1004, "JPEG"))
+    (root / "cat" / "with space.png").write_bytes(image_bytes(1005))
+    (root / UNICODE_NAME).write_bytes(image_bytes(1006))
+    (root / "bird" / "b.bmp").write_bytes(image_bytes(1007, "BMP"))
+    (root / "bird" / "w.webp").write_bytes(image_bytes(1008, "WEBP"))
+
+
+def test_bad_input_dataset_indexes_and_lists_what_it_skipped(tmp_path, caplog):
+    data = tmp_path / "data"
+    bad_input_dataset(data)
+    cfg = tiny_config(data, tmp_path / "work")
+    with caplog.at_level(logging.INFO, logger="tasks.index"):
+        run = prepare_run(cfg, "bad-input")
+    manifest, classes = read_manifest(run)
+    assert classes == ["bird", "cat", "dog"]  # the empty folder is no class
+    keys = set(manifest["key"])
+    for key in ("dog/UPPER.JPG", "dog/photo.Jpeg", "cat/with space.png", UNICODE_NAME,
+                "bird/b.bmp", "bird/w.webp"):
+        assert key in keys
+    assert len(manifest) == 18 + 6
+
+    skipped = pd.read_csv(Path(run) / "skipped.csv", keep_default_na=False)
+    assert list(skipped.columns) == ["filename", "reason"]
+    reasons = dict(zip(skipped["filename"], skipped["reason"], strict=True))
+    assert set(reasons) == {"cat/corrupt.png", "cat/garbage.png", "dog/zero.png",
+                            "dog/notes.txt", "dog/noextension", "README.md"}
+    assert reasons["cat/corrupt.png"].startswith("does not decode as an image")
+    assert reasons["cat/garbage.png"].startswith("does not decode as an image")
+    assert reasons["dog/zero.png"] == "empty file (0 bytes)"
+    assert reasons["dog/notes.txt"] == "not an image file (extension '.txt')"
+    assert reasons["dog/noextension"] == "not an image file (extension 'none')"
+    assert reasons["README.md"] == "not inside a class folder"
+    # Hidden files and folders are neither indexed nor reported.
+    everything = keys | set(reasons)
+    assert not [k for k in everything if "/." in f"/{k}"]
+    # The log lists every skipped file and the totals.
+    for name in reasons:
+        assert any(name in r.getMessage() and r.levelno == logging.WARNING
+                   for r in caplog.records), name
+    assert any("indexed 24 images in 3 classes" in r.getMessage() and "skipped 6, ignored 4 "
+               "hidden" in r.getMessage() for r in caplog.records)
+
+
+def test_single_class_dataset_is_one_clear_error(tmp_path):
+    data = tmp_path / "data"
+    write_classes(data, {"cat": 10})
+    (data / "dog").mkdir()
+    (data / "dog" / "broken.png").write_bytes(b"broken")  # the second class has no usable image
+    with pytest.raises(DatasetError) as err:
+        index_dataset(tiny_config(data, tmp_path / "work"))
+    message = str(err.value)
+    assert "need at least 2 class folders with usable images, found 1 ('cat')" in message
+    assert "\n" not in message
+
+
+def test_images_directly_in_the_root_are_no_classes(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(6):
+        (data / f"{i}.png").write_bytes(image_bytes(i))
+    with pytest.raises(DatasetError, match=r"found 0; expected <root>/<class>/<image>"):
+        index_dataset(tiny_config(data, tmp_path / "work"))
+
+
+def test_missing_dataset_folder_is_one_clear_error(tmp_path):
+    with pytest.raises(DatasetError, match=r"data_path '.*nowhere' is not a folder"):
+        index_dataset(tiny_config(tmp_path / "nowhere", tmp_path / "work"))
+
+
+@pytest.mark.parametrize(("counts", "extra"), [
+    ({"cat": 1, "dog": 1}, {}),  # no image left for training
+    ({"cat": 2, "dog": 1}, {"test_split": 0.2}),  # K=5 folds of 3 images: an empty test fold
+    ({"cat": 3, "dog": 3}, {"val_split": 0.05, "test_split": 0.5}),  # no validation image
+])
+def test_too_few_images_for_the_splits_is_one_clear_error(tmp_path, counts, extra):
+    data = tmp_path / "data"
+    write_classes(data, counts)
+    cfg = tiny_config(data, tmp_path / "work", **extra)
+    with pytest.raises(DatasetError) as err:
+        index_dataset(cfg)
+    message = str(err.value)
+    assert f"usable images are too few for test_split {cfg.test_split} and val_split " \
+           f"{cfg.val_split}" in message
+    assert "\n" not in message
+
+
+def test_class_folders_differing_only_in_case_fail(tmp_path):
+    data = tmp_path / "data"
+    write_classes(data, {"Cat": 4, "cat": 4, "dog": 4})
+    with pytest.raises(DatasetError, match=r"class folders 'Cat' and 'cat' differ only in case"):
+        index_dataset(tiny_config(data, tmp_path / "work"))
+
+
+def test_manifest_schema_and_stable_class_order(tmp_path):
+    data = tmp_path / "data"
+    # Folders created out of order; names that sort differently by case and by number.
+    write_classes(data, {"zebra": 4, "Ant": 4, "bee": 4, "10": 3, "9": 3})
+    cfg = tiny_config(data, tmp_path / "work")
+    first = index_dataset(cfg)
+    assert first.classes == sorted(first.classes) == ["10", "9", "Ant", "bee", "zebra"]
+    m = first.manifest
+    assert list(m.columns) == MANIFEST_COLUMNS
+    assert m["id"].tolist() == list(range(len(m)))
+    assert m["key"].tolist() == sorted(m["key"])
+    assert str(m["label_idx"].dtype) == "int32"
+    assert [first.classes[i] for i in m["label_idx"]] == m["label"].tolist()
+    assert (m["label"] == m["key"].str.split("/").str[0]).all()
+    for row in m.itertuples():
+        raw = (data / row.key).read_bytes()
+        assert row.size == len(raw)
+        assert row.etag == hashlib.md5(raw).hexdigest()
+
+    run = runs.run_uri(str(tmp_path / "work"), "r1")
+    index.write_index(first, run)
+    manifest, classes = read_manifest(run)
+    assert classes == first.classes
+    assert json.loads((Path(run) / "classes.json").read_text()) == first.classes
+    pd.testing.assert_frame_equal(manifest, m)
+    # Indexing again gives the same manifest, row for row.
+    pd.testing.assert_frame_equal(index_dataset(cfg).manifest, m)
+
+
+def test_read_manifest_of_a_folder_that_was_never_indexed(tmp_path):
+    with pytest.raises(DatasetError, match=r"no manifest at .*; run the index step first"):
+        read_manifest(str(tmp_path / "empty-run"))
