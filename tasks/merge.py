@@ -60,12 +60,14 @@ def read_shards(run: str, cfg: AuditConfig, manifest: pd.DataFrame,
 
 
 def _dense(df: pd.DataFrame, num_classes: int) -> pd.DataFrame:
-    """Shard frame with a dense `probs` column (top-k shards are filled with zeros)."""
+    """Shard frame with a dense `probs` column. Top-k shards are filled with zeros beyond
+    the top k, except the given label, whose probability the shard always records."""
     if "probs" in df:
         return df
     probs = np.zeros((len(df), num_classes), dtype=np.float32)
     for i, (idx, p) in enumerate(zip(df["topk_idx"], df["topk_prob"], strict=True)):
         probs[i, idx] = p
+    probs[np.arange(len(df)), df["given"].to_numpy()] = df["p_given"].to_numpy()
     df = df.drop(columns=["topk_idx", "topk_prob"])
     df["probs"] = list(probs)
     return df
