@@ -236,7 +236,7 @@ def relabel_results(results_uri: str, sensitivity: float | None = None,
                     min_preds: int | None = None, dry_run: bool = False) -> str | None:
     """Relabel from a run's results CSV with the run's relabel_mode and thresholds (or the
     given overrides). Returns the journal URI (move) or corrected-labels.csv URI
-    (manifest); None for a dry run."""
+    (manifest); None for a dry run, and when nothing was selected to move (no journal)."""
     from tasks import runs
     from tasks.merge import read_results
 
@@ -254,5 +254,5 @@ def relabel_results(results_uri: str, sensitivity: float | None = None,
         write_corrected_manifest(results, out, sensitivity, min_preds)
         return out
     journal = runs.journal_uri(run)
-    relabel(results, cfg.data_path, journal, sensitivity, min_preds, dry_run=dry_run)
-    return None if dry_run else journal
+    moves = relabel(results, cfg.data_path, journal, sensitivity, min_preds, dry_run=dry_run)
+    return journal if moves and not dry_run else None
