@@ -139,9 +139,9 @@ class Augment(nn.Module):
             bi = torch.arange(b, device=x.device)[:, None, None, None]
             ci = torch.arange(3, device=x.device)[None, :, None, None]
             x = xp[bi, ci, iy, ix]
-            if self.flip:
-                mask = (torch.rand(b, generator=generator) < 0.5).to(x.device)
-                x = torch.where(mask[:, None, None, None], x.flip(3), x)
+        if self.training and self.flip:  # with or without the shift
+            mask = (torch.rand(len(x), generator=generator) < 0.5).to(x.device)
+            x = torch.where(mask[:, None, None, None], x.flip(3), x)
         if flip_all:
             x = x.flip(3)
         return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
