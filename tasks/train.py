@@ -217,6 +217,11 @@ def train_epoch(model: nn.Module, augment: Augment, batches: Batches | FfcvBatch
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     for x, y, _ in batches.iterate(rows, shuffle=True, generator=gen):
+        if len(y) == 1 and batches.cfg.batch_size > 1:
+            # A last batch of one image: BatchNorm cannot train on one value per channel
+            # (the 1x1 maps of resnet18/efficientnet at small sizes). Rows are shuffled, so
+            # a different image sits out each epoch.
+            continue
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with _autocast(device):
             logits = model(augment(x, generator=gen))
