@@ -43,7 +43,8 @@ class SmallCNN(nn.Sequential):
 
 
 def _looks_like_path(value: str) -> bool:
-    return storage.is_s3(value) or "/" in value or value.endswith((".pt", ".pth", ".bin"))
+    # torchvision weights names (IMAGENET1K_V1, DEFAULT) never hold a '/' or a '.'.
+    return storage.is_s3(value) or "/" in value or "." in value
 
 
 def _resolve_weights_file(model_name: str, weights: str) -> str:
@@ -84,8 +85,10 @@ def load_weights(model: nn.Module, model_name: str, weights: str) -> None:
     path = _resolve_weights_file(model_name, weights)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ConfigError(f"model_weights {weights!r}: not a readable state dict ({err})") from None
+    except Exception as err:  # torch's message runs over many lines: keep its first
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ConfigError(f"model_weights {weights!r}: not a readable state dict ({first})"
+                          ) from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     own = model.state_dict()
