@@ -240,6 +240,8 @@ def relabel_results(results_uri: str, sensitivity: float | None = None,
     from tasks import runs
     from tasks.merge import read_results
 
+    if not storage.exists(results_uri):
+        raise FileNotFoundError(f"results CSV {results_uri} does not exist")
     run = storage.parent(results_uri)
     cfg = runs.read_config(run)
     sensitivity = cfg.sensitivity if sensitivity is None else sensitivity
