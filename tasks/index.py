@@ -74,8 +74,11 @@ def decode_problem(data: bytes) -> str | None:
 
 def _check_file(path: str) -> tuple[str | None, str]:
     """(problem or None, content md5) for one local file."""
-    with open(path, "rb") as f:
-        data = f.read()
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:  # no permission, or removed since the listing
+        return f"cannot be read ({type(err).__name__}: {err.strerror or err})", ""
     return decode_problem(data), hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
