@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -14,7 +15,13 @@ import pytest
 
 from tasks import index, runs
 from tasks.audit import prepare_run
-from tasks.index import MANIFEST_COLUMNS, DatasetError, index_dataset, read_manifest
+from tasks.index import (
+    MANIFEST_COLUMNS,
+    DatasetError,
+    index_dataset,
+    list_dataset,
+    read_manifest,
+)
 from tests.datasets import image_bytes, tiny_config, write_classes
 
 UNICODE_NAME = "bird/ünïcødé 猫 01.png"
@@ -79,6 +86,33 @@ def test_bad_input_dataset_indexes_and_lists_what_it_skipped(tmp_path, caplog):
                    for r in caplog.records), name
     assert any("indexed 24 images in 3 classes" in r.getMessage() and "skipped 6, ignored 4 "
                "hidden" in r.getMessage() for r in caplog.records)
+
+
+def test_files_that_cannot_be_read_are_skipped(tmp_path):
+    data = tmp_path / "data"
+    write_classes(data, {"cat": 5, "dog": 5})
+    cfg = tiny_config(data, tmp_path / "work")
+    listing = list_dataset(cfg.data_path)
+    (data / "cat" / "img-001.png").unlink()  # removed between the listing and the check
+    result = index_dataset(cfg, listing)
+    assert "cat/img-001.png" not in set(result.manifest["key"])
+    assert result.skipped.to_dict("records") == [
+        {"filename": "cat/img-001.png",
+         "reason": "cannot be read (FileNotFoundError: No such file or directory)"}]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files without read permission")
+def test_files_without_read_permission_are_skipped(tmp_path):
+    data = tmp_path / "data"
+    write_classes(data, {"cat": 5, "dog": 5})
+    (data / "dog" / "img-002.png").chmod(0)
+    try:
+        result = index_dataset(tiny_config(data, tmp_path / "work"))
+    finally:
+        (data / "dog" / "img-002.png").chmod(0o644)
+    assert result.skipped.to_dict("records") == [
+        {"filename": "dog/img-002.png",
+         "reason": "cannot be read (PermissionError: Permission denied)"}]
 
 
 def test_single_class_dataset_is_one_clear_error(tmp_path):
