@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import PurePosixPath
@@ -195,7 +196,9 @@ def relabel(results: pd.DataFrame, root: str, journal_uri: str, sensitivity: flo
              "would move" if dry_run else "to move", sensitivity, min_preds)
     if dry_run or not moves:
         return moves
-    journal.write({"type": "header", "root": root, "state": "started",
+    # An absolute local root, so that undo works from any working directory.
+    journal_root = root if storage.is_s3(root) else os.path.abspath(root)
+    journal.write({"type": "header", "root": journal_root, "state": "started",
                    "sensitivity": sensitivity, "min_preds": min_preds,
                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, moves)
     counts = _execute(root, moves, reverse=False)
