@@ -132,6 +132,20 @@ def test_relabel_moves_without_overwriting_and_undo_restores_every_byte(case):
     assert not (data / "bird").exists() or not any((data / "bird").iterdir())
 
 
+def test_undo_works_from_another_working_directory(tmp_path, monkeypatch):
+    data = make_dataset(tmp_path)
+    before = snapshot(data)
+    monkeypatch.chdir(tmp_path)
+    journal = str(tmp_path / "journal.jsonl")
+    relabel(results_frame(), "data", journal, SENSITIVITY, MIN_PREDS)  # a relative root
+    assert Journal(journal).read()[0]["root"] == str(data)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    undo(journal)
+    assert snapshot(data) == before
+
+
 def test_the_suffix_is_deterministic(tmp_path):
     dests = []
     for name in ("one", "two"):
