@@ -88,6 +88,26 @@ def test_bad_input_dataset_indexes_and_lists_what_it_skipped(tmp_path, caplog):
                "hidden" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.slow
+def test_bad_input_dataset_audits_fine(tmp_path):
+    """Every usable image (JPG, BMP, WEBP, odd names) is decoded by the trainer and gets a
+    prediction."""
+    from tasks.merge import merge_run, read_results
+    from tasks.train import run_repeat
+
+    data = tmp_path / "data"
+    bad_input_dataset(data)
+    cfg = tiny_config(data, tmp_path / "work")
+    run = prepare_run(cfg, "bad-input")
+    for repeat in range(cfg.n_repeats):
+        run_repeat(run, repeat)
+    results = read_results(merge_run(run))
+    manifest, _ = read_manifest(run)
+    assert sorted(results["filename"]) == sorted(manifest["key"])
+    assert UNICODE_NAME in set(results["filename"]) and len(results) == 24
+    assert (results["num_preds"] == 1).all()
+
+
 def test_files_that_cannot_be_read_are_skipped(tmp_path):
     data = tmp_path / "data"
     write_classes(data, {"cat": 5, "dog": 5})
