@@ -44,6 +44,7 @@ ROWS = [
     # cat/img-003.png exists when the plan is made (it moves away later): a suffix anyway
     ("owl/img-003.png", "cat", 100.0, 2, f"cat/img-003.relabel-{tag('owl/img-003.png')}.png"),
     ("dog/img-001.png", "dog", 100.0, 4, None),  # agrees with its label
+    ("dog/img-002.png", "owl", 100.0, 4, None),  # not flagged as a label issue
     ("cat/new one.png", "bird", 75.0, 4, "bird/new one.png"),  # a class folder to create
     ("cat/img-003.png", "bird", 90.0, 4, "bird/img-003.png"),
     ("dog/img-003.png", "bird", 90.0, 4, f"bird/img-003.relabel-{tag('dog/img-003.png')}.png"),
@@ -59,9 +60,12 @@ def make_dataset(root: Path) -> Path:
     return data
 
 
+NOT_FLAGGED = "dog/img-002.png"
+
+
 def results_frame() -> pd.DataFrame:
     return pd.DataFrame(
-        [(src, src.split("/")[0], corrected, pct, n, 0.1, True)
+        [(src, src.split("/")[0], corrected, pct, n, 0.1, src != NOT_FLAGGED)
          for src, corrected, pct, n, _ in ROWS],
         columns=["filename", "label", "corrected_label", "%", "num_preds", "label_quality",
                  "is_label_issue"])
