@@ -12,7 +12,6 @@ from collections.abc import Callable
 
 from tasks import runs, storage
 from tasks.config import AuditConfig
-from tasks.ffcv_data import ensure_beton
 from tasks.index import index_dataset, list_dataset, listing_fingerprint, write_index
 from tasks.plan import RepeatSpec, plan_repeats
 
@@ -37,8 +36,22 @@ def prepare_run(cfg: AuditConfig, run_id: str | None = None) -> str:
         log.info("indexing %s into run %s", cfg.data_path, run)
         write_index(index_dataset(cfg, listing), run)
     runs.write_config(run, cfg)
-    ensure_beton(run, cfg)  # once per run, before the trainers (a no-op without ffcv)
+    if cfg.ffcv:
+        build_beton_if_possible(run, cfg)
     return run
+
+
+def build_beton_if_possible(run: str, cfg: AuditConfig) -> None:
+    """Build the run's .beton once, before the trainers start. Where FFCV and torch are not
+    installed (the Airflow image of the Kubernetes runner) the first trainer builds it."""
+    import importlib.util
+
+    if not all(importlib.util.find_spec(m) for m in ("torch", "ffcv")):
+        log.info("ffcv: torch or FFCV is not installed here; the first trainer builds the .beton")
+        return
+    from tasks.ffcv_data import ensure_beton
+
+    ensure_beton(run, cfg)
 
 
 def trainer_command(run: str, repeat: int) -> list[str]:
