@@ -186,10 +186,12 @@ def params_doc(defaults: AuditConfig) -> str:
 
 
 def validate_conf(conf: Mapping[str, Any] | None,
-                  params: Mapping[str, Any] | None = None) -> AuditConfig:
+                  params: Mapping[str, Any] | None = None,
+                  check_installed: bool = True) -> AuditConfig:
     """The run's config: the form's values (`params`, which Airflow has already merged with
     the conf) with the conf on top, checked against the schema. Unknown conf keys, bad
-    values and bad combinations raise ConfigError naming the key."""
+    values and bad combinations raise ConfigError naming the key. `check_installed=False`
+    where the trainers run elsewhere (pods), so FFCV need not be installed here."""
     conf = dict(conf or {})
     unknown = sorted(set(conf) - set(AuditConfig.model_fields))
     if unknown:
@@ -197,7 +199,7 @@ def validate_conf(conf: Mapping[str, Any] | None,
                           f"{', '.join(AuditConfig.model_fields)}")
     merged = {k: v for k, v in (params or {}).items() if k in AuditConfig.model_fields}
     merged.update(conf)
-    return parse_config(merged)
+    return parse_config(merged, check_installed=check_installed)
 
 
 def _fail(err: Exception) -> Exception:
@@ -217,7 +219,7 @@ def prepare(params: Mapping[str, Any], conf: Mapping[str, Any] | None, run_id: s
     from tasks.audit import prepare_run
 
     try:
-        cfg = validate_conf(conf, params)
+        cfg = validate_conf(conf, params, check_installed=runner != "kubernetes")
         if runner == "kubernetes":
             for key in ("data_path", "work_uri"):
                 if not storage.is_s3(value := getattr(cfg, key)):
