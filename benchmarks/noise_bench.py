@@ -216,7 +216,8 @@ def candidate_rows(p: Predictions, flags: dict[str, np.ndarray], sensitivity: fl
     vote = p.vote_disagrees
     quality = np.nan_to_num(p.quality, nan=np.inf)
     rules = {"rule: vote disagrees": vote}
-    for name in ("prune_by_noise_rate", "both", "confident_learning", "prune_by_class"):
+    for name in ("low_self_confidence", "prune_by_noise_rate", "both", "confident_learning",
+                 "prune_by_class"):
         rules[f"rule: {name} ∧ vote"] = flags[name] & vote
     for t in QUALITY_THRESHOLDS:
         rules[f"rule: vote ∧ label_quality < {t}"] = vote & (quality < t)
