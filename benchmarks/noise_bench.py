@@ -221,6 +221,8 @@ def candidate_rows(p: Predictions, flags: dict[str, np.ndarray], sensitivity: fl
         rules[f"rule: {name} ∧ vote"] = flags[name] & vote
     for t in QUALITY_THRESHOLDS:
         rules[f"rule: vote ∧ label_quality < {t}"] = vote & (quality < t)
+    rules["rule: low_self_confidence ∧ vote ∧ label_quality < 0.1"] = (
+        flags["low_self_confidence"] & vote & (quality < 0.1))
     relabel_rule = default_relabel(p, sensitivity, min_preds)
     rules[f"rule: vote ∧ % > {sensitivity:g} ∧ num_preds >= {min_preds}"] = relabel_rule
     return {name: rule_metrics(p.true, p.given, flag, p.quality, flag & relabel_rule,

@@ -181,6 +181,13 @@ class AuditConfig(BaseModel):
         json_schema_extra=_section("Training"),
     )
     # --- scoring and relabelling ------------------------------------------------
+    max_label_quality: float = Field(
+        0.1, gt=0, le=1,
+        description="An image is flagged only when its label_quality (mean out-of-sample "
+        "probability of its given label) is below this, besides cleanlab's estimate and the "
+        "vote; 1 turns this check off.",
+        json_schema_extra=_section("Scoring"),
+    )
     min_coverage: float = Field(
         1.0, ge=0, le=1,
         description="Merge fails (naming the missing repeats) when fewer than this share of "
