@@ -389,10 +389,16 @@ def make_sample(work: Path, dataset: str, noise: str, seed: int, n: int | None) 
     return folder
 
 
+# Keys that only change how merge scores the pooled predictions: --reuse re-merges with
+# their current values instead of retraining.
+SCORING_ONLY_KEYS = ("max_label_quality",)
+
+
 def config_hash(cfg_dict: dict) -> str:
     import hashlib
 
-    data = {k: v for k, v in cfg_dict.items() if k not in ("work_uri", "results_path")}
+    skip = ("work_uri", "results_path", *SCORING_ONLY_KEYS)
+    data = {k: v for k, v in cfg_dict.items() if k not in skip}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -416,8 +422,13 @@ def run_method(cfg: AuditConfig, run_id: str, reuse: bool, prefix: str) -> tuple
     record_uri = storage.join(run, "bench.json")
     if reuse and storage.exists(record_uri) and storage.exists(
             storage.join(run, "predictions.parquet")):
+        from tasks.merge import merge_run
+
         record = {**json.loads(storage.read_text(record_uri)), "reused": True}
-        print(f"{prefix} reusing {run} ({record['wall_s']:.0f}s when it ran)", flush=True)
+        runs.write_config(run, cfg)  # same training keys; scoring keys as they are now
+        merge_run(run)
+        print(f"{prefix} reusing {run} ({record['wall_s']:.0f}s when it ran), re-merged",
+              flush=True)
         return run, record
     shutil.rmtree(run, ignore_errors=True)  # a fresh audit, so its wall time is honest
     print(f"{prefix} auditing: {cfg.n_repeats} trainings, up to {cfg.num_epochs} epochs, "
