@@ -182,10 +182,11 @@ class AuditConfig(BaseModel):
     )
     # --- scoring and relabelling ------------------------------------------------
     max_label_quality: float = Field(
-        0.1, gt=0, le=1,
-        description="An image is flagged only when its label_quality (mean out-of-sample "
+        1.0, gt=0, le=1,
+        description="Flag an image only when its label_quality (mean out-of-sample "
         "probability of its given label) is below this, besides cleanlab's estimate and the "
-        "vote; 1 turns this check off.",
+        "vote. 1 (default) is off; 0.1 helped at low symmetric noise but cut recall to a third "
+        "on asymmetric noise (benchmarks/RESULTS.md).",
         json_schema_extra=_section("Scoring"),
     )
     min_coverage: float = Field(
