@@ -11,8 +11,7 @@ label, so the count adapts to the noise rate) AND the majority vote names anothe
 every flag has a suggested label) AND `label_quality < max_label_quality` (default 1: off).
 In `benchmarks/RESULTS.md` this rule beats cleanlab's `prune_by_noise_rate` AND vote (F1
 0.926 vs 0.884 on Fashion-MNIST 20k with 20% symmetric noise). A `max_label_quality` of 0.1
-helped at 10% symmetric noise (F1 0.769 -> 0.847 on 2,000 images) but cut recall to about a
-third on asymmetric noise, hence off by default.
+cut recall to about a third on asymmetric noise there, hence off by default.
 """
 
 from __future__ import annotations
