@@ -169,11 +169,11 @@ class AuditConfig(BaseModel):
         json_schema_extra=_section("Training"),
     )
     augment: Literal["flip", "flip_crop", "crop", "none"] = Field(
-        "none",
-        description="Training augmentation: horizontal flip (flip), a random shift of up to "
-        "image_size/16 px (crop), both, or none (default: with the default 12 epochs it "
-        "measured best). flip also averages each prediction with its mirror image. Never flip "
-        "text, digits or other images whose mirror image means something else.",
+        "crop",
+        description="Training augmentation: a random shift of up to image_size/16 px (crop, "
+        "the default: safe for any image and measured best), horizontal flip (flip), both "
+        "(flip_crop), or none. flip also averages each prediction with its mirror image. Never "
+        "flip text, digits or other images whose mirror image means something else.",
         json_schema_extra=_section("Training"),
     )
     seed: int = Field(
