@@ -10,8 +10,8 @@ For every dataset x noise model it writes a sample with known wrong labels
   a prediction; relabelled when also `%` >= sensitivity. `min_coverage: 0`, since random
   splits leave about (1 - test_split)^n_repeats of the images unpredicted.
 - default: the config as it is (`--set` overrides included): flagged = `is_label_issue`,
-  relabelled = `tasks.relabel.select_rows` (flagged, `%` > sensitivity,
-  `num_preds` >= min_preds).
+  relabelled = `tasks.relabel.select_rows` (flagged, `%` and the pooled probability of the
+  suggested label above the sensitivity, `num_preds` >= min_preds).
 
 From the default audit's out-of-sample mean probabilities (`predictions.parquet`), with no
 extra training, it also scores cleanlab's `find_label_issues` for every `filter_by`, and
@@ -90,6 +90,7 @@ class Predictions:
     pct: np.ndarray                # vote share of `corrected`, 0-100 (nan: unpredicted)
     num_preds: np.ndarray
     quality: np.ndarray            # label_quality (nan: unpredicted)
+    suggested_quality: np.ndarray  # pooled probability of `corrected` (nan: unpredicted)
     is_label_issue: np.ndarray
     mean_probs: np.ndarray | None  # N x K out-of-sample mean probabilities (nan rows allowed)
     classes: list[str] = field(default_factory=list)
@@ -175,7 +176,8 @@ def default_relabel(p: Predictions, sensitivity: float, min_preds: int) -> np.nd
 
     cls = np.asarray(p.classes, dtype=object)
     frame = pd.DataFrame({"corrected_label": cls[p.corrected], "label": cls[p.given],
-                          "%": p.pct, "num_preds": p.num_preds,
+                          "%": p.pct, "suggested_quality": p.suggested_quality,
+                          "num_preds": p.num_preds,
                           "is_label_issue": p.is_label_issue})
     mask = np.zeros(len(frame), dtype=bool)
     mask[select_rows(frame, sensitivity, min_preds).index.to_numpy()] = True
@@ -224,7 +226,8 @@ def candidate_rows(p: Predictions, flags: dict[str, np.ndarray], sensitivity: fl
     rules["rule: low_self_confidence ∧ vote ∧ label_quality < 0.1"] = (
         flags["low_self_confidence"] & vote & (quality < 0.1))
     relabel_rule = default_relabel(p, sensitivity, min_preds)
-    rules[f"rule: vote ∧ % > {sensitivity:g} ∧ num_preds >= {min_preds}"] = relabel_rule
+    rules[f"rule: vote ∧ % > {sensitivity:g} ∧ p > {sensitivity / 100:g} ∧ num_preds >= "
+          f"{min_preds}"] = relabel_rule
     return {name: rule_metrics(p.true, p.given, flag, p.quality, flag & relabel_rule,
                                p.corrected, p.predicted) for name, flag in rules.items()}
 
@@ -257,6 +260,7 @@ def predictions_from_frames(results: pd.DataFrame, truth: pd.DataFrame, classes:
         pct=pd.to_numeric(df["%"], errors="coerce").to_numpy(float),
         num_preds=df["num_preds"].to_numpy(np.int64),
         quality=pd.to_numeric(df["label_quality"], errors="coerce").to_numpy(float),
+        suggested_quality=pd.to_numeric(df["suggested_quality"], errors="coerce").to_numpy(float),
         is_label_issue=df["is_label_issue"].astype(str).str.lower().eq("true").to_numpy(),
         mean_probs=probs,
         classes=names,

@@ -197,8 +197,8 @@ class AuditConfig(BaseModel):
     )
     sensitivity: float = Field(
         60.0, ge=0, le=100,
-        description="Relabel an image when more than this % of its predictions chose the "
-        "suggested label.",
+        description="Relabel a flagged image when more than this % of its predictions chose "
+        "the suggested label and its pooled probability is above this % too.",
         json_schema_extra=_section("Relabelling"),
     )
     min_preds: int = Field(

@@ -264,6 +264,8 @@ def _card(rank: int, row: dict, thumb: Thumb | str, relabel: bool) -> str:
     flagged = bool(row["is_label_issue"])
     pct = row["%"]
     pct_attr = -1 if pd.isna(pct) else pct
+    prob = row.get("suggested_quality", float("nan"))
+    prob_attr = -1 if pd.isna(prob) else prob
     quality = row["label_quality"]
     name = str(row["filename"])
     if isinstance(thumb, Thumb):
@@ -284,13 +286,16 @@ def _card(rank: int, row: dict, thumb: Thumb | str, relabel: bool) -> str:
     return (
         f'<article class="card {state}" data-rank="{rank}" data-name="{_e(name)}" '
         f'data-label="{_e(label)}" data-suggested="{_e(sugg)}" data-pct="{pct_attr}" '
+        f'data-prob="{prob_attr}" '
         f'data-preds="{int(row["num_preds"])}" '
         f'data-quality="{-1 if pd.isna(quality) else quality}" data-changed="{int(changed)}" '
         f'data-flagged="{int(flagged)}" data-relabel="{int(relabel)}">'
         f'<div class="thumb">{img}<span class="rank">#{rank}</span></div>'
         f'<div class="lbl">{labels}</div>'
         f'<div class="num" title="votes: {_e(votes)}"><b class="pct">{_pct(pct)}</b> of '
-        f'<b class="preds">{int(row["num_preds"])}</b> predictions</div>'
+        f'<b class="preds">{int(row["num_preds"])}</b> predictions, p '
+        f'<b class="prob" title="pooled probability of the suggested label">'
+        f'{_quality(prob)}</b></div>'
         '<div class="num" title="mean out-of-sample probability of the given label">'
         f'label quality <b class="quality">{_quality(quality)}</b></div>'
         f'<div class="fname" title="{_e(name)}">{_e(name)}</div>'
@@ -427,7 +432,7 @@ SCRIPT = """
     for (const c of cards) {
       const d = c.dataset;
       const r = d.flagged === '1' && d.changed === '1' && Number(d.pct) > s
-        && Number(d.preds) >= minPreds;
+        && Number(d.prob) > s / 100 && Number(d.preds) >= minPreds;
       d.relabel = r ? '1' : '0';
       c.classList.toggle('relabel', r);
       c.querySelector('.verdict').textContent = r ? 'would relabel'
@@ -486,7 +491,8 @@ def render_page(*, cfg, run: str, results: pd.DataFrame, classes: list[str], top
         _stat(_int(flagged), "flagged as label issues", f"{flagged / max(n, 1):.1%} of images",
               id_="s-flagged"),
         _stat(_int(n_relabel), "would be relabelled",
-              f"> {cfg.sensitivity:g}% of votes, ≥ {cfg.min_preds} predictions", id_="s-relabel"),
+              f"> {cfg.sensitivity:g}% of votes and probability, ≥ {cfg.min_preds} "
+              "predictions", id_="s-relabel"),
         _stat(_int(len(skipped)), "files skipped", id_="s-skipped"),
     ]
     if seconds is not None:
@@ -556,9 +562,9 @@ value="{sens:g}"><span id="sens-value">{sens:g}%</span></label>
 folder (cleanlab's confident-learning estimate of each class's wrong labels, lowest label
 quality first, and a majority vote for another class). It <b>would be relabelled</b> when it
 is flagged, the suggested label differs, more than the sensitivity's share of its
-predictions chose it, and it has at least {cfg.min_preds} predictions (config: sensitivity
-{sens:g}%). The est. noise rate is the share of a class flagged. Every image, with its votes,
-is in results.csv in the run folder.</footer>
+predictions chose it, its pooled probability is above the sensitivity too, and it has at
+least {cfg.min_preds} predictions (config: sensitivity {sens:g}%). The est. noise rate is the
+share of a class flagged. Every image, with its votes, is in results.csv in the run folder.</footer>
 </main><script>{SCRIPT}</script></body></html>
 """
 

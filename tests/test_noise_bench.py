@@ -83,6 +83,7 @@ def _synthetic(n: int = 60, k: int = 3, seed: int = 0, unpredicted: int = 0):
         "filename": names, "label": cls[given], "corrected_label": cls[corrected],
         "num_preds": num_preds, "%": pct, "label_quality": quality,
         "is_label_issue": (corrected != given) & (num_preds > 0),
+        "suggested_quality": probs[np.arange(n), corrected],
     })
     truth = pd.DataFrame({"filename": names, "true_label": cls[true], "given_label": cls[given]})
     mean = pd.DataFrame({"filename": names, "mean_probs": list(probs)})
@@ -126,6 +127,10 @@ def test_relabel_threshold_is_ge_for_original_and_gt_for_default():
     assert next(iter(default_rows(p, 60, 2).values()))["relabelled"] == 0
     assert next(iter(default_rows(p, 59, 2).values()))["relabelled"] == 12
     assert next(iter(default_rows(p, 59, 3).values()))["relabelled"] == 0  # min_preds
+    # ... and the pooled probability of the suggested label must clear it too
+    results["suggested_quality"] = 0.59
+    p = predictions_from_frames(results, truth, classes, mean)
+    assert next(iter(default_rows(p, 59, 2).values()))["relabelled"] == 0
 
 
 def test_predictions_from_frames_rejects_mismatched_truth():
@@ -179,3 +184,25 @@ def test_score_results_uses_the_same_metrics():
     m = score_against_truth(results, truth, sensitivity=60)
     assert m["precision"] == 1 and m["coverage"] == pytest.approx(50 / 60)
     assert m["min_preds"] == 0 and m["relabelled"] == m["flagged"]
+
+
+def test_recipe_sweep_trains_and_scores_a_tiny_plan(tmp_path, capsys):
+    """The recipe sweep runs the product's trainer and scoring end to end (2 trainings of one
+    epoch on scikit-learn digits) and reports metrics that are real fractions."""
+    import json
+
+    from benchmarks import recipe_sweep
+
+    out = tmp_path / "sweep.json"
+    assert recipe_sweep.main(["--pair", "digits:sym20", "--original", "--json", str(out),
+                              "--variant", "tiny:n_repeats=2,num_epochs=1,test_split=0.5"]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["variant"], r["method"]) for r in rows] == [("tiny", "default"),
+                                                          ("tiny", "original")]
+    default, original = rows
+    assert default["coverage"] == 1.0  # one round of 2 folds predicts every image once
+    assert original["coverage"] < 1.0  # two random halves miss about a quarter
+    for r in rows:
+        assert 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1
+        assert 0 < r["pooled_acc_true"] <= 1 and 0 <= r["auroc"] <= 1
+    assert "relabelled_prob_rule" in default and "tiny  default" in capsys.readouterr().out

@@ -45,6 +45,7 @@ ROWS = [
     ("owl/img-003.png", "cat", 100.0, 2, f"cat/img-003.relabel-{tag('owl/img-003.png')}.png"),
     ("dog/img-001.png", "dog", 100.0, 4, None),  # agrees with its label
     ("dog/img-002.png", "owl", 100.0, 4, None),  # not flagged as a label issue
+    ("owl/img-002.png", "dog", 100.0, 4, None),  # pooled probability below the sensitivity
     ("cat/new one.png", "bird", 75.0, 4, "bird/new one.png"),  # a class folder to create
     ("cat/img-003.png", "bird", 90.0, 4, "bird/img-003.png"),
     ("dog/img-003.png", "bird", 90.0, 4, f"bird/img-003.relabel-{tag('dog/img-003.png')}.png"),
@@ -61,14 +62,17 @@ def make_dataset(root: Path) -> Path:
 
 
 NOT_FLAGGED = "dog/img-002.png"
+# suggested_quality (pooled probability of corrected_label) is %/100 except here
+LOW_PROBABILITY = {"owl/img-002.png": 0.55}
 
 
 def results_frame() -> pd.DataFrame:
     return pd.DataFrame(
-        [(src, src.split("/")[0], corrected, pct, n, 0.1, src != NOT_FLAGGED)
+        [(src, src.split("/")[0], corrected, pct, n, 0.1, src != NOT_FLAGGED,
+          LOW_PROBABILITY.get(src, pct / 100))
          for src, corrected, pct, n, _ in ROWS],
         columns=["filename", "label", "corrected_label", "%", "num_preds", "label_quality",
-                 "is_label_issue"])
+                 "is_label_issue", "suggested_quality"])
 
 
 @pytest.fixture
@@ -91,7 +95,7 @@ def expected_after(before: dict) -> dict:
     return after
 
 
-def test_thresholds_are_strict_on_percent_and_inclusive_on_min_preds():
+def test_thresholds_are_strict_on_votes_and_probability_and_inclusive_on_min_preds():
     rows = select_rows(results_frame(), SENSITIVITY, MIN_PREDS)
     assert set(rows["filename"]) == set(MOVED)
     assert set(select_rows(results_frame(), 89.9, 4)["filename"]) == {
