@@ -39,10 +39,7 @@ def noisy_sample(dataset: str, noise: str, seed: int, size: int
     source, n = DATASETS[dataset]
     frac, kind = NOISES[noise]
     data = sample.load_clean(source)
-    rng = np.random.default_rng(seed)
-    pick = np.sort(rng.choice(len(data.labels), size=n, replace=False))
-    true = data.labels[pick]
-    given = sample.inject_noise(true, data.classes, frac, kind, rng)
+    pick, true, given = sample.draw_noisy(data, n, frac, seed, kind)
     out = torch.empty((n, 3, size, size), dtype=torch.uint8)
     for i, src in enumerate(pick):
         img = Image.fromarray(data.images[src]).convert("RGB")

@@ -87,6 +87,18 @@ def inject_noise(labels: np.ndarray, classes: list[str], noise: float, kind: str
     return given
 
 
+def draw_noisy(data: CleanData, n: int, noise: float, seed: int, kind: str = "symmetric",
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(indices of `n` images drawn from `data`, their true labels, their given labels with a
+    fraction `noise` changed), all from one generator seeded with `seed`."""
+    if not 2 <= n <= len(data.labels):
+        raise ValueError(f"--n must be between 2 and {len(data.labels)} for {data.name}, got {n}")
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(data.labels), size=n, replace=False))
+    true = data.labels[pick]
+    return pick, true, inject_noise(true, data.classes, noise, kind, rng)
+
+
 def write_sample(out: str | Path, n: int, noise: float, seed: int, kind: str = "symmetric",
                  source: str = "auto") -> Path:
     """Write a class-folder PNG dataset of `n` images with a fraction `noise` of wrong labels,
@@ -94,12 +106,7 @@ def write_sample(out: str | Path, n: int, noise: float, seed: int, kind: str = "
     if not 0 <= noise < 1:
         raise ValueError(f"--noise must be in [0, 1), got {noise}")
     data = load_clean(source)
-    if not 2 <= n <= len(data.labels):
-        raise ValueError(f"--n must be between 2 and {len(data.labels)} for {data.name}, got {n}")
-    rng = np.random.default_rng(seed)
-    pick = np.sort(rng.choice(len(data.labels), size=n, replace=False))
-    true = data.labels[pick]
-    given = inject_noise(true, data.classes, noise, kind, rng)
+    pick, true, given = draw_noisy(data, n, noise, seed, kind)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose another --out")
