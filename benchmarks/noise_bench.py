@@ -228,8 +228,15 @@ def candidate_rows(p: Predictions, flags: dict[str, np.ndarray], sensitivity: fl
     relabel_rule = default_relabel(p, sensitivity, min_preds)
     rules[f"rule: vote ∧ % > {sensitivity:g} ∧ p > {sensitivity / 100:g} ∧ num_preds >= "
           f"{min_preds}"] = relabel_rule
-    return {name: rule_metrics(p.true, p.given, flag, p.quality, flag & relabel_rule,
+    rows = {name: rule_metrics(p.true, p.given, flag, p.quality, flag & relabel_rule,
                                p.corrected, p.predicted) for name, flag in rules.items()}
+    # The relabel rule without its probability condition (votes only), for comparison.
+    votes_only = (p.is_label_issue & p.vote_disagrees & (p.num_preds >= min_preds)
+                  & (np.nan_to_num(p.pct, nan=-1) > sensitivity))
+    rows[f"relabel by votes only: flagged ∧ % > {sensitivity:g} ∧ num_preds >= {min_preds}"] = (
+        rule_metrics(p.true, p.given, p.is_label_issue, p.quality, votes_only, p.corrected,
+                     p.predicted))
+    return rows
 
 
 def predictions_from_frames(results: pd.DataFrame, truth: pd.DataFrame, classes: list[str],
