@@ -51,6 +51,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from tasks.merge import CONFIDENT_VOTE
+
 if TYPE_CHECKING:
     from tasks.config import AuditConfig
 
@@ -223,6 +225,9 @@ def candidate_rows(p: Predictions, flags: dict[str, np.ndarray], sensitivity: fl
         rules[f"rule: {name} ∧ vote"] = flags[name] & vote
     for t in QUALITY_THRESHOLDS:
         rules[f"rule: vote ∧ label_quality < {t}"] = vote & (quality < t)
+    rules[f"rule: unanimous vote ∧ p > {CONFIDENT_VOTE:g} ∧ num_preds >= 2"] = (
+        vote & (np.nan_to_num(p.pct, nan=0) == 100) & (p.num_preds >= 2)
+        & (np.nan_to_num(p.suggested_quality, nan=0) > CONFIDENT_VOTE))
     rules["rule: low_self_confidence ∧ vote ∧ label_quality < 0.1"] = (
         flags["low_self_confidence"] & vote & (quality < 0.1))
     relabel_rule = default_relabel(p, sensitivity, min_preds)

@@ -15,10 +15,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from tasks import runs, storage
+from tasks import merge, runs, storage
 from tasks.audit import prepare_run
 from tasks.index import DatasetIndex, read_manifest, write_index
-from tasks.merge import MissingShardsError, merge_run, read_results
+from tasks.merge import MissingShardsError, merge_run, read_results, score
 from tasks.plan import RepeatSpec, plan_repeats, split_for_repeat
 from tasks.shards import shard_fingerprint
 from tasks.train import FULL_PROBS_MAX_CLASSES, TOP_K, shard_table
@@ -240,3 +240,26 @@ def test_more_than_256_classes_use_top_k_shards(tmp_path):
     assert json.loads((Path(run) / "classes.json").read_text()) == classes
     others = res.drop(index=planted)
     assert (others["corrected_label"] == others["label"]).all()
+
+
+def test_a_confident_unanimous_vote_flags_by_itself(monkeypatch):
+    from tasks.merge import CONFIDENT_VOTE, confident_vote
+
+    # rows: unanimous and confident; unanimous but unsure; split vote; a single prediction
+    votes = np.array([[0, 2, 0], [0, 2, 0], [0, 1, 1], [0, 1, 0]])
+    num_preds = votes.sum(1)
+    corrected = np.array([1, 1, 1, 1])
+    sq = np.array([CONFIDENT_VOTE + 0.01, CONFIDENT_VOTE, 0.9, 0.95])
+    assert confident_vote(votes, num_preds, corrected, sq).tolist() == [True, False, False,
+                                                                         False]
+    # cleanlab's count alone would miss it: many confident clean images, one confident flip
+    n = 200
+    labels = np.arange(n) % 2
+    probs = np.where(np.arange(2) == labels[:, None], 0.95, 0.05)
+    probs[0] = [0.2, 0.8]  # labelled 0, both predictions say 1 at 0.8
+    votes = np.zeros((n, 2), dtype=int)
+    votes[np.arange(n), probs.argmax(1)] = 2
+    s = score(labels, votes, probs, np.full(n, 2))
+    assert s["flagged"][0] and s["flagged"].sum() == 1
+    monkeypatch.setattr(merge, "CONFIDENT_VOTE", 1.0)  # cleanlab's part alone
+    assert not score(labels, votes, probs, np.full(n, 2))["flagged"].any()
