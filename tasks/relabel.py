@@ -55,7 +55,7 @@ def select_rows(results: pd.DataFrame, sensitivity: float, min_preds: int) -> pd
 
     The probability condition matters because with a few predictions per image the vote share
     is coarse (2 predictions: 0, 50 or 100%): on Fashion-MNIST 20k with 20% symmetric noise it
-    raised the share of moves to the true class from 0.902 to 0.964 (benchmarks/RESULTS.md)."""
+    raised the share of moves to the true class from 0.893 to 0.951 (benchmarks/RESULTS.md)."""
     pct = pd.to_numeric(results["%"], errors="coerce").fillna(-1)
     prob = pd.to_numeric(results["suggested_quality"], errors="coerce").fillna(-1)
     keep = (results["is_label_issue"].astype(bool)
