@@ -10,7 +10,7 @@ correction accuracy of the relabel rule. `--original` also runs each variant the
 way (random splits, hard votes). No files are written except `--json`.
 
     python -m benchmarks.recipe_sweep --pair fmnist20k:sym20 \\
-        --variant base: --variant crop:augment=crop --variant ls:label_smoothing=0.1
+        --variant none:augment=none --variant crop:augment=crop --variant e20:num_epochs=20
 """
 
 from __future__ import annotations
