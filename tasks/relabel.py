@@ -56,6 +56,12 @@ def select_rows(results: pd.DataFrame, sensitivity: float, min_preds: int) -> pd
     The probability condition matters because with a few predictions per image the vote share
     is coarse (2 predictions: 0, 50 or 100%): on Fashion-MNIST 20k with 20% symmetric noise it
     raised the share of moves to the true class from 0.893 to 0.951 (benchmarks/RESULTS.md)."""
+    needed = ["filename", "label", "corrected_label", "%", "suggested_quality", "num_preds",
+              "is_label_issue"]
+    missing = [c for c in needed if c not in results.columns]
+    if missing:
+        raise RelabelError(f"the results lack column(s) {', '.join(missing)}; relabel reads "
+                           "the results.csv of an audit (python -m tasks audit writes it)")
     pct = pd.to_numeric(results["%"], errors="coerce").fillna(-1)
     prob = pd.to_numeric(results["suggested_quality"], errors="coerce").fillna(-1)
     keep = (results["is_label_issue"].astype(bool)

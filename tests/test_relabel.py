@@ -103,6 +103,11 @@ def test_thresholds_are_strict_on_votes_and_probability_and_inclusive_on_min_pre
     assert select_rows(results_frame(), 100, 1).empty
 
 
+def test_results_without_the_probability_column_are_refused_by_name():
+    with pytest.raises(RelabelError, match=r"lack column\(s\) suggested_quality"):
+        select_rows(results_frame().drop(columns=["suggested_quality"]), SENSITIVITY, MIN_PREDS)
+
+
 def test_dry_run_changes_nothing_and_logs_the_plan(case, caplog):
     data, journal = case
     before = snapshot(data)
