@@ -56,7 +56,7 @@ def select_rows(results: pd.DataFrame, sensitivity: float, min_preds: int) -> pd
     The probability condition matters because with a few predictions per image the vote share
     is coarse (2 predictions: 0, 50 or 100%): on Fashion-MNIST 20k with 20% symmetric noise it
     raised the share of moves to the true class from 0.893 to 0.951 (benchmarks/RESULTS.md)."""
-    needed = ["filename", "label", "corrected_label", "%", "suggested_quality", "num_preds",
+    needed = ["label", "corrected_label", "%", "suggested_quality", "num_preds",
               "is_label_issue"]
     missing = [c for c in needed if c not in results.columns]
     if missing:
