@@ -51,7 +51,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from tasks.merge import CONFIDENT_VOTE
+from tasks.merge import CONFIDENT_VOTE, confident_vote
 
 if TYPE_CHECKING:
     from tasks.config import AuditConfig
@@ -226,8 +226,7 @@ def candidate_rows(p: Predictions, flags: dict[str, np.ndarray], sensitivity: fl
     for t in QUALITY_THRESHOLDS:
         rules[f"rule: vote ∧ label_quality < {t}"] = vote & (quality < t)
     rules[f"rule: unanimous vote ∧ p > {CONFIDENT_VOTE:g} ∧ num_preds >= 2"] = (
-        vote & (np.nan_to_num(p.pct, nan=0) == 100) & (p.num_preds >= 2)
-        & (np.nan_to_num(p.suggested_quality, nan=0) > CONFIDENT_VOTE))
+        vote & confident_vote(p.pct, p.num_preds, p.suggested_quality))
     rules["rule: low_self_confidence ∧ vote ∧ label_quality < 0.1"] = (
         flags["low_self_confidence"] & vote & (quality < 0.1))
     relabel_rule = default_relabel(p, sensitivity, min_preds)
@@ -235,13 +234,18 @@ def candidate_rows(p: Predictions, flags: dict[str, np.ndarray], sensitivity: fl
           f"{min_preds}"] = relabel_rule
     rows = {name: rule_metrics(p.true, p.given, flag, p.quality, flag & relabel_rule,
                                p.corrected, p.predicted) for name, flag in rules.items()}
-    # The relabel rule without its probability condition (votes only), for comparison.
+    rows[f"relabel by votes only: flagged ∧ % > {sensitivity:g} ∧ num_preds >= {min_preds}"] = (
+        votes_only_row(p, sensitivity, min_preds))
+    return rows
+
+
+def votes_only_row(p: Predictions, sensitivity: float, min_preds: int) -> dict[str, float]:
+    """The default's flags, relabelled by the relabel rule without its probability condition
+    (votes only), to show what that condition buys."""
     votes_only = (p.is_label_issue & p.vote_disagrees & (p.num_preds >= min_preds)
                   & (np.nan_to_num(p.pct, nan=-1) > sensitivity))
-    rows[f"relabel by votes only: flagged ∧ % > {sensitivity:g} ∧ num_preds >= {min_preds}"] = (
-        rule_metrics(p.true, p.given, p.is_label_issue, p.quality, votes_only, p.corrected,
-                     p.predicted))
-    return rows
+    return rule_metrics(p.true, p.given, p.is_label_issue, p.quality, votes_only, p.corrected,
+                        p.predicted)
 
 
 def predictions_from_frames(results: pd.DataFrame, truth: pd.DataFrame, classes: list[str],

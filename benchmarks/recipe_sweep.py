@@ -6,7 +6,8 @@ variant (config overrides) trains the planned repeats with the product's own tra
 (`tasks.train.train_repeat` / `predict`), pools the out-of-sample probabilities with
 `tasks.merge.aggregate` / `score`, and prints: accuracy of the pooled prediction against the
 true labels, precision/recall/F1 of `is_label_issue`, AUROC of `label_quality`, and the
-correction accuracy of the relabel rule. `--original` also runs each variant the original
+correction accuracy of the relabel rule (`noise_bench`'s own rows: the product's rule, and
+by votes only). `--original` also runs each variant the original
 way (random splits, hard votes). No files are written except `--json`.
 
     python -m benchmarks.recipe_sweep --pair fmnist20k:sym20 \\
@@ -24,7 +25,14 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from benchmarks.noise_bench import DATASETS, NOISES, rule_metrics
+from benchmarks.noise_bench import (
+    DATASETS,
+    NOISES,
+    Predictions,
+    default_rows,
+    original_rows,
+    votes_only_row,
+)
 from tasks import sample
 from tasks.config import AuditConfig
 from tasks.merge import aggregate, score
@@ -68,27 +76,24 @@ def run_variant(cfg: AuditConfig, images: torch.Tensor, true: np.ndarray, given:
     agg = aggregate(len(given), given, frames, num_classes)
     s = score(given, agg["votes"], agg["mean_probs"], agg["num_preds"], cfg.max_label_quality)
     predicted = agg["num_preds"] > 0
-    pct = np.nan_to_num(s["pct"], nan=-1)
     mean_probs = np.nan_to_num(agg["mean_probs"], nan=0.0)
     out: dict[str, float] = {
         "seconds": time.perf_counter() - t0,
         "mean_best_epoch": float(np.mean(epochs)),
         "pooled_acc_true": float((mean_probs.argmax(1) == true)[predicted].mean()),
     }
+    p = Predictions(filename=np.arange(len(given)).astype(str), given=given, true=true,
+                    corrected=s["corrected"], pct=s["pct"], num_preds=agg["num_preds"],
+                    quality=s["quality"], suggested_quality=s["suggested_quality"],
+                    is_label_issue=s["flagged"], mean_probs=agg["mean_probs"],
+                    classes=[str(k) for k in range(num_classes)])
     if cfg.split_strategy == "random":
-        flagged = predicted & (s["corrected"] != given)
-        relabel = flagged & (pct >= sensitivity)
+        out.update(next(iter(original_rows(p, sensitivity).values())))
     else:
-        flagged = s["flagged"]
-        relabel = flagged & (pct > sensitivity) & (agg["num_preds"] >= cfg.min_preds)
-        sq = np.nan_to_num(s["suggested_quality"], nan=0.0)
-        prob_rule = flagged & (sq >= sensitivity / 100) & (agg["num_preds"] >= cfg.min_preds)
-        m = rule_metrics(true, given, flagged, s["quality"], prob_rule, s["corrected"],
-                         predicted)
-        out["relabelled_prob_rule"] = m["relabelled"]
-        out["corr_acc_prob_rule"] = m["correction_acc"]
-    out.update(rule_metrics(true, given, flagged, s["quality"], relabel, s["corrected"],
-                            predicted))
+        votes_only = votes_only_row(p, sensitivity, cfg.min_preds)
+        out["relabelled_votes_only"] = votes_only["relabelled"]
+        out["corr_acc_votes_only"] = votes_only["correction_acc"]
+        out.update(next(iter(default_rows(p, sensitivity, cfg.min_preds).values())))
     return out
 
 

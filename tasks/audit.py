@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 
 from tasks import runs, storage
-from tasks.config import AuditConfig
+from tasks.config import AuditConfig, ffcv_installed
 from tasks.index import index_dataset, list_dataset, listing_fingerprint, write_index
 from tasks.plan import RepeatSpec, plan_repeats
 
@@ -46,7 +46,7 @@ def build_beton_if_possible(run: str, cfg: AuditConfig) -> None:
     installed (the Airflow image of the Kubernetes runner) the first trainer builds it."""
     import importlib.util
 
-    if not all(importlib.util.find_spec(m) for m in ("torch", "ffcv")):
+    if not (ffcv_installed() and importlib.util.find_spec("torch")):
         log.info("ffcv: torch or FFCV is not installed here; the first trainer builds the .beton")
         return
     from tasks.ffcv_data import ensure_beton

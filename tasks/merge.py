@@ -116,18 +116,17 @@ def score(labels: np.ndarray, votes: np.ndarray, mean_probs: np.ndarray,
         sub_probs = sub_probs / sub_probs.sum(1, keepdims=True).clip(min=1e-12)
         cl = _confident_learning(find_label_issues, sub_labels, sub_probs)
         flagged[predicted] = cl
-    flagged |= confident_vote(votes, num_preds, corrected, suggested_quality)
+    flagged |= confident_vote(pct, num_preds, suggested_quality)
     flagged &= (corrected != labels) & (np.nan_to_num(quality, nan=1.0) < max_label_quality)
     return {"corrected": corrected, "pct": pct, "quality": quality,
             "suggested_quality": suggested_quality, "flagged": flagged}
 
 
-def confident_vote(votes: np.ndarray, num_preds: np.ndarray, corrected: np.ndarray,
+def confident_vote(pct: np.ndarray, num_preds: np.ndarray,
                    suggested_quality: np.ndarray) -> np.ndarray:
-    """Images whose predictions (at least two) all chose `corrected` with a mean probability
-    above `CONFIDENT_VOTE`."""
-    unanimous = votes[np.arange(len(corrected)), corrected] == num_preds
-    return (unanimous & (num_preds >= 2)
+    """Images whose predictions (at least two) all chose the suggested label (`pct` 100) with
+    a mean probability above `CONFIDENT_VOTE`."""
+    return ((np.nan_to_num(pct, nan=0.0) == 100) & (num_preds >= 2)
             & (np.nan_to_num(suggested_quality, nan=0.0) > CONFIDENT_VOTE))
 
 

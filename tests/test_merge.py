@@ -248,10 +248,9 @@ def test_a_confident_unanimous_vote_flags_by_itself(monkeypatch):
     # rows: unanimous and confident; unanimous but unsure; split vote; a single prediction
     votes = np.array([[0, 2, 0], [0, 2, 0], [0, 1, 1], [0, 1, 0]])
     num_preds = votes.sum(1)
-    corrected = np.array([1, 1, 1, 1])
+    pct = votes[:, 1] / num_preds * 100  # vote share of the suggested label, class 1
     sq = np.array([CONFIDENT_VOTE + 0.01, CONFIDENT_VOTE, 0.9, 0.95])
-    assert confident_vote(votes, num_preds, corrected, sq).tolist() == [True, False, False,
-                                                                         False]
+    assert confident_vote(pct, num_preds, sq).tolist() == [True, False, False, False]
     # cleanlab's count alone would miss it: many confident clean images, one confident flip
     n = 200
     labels = np.arange(n) % 2

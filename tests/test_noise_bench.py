@@ -205,4 +205,4 @@ def test_recipe_sweep_trains_and_scores_a_tiny_plan(tmp_path, capsys):
     for r in rows:
         assert 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1
         assert 0 < r["pooled_acc_true"] <= 1 and 0 <= r["auroc"] <= 1
-    assert "relabelled_prob_rule" in default and "tiny  default" in capsys.readouterr().out
+    assert "relabelled_votes_only" in default and "tiny  default" in capsys.readouterr().out
