@@ -3,7 +3,7 @@
 
 For one dataset x noise model (the same sample `noise_bench` writes for that seed), each
 variant (config overrides) trains the planned repeats with the product's own trainer
-(`tasks.train.train_repeat` / `predict`), pools the out-of-sample probabilities with
+(`tasks.train.fit_model` / `predict`), pools the out-of-sample probabilities with
 `tasks.merge.aggregate` / `score`, and prints: accuracy of the pooled prediction against the
 true labels, precision/recall/F1 of `is_label_issue`, AUROC of `label_quality`, and the
 correction accuracy of the relabel rule (`noise_bench`'s own rows: the product's rule, and
@@ -37,13 +37,13 @@ from tasks import sample
 from tasks.config import AuditConfig
 from tasks.merge import aggregate, score
 from tasks.plan import plan_repeats, split_for_repeat
-from tasks.train import Augment, Batches, pick_device, predict, train_repeat
+from tasks.train import Augment, Batches, fit_model, pick_device, predict
 
 
 def noisy_sample(dataset: str, noise: str, seed: int, size: int
                  ) -> tuple[torch.Tensor, np.ndarray, np.ndarray, list[str]]:
     """(images uint8 N x 3 x size x size, true labels, given labels, classes), drawn exactly
-    as `tasks.sample.write_sample` draws them, decoded as `tasks.train.decode_image` does."""
+    as `tasks.sample.write_sample` draws them, decoded as `tasks.images.decode_image` does."""
     source, n = DATASETS[dataset]
     frac, kind = NOISES[noise]
     data = sample.load_clean(source)
@@ -67,7 +67,7 @@ def run_variant(cfg: AuditConfig, images: torch.Tensor, true: np.ndarray, given:
     frames, epochs = [], []
     for spec in plan_repeats(cfg):
         split = split_for_repeat(cfg, spec, given)
-        model, stats = train_repeat(cfg, spec, split, batches, num_classes)
+        model, stats = fit_model(cfg, spec, split, batches, num_classes)
         epochs.append(stats.get("best_epoch", stats["epoch"]))
         probs = predict(model, Augment(cfg.image_size, cfg.augment).to(device), batches,
                         split.test, device, tta_flip="flip" in cfg.augment)

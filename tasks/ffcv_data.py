@@ -4,9 +4,9 @@
 and resized exactly as the plain loader does it (RGB, image_size x image_size), stored as a
 JPEG-compressed `RGBImageField`, with the label and the manifest row as `IntField`s. A
 sidecar `<run>/dataset.beton.json` records what it was built from; a later call with the
-same manifest and image size is a no-op, so every repeat reuses the one file. The CLI
-audit builds it in its prepare step; the DAG's index/prepare task should call
-`ensure_beton(run, cfg)` too, so parallel trainers do not race to build it.
+same manifest and image size is a no-op, so every repeat reuses the one file.
+`tasks.audit.prepare_run` (the CLI audit's first step and the DAG's `index` task) builds it
+where FFCV is installed, so parallel trainers do not race to build it.
 
 `FfcvBatches` has the interface of `tasks.train.Batches`: it yields (uint8 Bx3xHxW,
 labels, row positions); crop, flip and normalisation happen afterwards in `Augment`, so
@@ -34,6 +34,7 @@ import torch
 
 from tasks import storage
 from tasks.config import FFCV_MISSING, AuditConfig, ffcv_installed
+from tasks.images import FileImages
 
 log = logging.getLogger(__name__)
 
@@ -60,22 +61,6 @@ def beton_fingerprint(manifest: pd.DataFrame, image_size: int) -> str:
     return h.hexdigest()[:24]
 
 
-class _ManifestImages:
-    """(image HxWx3 uint8, label, row) per manifest row: FFCV's indexed dataset protocol.
-    Decoding and resizing are the plain loader's, so both paths see the same pixels."""
-
-    def __init__(self, paths: list[str], labels: np.ndarray, size: int) -> None:
-        self.paths, self.labels, self.size = paths, labels, size
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[np.ndarray, int, int]:
-        from tasks.train import decode_image
-
-        return decode_image(self.paths[i], self.size), int(self.labels[i]), int(i)
-
-
 def write_beton(paths: list[str], labels: np.ndarray, size: int, out: str,
                 workers: int = 2) -> None:
     """Write a local .beton of `paths` (fields image, label, row) at `out`."""
@@ -90,7 +75,8 @@ def write_beton(paths: list[str], labels: np.ndarray, size: int, out: str,
     # Pages must hold the largest sample; FFCV's default (8 MiB per worker) bloats small sets.
     page_size = max(MIN_PAGE_SIZE, 1 << (12 * size * size - 1).bit_length())
     writer = DatasetWriter(out, fields, page_size=page_size, num_workers=max(1, workers))
-    writer.from_indexed_dataset(_ManifestImages(paths, labels, size), chunksize=256)
+    # The plain loader's decoding and resizing, so both paths see the same pixels.
+    writer.from_indexed_dataset(FileImages(paths, labels, size), chunksize=256)
 
 
 def _upload(local: str, uri: str) -> None:

@@ -26,13 +26,11 @@ import logging
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
 from tasks import runs, storage
-from tasks.config import AuditConfig
 from tasks.index import read_manifest
 from tasks.plan import plan_repeats, split_for_repeat
-from tasks.shards import existing_fingerprint, shard_fingerprint
+from tasks.shards import read_shards
 
 log = logging.getLogger(__name__)
 
@@ -49,35 +47,6 @@ class MissingShardsError(RuntimeError):
     def __init__(self, message: str, missing: list[int]) -> None:
         super().__init__(message)
         self.missing = missing
-
-
-def read_shards(run: str, cfg: AuditConfig, manifest: pd.DataFrame,
-                num_classes: int) -> tuple[list[int], list[pd.DataFrame], list[int]]:
-    """(repeats found, their shard frames, repeats missing or stale)."""
-    found, frames, missing = [], [], []
-    for spec in plan_repeats(cfg):
-        uri = runs.shard_uri(run, spec.repeat)
-        if existing_fingerprint(uri) != shard_fingerprint(cfg, manifest, spec):
-            missing.append(spec.repeat)
-            continue
-        table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
-        frames.append(_dense(table.to_pandas(), num_classes))
-        found.append(spec.repeat)
-    return found, frames, missing
-
-
-def _dense(df: pd.DataFrame, num_classes: int) -> pd.DataFrame:
-    """Shard frame with a dense `probs` column. Top-k shards are filled with zeros beyond
-    the top k, except the given label, whose probability the shard always records."""
-    if "probs" in df:
-        return df
-    probs = np.zeros((len(df), num_classes), dtype=np.float32)
-    for i, (idx, p) in enumerate(zip(df["topk_idx"], df["topk_prob"], strict=True)):
-        probs[i, idx] = p
-    probs[np.arange(len(df)), df["given"].to_numpy()] = df["p_given"].to_numpy()
-    df = df.drop(columns=["topk_idx", "topk_prob"])
-    df["probs"] = list(probs)
-    return df
 
 
 def aggregate(n_images: int, labels: np.ndarray, frames: list[pd.DataFrame],

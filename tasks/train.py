@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import io
 import logging
 import sys
 import time
@@ -23,60 +22,32 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
-from tasks import runs, storage
+from tasks import images, runs, shards, storage
 from tasks.config import AuditConfig
 from tasks.ffcv_data import FfcvBatches, build_beton, require_ffcv
 from tasks.index import read_manifest
 from tasks.models import IMAGENET_MEAN, IMAGENET_STD, build_model
 from tasks.plan import RepeatSpec, Split, plan_repeats, split_for_repeat
-from tasks.shards import existing_fingerprint, shard_fingerprint
 
 log = logging.getLogger("tasks.train")
 
-FULL_PROBS_MAX_CLASSES = 256  # beyond this a shard keeps the top-k class probabilities
-TOP_K = 32
 IN_MEMORY_BUDGET = 4 << 30  # decoded uint8 images up to this size are kept in RAM
 
 
 # --- images -----------------------------------------------------------------------------
 
-def decode_image(path: str, size: int) -> np.ndarray:
-    """An image file as RGB uint8 HWC, resized to size x size."""
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-        if img.size != (size, size):
-            img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
-        return np.array(img, dtype=np.uint8)
-
-
 def load_images(paths: list[str], size: int, workers: int) -> torch.Tensor:
     """Decode files into one uint8 tensor N x 3 x size x size."""
     out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for i, arr in enumerate(pool.map(lambda p: decode_image(p, size), paths, chunksize=64)):
+        decoded = pool.map(lambda p: images.decode_image(p, size), paths, chunksize=64)
+        for i, arr in enumerate(decoded):
             out[i] = torch.from_numpy(arr).permute(2, 0, 1)
     return out
-
-
-class FileImages(torch.utils.data.Dataset):
-    """Images streamed from files, for datasets too large to keep decoded in memory."""
-
-    def __init__(self, paths: list[str], labels: np.ndarray, size: int) -> None:
-        self.paths, self.labels, self.size = paths, labels, size
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        arr = decode_image(self.paths[i], self.size)
-        return torch.from_numpy(arr).permute(2, 0, 1), int(self.labels[i]), i
 
 
 class Batches:
@@ -105,12 +76,14 @@ class Batches:
                 idx = order[start:start + bs]
                 yield self.images[idx], torch.from_numpy(self.labels[idx]).long(), idx
             return
-        ds = FileImages([self.paths[i] for i in order], self.labels[order], self.cfg.image_size)
+        # Streamed from files, for datasets too large to keep decoded in memory.
+        ds = images.FileImages([self.paths[i] for i in order], self.labels[order],
+                               self.cfg.image_size)
         loader = torch.utils.data.DataLoader(ds, batch_size=bs, shuffle=False,
                                              num_workers=self.cfg.num_workers,
                                              persistent_workers=False)
-        for x, y, local in loader:
-            yield x, y.long(), order[local.numpy()]
+        for x, y, local in loader:  # x is B x H x W x 3
+            yield x.permute(0, 3, 1, 2), y.long(), order[local.numpy()]
 
 
 class Augment(nn.Module):
@@ -237,10 +210,11 @@ def train_epoch(model: nn.Module, augment: Augment, batches: Batches | FfcvBatch
     return seen, float(loss_sum), int(correct)
 
 
-def train_repeat(cfg: AuditConfig, spec: RepeatSpec, split: Split,
-                 batches: Batches | FfcvBatches, num_classes: int,
-                 ) -> tuple[nn.Module, dict[str, float]]:
-    """Train one model; returns the best model (by validation accuracy when tracked)."""
+def fit_model(cfg: AuditConfig, spec: RepeatSpec, split: Split,
+              batches: Batches | FfcvBatches, num_classes: int,
+              ) -> tuple[nn.Module, dict[str, float]]:
+    """Fit one model on `split.train` (`run_repeat` runs a whole repeat and writes its
+    shard); returns the best model (by validation accuracy when tracked) and its stats."""
     device = pick_device(cfg)
     torch.manual_seed(spec.seed)
     gen = torch.Generator().manual_seed(spec.seed)
@@ -279,30 +253,7 @@ def train_repeat(cfg: AuditConfig, spec: RepeatSpec, split: Split,
     return model, stats
 
 
-# --- shards -----------------------------------------------------------------------------
-
-def shard_table(ids: np.ndarray, given: np.ndarray, probs: np.ndarray, spec: RepeatSpec,
-                fingerprint: str, stats: dict[str, float]) -> pa.Table:
-    """The shard schema: one row per held-out image."""
-    pred = probs.argmax(1)
-    cols: dict[str, pa.Array] = {
-        "id": pa.array(ids, pa.int64()),
-        "repeat": pa.array(np.full(len(ids), spec.repeat), pa.int32()),
-        "given": pa.array(given, pa.int32()),
-        "pred": pa.array(pred, pa.int32()),
-        "p_given": pa.array(probs[np.arange(len(ids)), given], pa.float32()),
-    }
-    if probs.shape[1] <= FULL_PROBS_MAX_CLASSES:
-        cols["probs"] = pa.array(list(probs.astype(np.float32)), pa.list_(pa.float32()))
-    else:
-        top = np.argsort(-probs, axis=1)[:, :TOP_K]
-        cols["topk_idx"] = pa.array(list(top.astype(np.int32)), pa.list_(pa.int32()))
-        cols["topk_prob"] = pa.array(list(np.take_along_axis(probs, top, 1).astype(np.float32)),
-                                     pa.list_(pa.float32()))
-    meta = {"fingerprint": fingerprint, "spec": repr(spec.to_dict()),
-            "num_classes": str(probs.shape[1]), "stats": repr(stats)}
-    return pa.table(cols).replace_schema_metadata({k: v.encode() for k, v in meta.items()})
-
+# --- the entrypoint -----------------------------------------------------------------------
 
 def run_repeat(run: str, repeat: int, force: bool = False) -> str:
     """Train repeat `repeat` of the run at `run` and write its shard; returns the shard URI."""
@@ -313,8 +264,8 @@ def run_repeat(run: str, repeat: int, force: bool = False) -> str:
         raise ValueError(f"repeat {repeat} is out of range: the run has 0..{len(specs) - 1}")
     spec = specs[repeat]
     out = runs.shard_uri(run, repeat)
-    fingerprint = shard_fingerprint(cfg, manifest, spec)
-    if not force and existing_fingerprint(out) == fingerprint:
+    fingerprint = shards.shard_fingerprint(cfg, manifest, spec)
+    if not force and shards.existing_fingerprint(out) == fingerprint:
         log.info("%s already done: %s", spec.label, out)
         return out
     labels = manifest["label_idx"].to_numpy(np.int64)
@@ -324,17 +275,15 @@ def run_repeat(run: str, repeat: int, force: bool = False) -> str:
              cfg.model_name, pick_device(cfg))
     t0 = time.perf_counter()
     batches = make_batches(cfg, run, manifest, labels)
-    model, stats = train_repeat(cfg, spec, split, batches, len(classes))
+    model, stats = fit_model(cfg, spec, split, batches, len(classes))
     augment = Augment(cfg.image_size, cfg.augment).to(pick_device(cfg))
     probs = predict(model, augment, batches, split.test, pick_device(cfg),
                     tta_flip="flip" in cfg.augment)
     test_acc = float((probs.argmax(1) == labels[split.test]).mean())
     stats.update(test_agreement=test_acc, seconds=time.perf_counter() - t0)
-    table = shard_table(manifest["id"].to_numpy()[split.test], labels[split.test], probs, spec,
-                        fingerprint, stats)
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    storage.write_bytes(out, buf.getvalue())
+    table = shards.shard_table(manifest["id"].to_numpy()[split.test], labels[split.test],
+                               probs, spec, fingerprint, stats)
+    shards.write_shard(out, table)
     log.info("%s done in %.0fs: held-out agreement with given labels %.3f; wrote %s",
              spec.label, stats["seconds"], test_acc, out)
     return out
@@ -342,12 +291,12 @@ def run_repeat(run: str, repeat: int, force: bool = False) -> str:
 
 def make_batches(cfg: AuditConfig, run: str, manifest: pd.DataFrame,
                  labels: np.ndarray) -> Batches | FfcvBatches:
-    """The batch source for a run: with `ffcv` the run's .beton (built here if the prepare
-    step did not; fetched into the local cache from object storage), else decoded images
+    """The batch source for a run: with `ffcv` the run's .beton (built here if `prepare_run`
+    did not; fetched into the local cache from object storage), else decoded images
     from the dataset files (fetched into the local cache when in object storage)."""
     if cfg.ffcv:
         require_ffcv()
-        uri = build_beton(run, cfg, manifest)  # a no-op when the prepare step built it
+        uri = build_beton(run, cfg, manifest)  # a no-op when prepare_run built it
         t0 = time.perf_counter()
         path = storage.local_path(uri)
         if storage.is_s3(uri):

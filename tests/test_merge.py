@@ -1,12 +1,14 @@
 """tasks/merge.py on a real run folder (prepare_run on a tiny dataset) fed with synthetic
-shards written by the trainer's own shard_table: votes, majority with ties broken by the
-mean probability, `%`, label_quality, the CSV contract, the suspicion order, coverage and
-missing shards, and the top-k shards of datasets with more than 256 classes."""
+shards written by tasks.shards' writer (the trainer's own): votes, majority with ties broken
+by the mean probability, `%`, label_quality, the CSV contract, the suspicion order, coverage
+and missing shards, the top-k shards of datasets with more than 256 classes; and that the
+merge side (shards, images, merge) imports without torch."""
 
 from __future__ import annotations
 
-import io
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,13 +17,19 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from tasks import merge, runs, storage
+from tasks import merge, runs
 from tasks.audit import prepare_run
 from tasks.index import DatasetIndex, read_manifest, write_index
 from tasks.merge import MissingShardsError, merge_run, read_results, score
 from tasks.plan import RepeatSpec, plan_repeats, split_for_repeat
-from tasks.shards import shard_fingerprint
-from tasks.train import FULL_PROBS_MAX_CLASSES, TOP_K, shard_table
+from tasks.shards import (
+    FULL_PROBS_MAX_CLASSES,
+    TOP_K,
+    shard_fingerprint,
+    shard_metadata,
+    shard_table,
+    write_shard,
+)
 from tests.datasets import tiny_config, write_classes
 
 REQUIRED = ["filename", "label", "corrected_label", "num_preds", "%", "label_quality",
@@ -44,9 +52,7 @@ def write_shards(run: str, probs_of: Probs, skip: tuple[int, ...] = ()) -> None:
         probs = np.array([probs_of(k, spec) for k in manifest["key"].to_numpy()[test]])
         table = shard_table(manifest["id"].to_numpy()[test], labels[test], probs, spec,
                             shard_fingerprint(cfg, manifest, spec), {"epoch": 1})
-        buf = io.BytesIO()
-        pq.write_table(table, buf)
-        storage.write_bytes(runs.shard_uri(run, spec.repeat), buf.getvalue())
+        write_shard(runs.shard_uri(run, spec.repeat), table)
 
 
 def confident(label: str, p: float = 0.8) -> list[float]:
@@ -262,3 +268,32 @@ def test_a_confident_unanimous_vote_flags_by_itself(monkeypatch):
     assert s["flagged"][0] and s["flagged"].sum() == 1
     monkeypatch.setattr(merge, "CONFIDENT_VOTE", 1.0)  # cleanlab's part alone
     assert not score(labels, votes, probs, np.full(n, 2))["flagged"].any()
+
+
+def test_shard_metadata_is_json(tmp_path):
+    run = make_run(tmp_path, n_repeats=2)
+    write_shards(run, scripted)
+    cfg = runs.read_config(run)
+    manifest, _ = read_manifest(run)
+    spec = plan_repeats(cfg)[1]
+    uri = runs.shard_uri(run, 1)
+    raw = pq.read_schema(uri).metadata
+    assert json.loads(raw[b"stats"]) == {"epoch": 1}
+    assert json.loads(raw[b"spec"]) == spec.to_dict()
+    meta = shard_metadata(uri)
+    assert meta == {"fingerprint": shard_fingerprint(cfg, manifest, spec),
+                    "spec": spec.to_dict(), "num_classes": "3", "stats": {"epoch": 1}}
+    assert shard_metadata(runs.shard_uri(run, 5)) is None
+
+
+def test_the_merge_side_imports_without_torch():
+    """merge runs in the Airflow image, which has no torch: the shard contract, image
+    decoding and merge must import without it."""
+    code = ("import sys\n"
+            "sys.modules['torch'] = None  # any `import torch` now raises ImportError\n"
+            "import tasks.shards, tasks.images, tasks.merge\n"
+            "assert not any(m == 'torch' or m.startswith('torch.') for m in sys.modules\n"
+            "               if sys.modules[m] is not None)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr

@@ -44,7 +44,7 @@ def write_oracle_shards(run: str, truth: dict[str, str]) -> None:
     image gets its given label voted for in round 1, so its vote is split 50/50."""
     import pyarrow.parquet as pq
 
-    from tasks.train import shard_fingerprint, shard_table
+    from tasks.shards import shard_fingerprint, shard_table
 
     cfg = runs.read_config(run)
     manifest, classes = read_manifest(run)

@@ -23,11 +23,12 @@ from PIL import Image
 from tasks import runs
 from tasks.audit import prepare_run
 from tasks.config import ConfigError
+from tasks.images import decode_image
 from tasks.index import read_manifest
 from tasks.models import SmallCNN, build_model
 from tasks.plan import plan_repeats, split_for_repeat
 from tasks.shards import shard_fingerprint
-from tasks.train import Augment, Batches, decode_image, run_repeat, train_epoch, train_repeat
+from tasks.train import Augment, Batches, fit_model, run_repeat, train_epoch
 from tests.datasets import image_bytes, tiny_config, write_classes
 
 SHARD_SCHEMA = pa.schema([("id", pa.int64()), ("repeat", pa.int32()), ("given", pa.int32()),
@@ -214,6 +215,21 @@ def tiny_batches(tmp_path: Path, n: int, **cfg) -> Batches:
     return Batches(paths, labels, tiny_config(tmp_path, tmp_path / "work", **cfg))
 
 
+def test_streamed_batches_match_the_decoded_ones(tmp_path):
+    memory = tiny_batches(tmp_path, 10, batch_size=4, image_size=8)
+    streamed = Batches(memory.paths, memory.labels, memory.cfg, in_memory=False)
+    assert memory.in_memory and not streamed.in_memory
+    rows = np.array([7, 2, 9, 0, 5, 1])
+    gen = torch.Generator()
+    got = list(streamed.iterate(rows, shuffle=False, generator=gen))
+    want = list(memory.iterate(rows, shuffle=False, generator=gen))
+    assert [len(y) for _, y, _ in got] == [4, 2]
+    for (x, y, idx), (x0, y0, idx0) in zip(got, want, strict=True):
+        assert x.shape == (len(idx), 3, 8, 8) and x.dtype == torch.uint8
+        assert torch.equal(x, x0) and torch.equal(y, y0)
+        assert idx.tolist() == idx0.tolist()
+
+
 def test_a_last_batch_of_one_image_does_not_break_batchnorm(tmp_path):
     # 5 training images in batches of 4: the last batch holds one image, and resnet18's
     # last BatchNorm sees 1x1 maps at 32 px.
@@ -235,7 +251,7 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path, caplog):
     spec = plan_repeats(cfg)[0]
     split = split_for_repeat(cfg, spec, batches.labels)
     with caplog.at_level(logging.INFO, logger="tasks.train"):
-        _, stats = train_repeat(cfg, spec, split, batches, 2)
+        _, stats = fit_model(cfg, spec, split, batches, 2)
     epochs = [m for m in caplog.messages if re.search(r" epoch \d+/40 ", m)]
     assert "stopping early: no val improvement for 2 epochs" in caplog.text
     assert len(epochs) < 40 and stats["epoch"] == len(epochs)
