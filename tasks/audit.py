@@ -26,8 +26,11 @@ def default_run_id(cfg: AuditConfig, listing_hash: str) -> str:
 
 
 def prepare_run(cfg: AuditConfig, run_id: str | None = None) -> str:
-    """Index the dataset into the run folder (skipped when the run already has a manifest),
-    record the config and, with `ffcv`, build the run's .beton; returns the run URI."""
+    """The index stage: index the dataset into the run folder (skipped when the run already
+    has a manifest), record the config and, with `ffcv`, build the run's .beton; returns the
+    run URI. One stage, one name per layer: the DAG task is `index` (its body,
+    `airflow_adapter.prepare`, validates the conf and then calls this); in `tasks` it is
+    `prepare_run`, which the CLI audit calls directly."""
     listing = list_dataset(cfg.data_path)
     run = runs.run_uri(cfg.work_uri, run_id or default_run_id(cfg, listing_fingerprint(listing)))
     if storage.exists(storage.join(run, "manifest.parquet")):
