@@ -6,7 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from benchmarks.noise_bench import (
+from benchmarks.noise_bench import parse_args
+from benchmarks.results_md import markdown_table
+from benchmarks.score_results import score_against_truth
+from benchmarks.scoring import (
     CLEANLAB_FILTERS,
     BenchTable,
     all_checks,
@@ -14,15 +17,12 @@ from benchmarks.noise_bench import (
     cleanlab_flags,
     cleanlab_rows,
     default_rows,
-    markdown_table,
     original_rows,
-    parse_args,
     predictions_from_frames,
     ranking_scores,
     rule_metrics,
     target_checks,
 )
-from benchmarks.score_results import score_against_truth
 
 
 def test_rule_metrics_by_hand():
