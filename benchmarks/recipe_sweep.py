@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from benchmarks.noise_bench import (
+from benchmarks.scoring import (
     DATASETS,
     NOISES,
     Predictions,

@@ -1,6 +1,6 @@
 """Score a results CSV against a sample's truth file: precision, recall, F1 of the flagged
 set, AUROC and average precision of label_quality, correction accuracy, coverage. The
-metrics are `benchmarks.noise_bench.rule_metrics`, so they match the benchmark's tables.
+metrics are `benchmarks.scoring.rule_metrics`, so they match the benchmark's tables.
 
     python -m benchmarks.score_results RESULTS.csv TRUTH.csv [--sensitivity 60]
 """
@@ -12,7 +12,7 @@ import argparse
 import numpy as np
 import pandas as pd
 
-from benchmarks.noise_bench import default_relabel, predictions_from_frames, rule_metrics
+from benchmarks.scoring import default_relabel, predictions_from_frames, rule_metrics
 
 
 def score_against_truth(results: pd.DataFrame, truth: pd.DataFrame,

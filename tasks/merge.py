@@ -67,8 +67,6 @@ def aggregate(n_images: int, labels: np.ndarray, frames: list[pd.DataFrame],
 def score(labels: np.ndarray, votes: np.ndarray, mean_probs: np.ndarray,
           num_preds: np.ndarray, max_label_quality: float = 1.0) -> dict[str, np.ndarray]:
     """corrected label, vote share, label quality and the label-issue flag per image."""
-    from cleanlab.filter import find_label_issues
-
     n = len(labels)
     predicted = num_preds > 0
     # Majority vote; ties broken by the mean probability (tiny weight, below one vote).
@@ -83,8 +81,7 @@ def score(labels: np.ndarray, votes: np.ndarray, mean_probs: np.ndarray,
     if predicted.sum() > 0:
         sub_labels, sub_probs = labels[predicted], safe_probs[predicted]
         sub_probs = sub_probs / sub_probs.sum(1, keepdims=True).clip(min=1e-12)
-        cl = _confident_learning(find_label_issues, sub_labels, sub_probs)
-        flagged[predicted] = cl
+        flagged[predicted] = cleanlab_filter(sub_labels, sub_probs)
     flagged |= confident_vote(pct, num_preds, suggested_quality)
     flagged &= (corrected != labels) & (np.nan_to_num(quality, nan=1.0) < max_label_quality)
     return {"corrected": corrected, "pct": pct, "quality": quality,
@@ -99,14 +96,18 @@ def confident_vote(pct: np.ndarray, num_preds: np.ndarray,
             & (np.nan_to_num(suggested_quality, nan=0.0) > CONFIDENT_VOTE))
 
 
-def _confident_learning(find_label_issues, labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """cleanlab's filter, run over the classes that have predicted images."""
+def cleanlab_filter(labels: np.ndarray, probs: np.ndarray,
+                    filter_by: str = FILTER_BY) -> np.ndarray:
+    """cleanlab's `find_label_issues(filter_by=...)` over the classes present in `labels`
+    (rows: predicted images; `probs` renormalised over those classes); a flag per row."""
+    from cleanlab.filter import find_label_issues
+
     present = np.unique(labels)
     remap = np.full(probs.shape[1], -1)
     remap[present] = np.arange(len(present))
     sub = probs[:, present]
     sub = sub / sub.sum(1, keepdims=True).clip(min=1e-12)
-    return find_label_issues(remap[labels], sub, filter_by=FILTER_BY, n_jobs=1)
+    return find_label_issues(remap[labels], sub, filter_by=filter_by, n_jobs=1)
 
 
 def _votes_text(row_votes: np.ndarray, classes: list[str]) -> str:

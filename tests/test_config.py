@@ -120,25 +120,26 @@ def test_a_partial_file_keeps_defaults_and_overrides_win(tmp_path):
     assert cfg.model_name == AuditConfig().model_name
 
 
-@pytest.mark.parametrize(("item", "key", "value"), [
-    ("n_repeats=4", "n_repeats", 4),
-    ("learning_rate=0.01", "learning_rate", 0.01),
-    ("learning_rate=1e-3", "learning_rate", 0.001),  # YAML 1.1 reads a string; pydantic a float
-    ("track_eval=false", "track_eval", False),
-    ("autocorrect=true", "autocorrect", True),
-    ("results_path=null", "results_path", None),
-    ("model_weights=", "model_weights", None),
-    ("data_path=2024", "data_path", "2024"),
-    ("work_uri=1.50", "work_uri", "1.50"),
-    ("results_path=007", "results_path", "007"),
-    ("model_weights=true", "model_weights", "true"),
-    ("data_path=s3://bucket/a=b", "data_path", "s3://bucket/a=b"),
-    (" seed = 5", "seed", 5),
+# (item, key, what parse_override returns, the config's value)
+@pytest.mark.parametrize(("item", "key", "parsed", "value"), [
+    ("n_repeats=4", "n_repeats", 4, 4),
+    ("learning_rate=0.01", "learning_rate", 0.01, 0.01),
+    # YAML 1.1 reads 1e-3 (no dot) as a string; pydantic makes it a float.
+    ("learning_rate=1e-3", "learning_rate", "1e-3", 0.001),
+    ("track_eval=false", "track_eval", False, False),
+    ("autocorrect=true", "autocorrect", True, True),
+    ("results_path=null", "results_path", None, None),
+    ("model_weights=", "model_weights", None, None),
+    ("data_path=2024", "data_path", "2024", "2024"),
+    ("work_uri=1.50", "work_uri", "1.50", "1.50"),
+    ("results_path=007", "results_path", "007", "007"),
+    ("model_weights=true", "model_weights", "true", "true"),
+    ("data_path=s3://bucket/a=b", "data_path", "s3://bucket/a=b", "s3://bucket/a=b"),
+    (" seed = 5", "seed", 5, 5),
 ])
-def test_override_values_parse_like_yaml_but_paths_stay_strings(item, key, value):
-    parsed_key, parsed = parse_override(item)
-    assert parsed_key == key
-    assert parsed == value or isinstance(parsed, str)
+def test_override_values_parse_like_yaml_but_paths_stay_strings(item, key, parsed, value):
+    assert parse_override(item) == (key, parsed)
+    assert type(parse_override(item)[1]) is type(parsed)
     cfg = load_config(overrides=[item])
     got = getattr(cfg, key)
     assert got == value and type(got) is type(value)

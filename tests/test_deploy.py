@@ -6,15 +6,20 @@ one is skipped, with the reason, where it is missing.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -168,15 +173,114 @@ def test_dockerfile_pins_bases_and_runs_non_root(dockerfile: Path) -> None:
     assert "LABEL org.opencontainers.image.title=" in text
 
 
-def test_trainer_image_contract() -> None:
+def _dockerfile_commands(dockerfile: Path) -> list[tuple[int, list[str]]]:
+    """(stage index, shell tokens) of every RUN instruction, continuation lines joined and
+    `${ARG}` defaults filled in. The official Airflow image sets AIRFLOW_VERSION to its tag's
+    version, so that variable comes from the FROM line."""
+    text = re.sub(r"\\\n", " ", dockerfile.read_text())
+    variables = dict(re.findall(r"^ARG (\w+)=(\S+)", text, re.M))
+    airflow = re.search(r"^FROM apache/airflow:(\d[\d.]*)-", text, re.M)
+    if airflow:
+        variables["AIRFLOW_VERSION"] = airflow.group(1)
+    stage, commands = -1, []
+    for line in text.splitlines():
+        if line.startswith("FROM "):
+            stage += 1
+        elif line.startswith("RUN "):
+            lexer = shlex.shlex(line[4:], posix=True, punctuation_chars=True)
+            lexer.whitespace_split = True
+            tokens = [re.sub(r"\$\{(\w+)\}", lambda m: variables.get(m.group(1), m.group(0)), t)
+                      for t in lexer]
+            commands.append((stage, tokens))
+    return commands
+
+
+def _installed(dockerfile: Path, tool: str) -> list[tuple[int, str]]:
+    """(stage, argument) of every `<tool> install` in the Dockerfile, options left out."""
+    takes_value = {"--index-url", "--extra-index-url", "-r", "-c", "--constraint"}
+    found = []
+    for stage, tokens in _dockerfile_commands(dockerfile):
+        starts = [i + 2 for i in range(len(tokens) - 1) if tokens[i:i + 2] == [tool, "install"]]
+        for start in starts:
+            option_value = False
+            for token in tokens[start:]:
+                if re.fullmatch(r"[();<>|&]+", token):  # the end of this command
+                    break
+                if option_value or token.startswith("-"):
+                    option_value = not option_value and token in takes_value
+                    continue
+                found.append((stage, token))
+    return found
+
+
+def _pyproject_requirements() -> tuple[dict[str, list[Requirement]], dict[str, list[str]]]:
+    """pyproject's requirements by canonical name (dependencies and every extra), and its
+    extras."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    by_name: dict[str, list[Requirement]] = {}
+    for line in [*project["dependencies"], *(r for reqs in extras.values() for r in reqs)]:
+        req = Requirement(line)
+        by_name.setdefault(canonicalize_name(req.name), []).append(req)
+    return by_name, extras
+
+
+@pytest.mark.parametrize(("image", "pinned", "extras"), [
+    ("trainer", {"torch", "torchvision"}, {"train", "ffcv"}),
+    ("airflow", {"apache-airflow", "apache-airflow-providers-cncf-kubernetes",
+                 "apache-airflow-providers-amazon", "torch", "torchvision"}, set()),
+])
+def test_dockerfile_pip_pins_satisfy_pyproject(image: str, pinned: set[str],
+                                               extras: set[str]) -> None:
+    """Every version an image pins is one pyproject accepts for that package, and the extras
+    it installs the project with are pyproject's (the trainer: torch and FFCV; the Airflow
+    image: none, so no torch beyond the local flavour's CPU build)."""
+    declared, declared_extras = _pyproject_requirements()
+    checked, used_extras = set(), set()
+    for _, arg in _installed(ROOT / "images" / image / "Dockerfile", "pip"):
+        if arg.startswith(("/", ".")):  # the project itself, maybe with extras
+            extra = re.search(r"\[([\w,]+)\]$", arg)
+            used_extras |= set(extra.group(1).split(",")) if extra else set()
+            continue
+        if "${" in arg:  # a shell variable set at build time (the headless OpenCV swap)
+            continue
+        req = Requirement(arg)
+        name = canonicalize_name(req.name)
+        (version,) = [s.version for s in req.specifier if s.operator == "=="] or [None]
+        if version is None:
+            continue
+        assert name in declared, f"{image} image pins {arg}, which pyproject.toml does not list"
+        for want in declared[name]:
+            assert want.specifier.contains(version, prereleases=True), (
+                f"{image} image pins {arg}; pyproject.toml requires {want}")
+        checked.add(name)
+    assert checked == pinned
+    assert used_extras == extras and used_extras <= set(declared_extras)
+
+
+def test_trainer_image_has_ffcv_build_deps_and_a_lean_runtime() -> None:
+    """The build stage installs the system packages `scripts/setup.sh ffcv` installs (less
+    libgl1: the image swaps in headless OpenCV); the runtime stage no headers or compilers."""
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    ffcv_pkgs = set(re.search(r"ffcv\) apt_pkgs\+=\(([^)]*)\)", setup).group(1).split())
+    apt = _installed(ROOT / "images" / "trainer" / "Dockerfile", "apt-get")
+    build = {pkg for stage, pkg in apt if stage == 0}
+    runtime = {pkg for stage, pkg in apt if stage == 1}
+    assert ffcv_pkgs - {"libgl1"} <= build, ffcv_pkgs - build
+    assert runtime and not {p for p in runtime if p.endswith("-dev") or p in (
+        "build-essential", "pkg-config", "python3-dev")}, runtime
+
+
+def test_trainer_entrypoint_is_the_pod_command() -> None:
+    """The image's ENTRYPOINT runs the same command as a trainer pod (which sets it itself)."""
+    from tasks import airflow_adapter as acl
+
     text = (ROOT / "images/trainer/Dockerfile").read_text()
-    assert 'ENTRYPOINT ["python", "-m", "tasks.train"]' in text
-    assert re.search(r"torch==2\.14\.1 torchvision==0\.29\.1", text)
-    assert '[train,ffcv]"' in text
-    # FFCV's build libraries in the build stage; their run-time libraries in the final one.
-    build, runtime = text.split("\nFROM ${CUDA_IMAGE}\n")
-    assert "pkg-config libturbojpeg0-dev libopencv-dev" in build
-    assert "libturbojpeg libopencv-core406t64 libopencv-imgproc406t64" in runtime
+    (entrypoint,) = re.findall(r"^ENTRYPOINT (\[.*\])$", text, re.M)
+    pod = acl.trainer_pod_defaults(acl.Deployment.from_env({}))["cmds"] + acl.pod_kwargs(
+        "s3://b/run", 0, 0, 0)["arguments"]
+    assert pod[:len(json.loads(entrypoint))] == json.loads(entrypoint)
+    assert pod[len(json.loads(entrypoint)):] == ["--run", "s3://b/run", "--repeat", "0"]
 
 
 def test_airflow_side_of_tasks_imports_without_torch() -> None:
