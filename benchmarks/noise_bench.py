@@ -144,20 +144,13 @@ def run_method(cfg: AuditConfig, run_id: str, reuse: bool, prefix: str) -> tuple
 
 def shard_counts(run: str) -> tuple[int, int]:
     """(trainings, epochs trained in all) from the run's shards."""
-    import ast
-    import io
-
-    import pyarrow.parquet as pq
-
-    from tasks import storage
+    from tasks import shards, storage
 
     trainings = epochs = 0
     for info in storage.list_objects(storage.join(run, "shards")):
-        uri = storage.join(run, "shards", info.key)
-        meta = pq.read_schema(io.BytesIO(storage.read_bytes(uri))).metadata or {}
-        stats = ast.literal_eval(meta.get(b"stats", b"{}").decode() or "{}")
+        meta = shards.shard_metadata(storage.join(run, "shards", info.key)) or {}
         trainings += 1
-        epochs += int(stats.get("epoch", 0))
+        epochs += int(meta.get("stats", {}).get("epoch", 0))
     return trainings, epochs
 
 

@@ -292,7 +292,7 @@ class NoTorch:
         if name.split(".")[0] in ("torch", "torchvision", "ffcv"):
             raise ImportError(name + " is not in the Airflow image")
 sys.meta_path.insert(0, NoTorch())
-for m in ("config", "storage", "index", "plan", "runs", "shards", "merge", "report",
+for m in ("config", "storage", "index", "plan", "runs", "shards", "images", "merge", "report",
           "relabel", "audit", "sample", "cli"):
     importlib.import_module("tasks." + m)
 """
