@@ -14,7 +14,8 @@ the missing repeats when coverage is below `min_coverage`) → `report` (`report
 
 **Where things are**: every artefact lives in `<work_uri>/runs/<run id>/`: `manifest.parquet`,
 `shards/repeat-NNNN.parquet`, `results.csv` (one row per image, most suspicious first),
-`report.html`, `relabel-journal.jsonl`. The `merge` task's XCom holds the CSV's URI.
+`report.html`, `relabel-journal.jsonl`. The `merge` task's XCom (`return_value`, on the task's
+*XCom* tab or under *Browse → XComs*) holds the CSV's URI, `report`'s the report's.
 
 **A repeat failed?** `merge` still runs and names the missing repeats. Clear the failed
 `train_repeat` map indexes with *Downstream* checked; finished repeats are never retrained.

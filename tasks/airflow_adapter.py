@@ -10,6 +10,7 @@ files. Everything else stays Airflow-free.
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import os
@@ -39,8 +40,10 @@ POD_MAP_INDEX_TEMPLATE = (
     "repeat {{ task.labels['acl-repeat'] }} (round {{ task.labels['acl-round'] }}, "
     "fold {{ task.labels['acl-fold'] }})"
 )
+BETON_MAP_INDEX_TEMPLATE = "dataset.beton"
 
-# Readable labels for the form's drop-downs; unknown values fall back to the value itself.
+# Readable labels for the form's drop-downs: one for every value of every choice key
+# (tests/test_airflow_adapter.py checks them all).
 VALUE_LABELS: dict[str, dict[str, str]] = {
     "model_name": {
         "small_cnn": "Small CNN (fast on CPU, small images)",
@@ -54,8 +57,9 @@ VALUE_LABELS: dict[str, dict[str, str]] = {
         "random": "Fresh random split per repeat (original tool)",
     },
     "augment": {
+        "crop": "Random crop only (safe for text, digits)",
+        "flip": "Horizontal flip (+ mirrored predictions)",
         "flip_crop": "Random crop + horizontal flip",
-        "crop": "Random crop only (text, digits)",
         "none": "No augmentation",
     },
     "relabel_mode": {
@@ -160,15 +164,25 @@ def _param_schema(name: str, prop: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
+def markdown_text(text: str) -> str:
+    """A config description (plain text with `code` spans) as Markdown: angle brackets and
+    ampersands outside code spans escaped, because Airflow's renderer drops raw HTML
+    (`<root>` would vanish)."""
+    parts = re.split(r"(`[^`]*`)", text)
+    return "".join(p if p.startswith("`") else html.escape(p, quote=False) for p in parts)
+
+
 def build_params(defaults: AuditConfig) -> dict[str, Any]:
     """One Airflow Param per config key: type, bounds, enums with readable labels,
-    description and form section from the schema; defaults from `defaults`."""
+    Markdown description and form section from the schema; defaults from `defaults`."""
     from airflow.sdk import Param
 
     props = AuditConfig.model_json_schema()["properties"]
     values = defaults.model_dump()
+    # description_md (the form renders Markdown only when `description` is unset)
     return {
-        name: Param(values[name], description=props[name].get("description"),
+        name: Param(values[name],
+                    description_md=markdown_text(props[name].get("description", "")),
                     **_param_schema(name, props[name]))
         for name in AuditConfig.model_fields
     }
@@ -180,7 +194,7 @@ def params_doc(defaults: AuditConfig) -> str:
     rows = ["| key | section | default | meaning |", "|---|---|---|---|"]
     for name, value in defaults.model_dump().items():
         prop = props[name]
-        desc = str(prop.get("description", "")).replace("|", "\\|")
+        desc = markdown_text(str(prop.get("description", ""))).replace("|", "\\|")
         rows.append(f"| `{name}` | {prop.get('section', '')} | `{json.dumps(value)}` | {desc} |")
     return "\n".join(rows)
 

@@ -4,6 +4,8 @@ deployment settings, the trainer pod factory and scheduled-audit files."""
 from __future__ import annotations
 
 import json
+import logging
+import typing
 from pathlib import Path
 
 import kubernetes_validate
@@ -12,11 +14,36 @@ import yaml
 from airflow.sdk import DAG
 from airflow.sdk.exceptions import ParamValidationError
 from kubernetes.client import ApiClient
+from markdown_it import MarkdownIt
 
 from tasks import airflow_adapter as acl
-from tasks.config import DEFAULT_CONFIG_PATH, AuditConfig, ConfigError, load_config
+from tasks import runs
+from tasks.audit import TrainerError
+from tasks.config import (
+    DEFAULT_CONFIG_PATH,
+    AuditConfig,
+    ConfigError,
+    load_config,
+    parse_config,
+)
 
 K8S_VERSION = "1.33"
+
+
+def raw_html(markdown: str) -> list[str]:
+    """The raw HTML in a Markdown text (CommonMark + tables, as Airflow's UI parses doc_md
+    and description_md). Airflow renders with react-markdown's skipHtml: all of it would
+    vanish, e.g. `<root>` in "laid out as <root>/<class>/<image>"."""
+    found = []
+    for token in MarkdownIt("commonmark", {"html": True}).enable("table").parse(markdown):
+        if token.type == "html_block":
+            found.append(token.content)
+        found += [c.content for c in token.children or [] if c.type == "html_inline"]
+    return found
+
+
+def render_markdown(markdown: str) -> str:
+    return MarkdownIt("commonmark", {"html": True}).enable("table").render(markdown)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +57,9 @@ def test_form_has_every_key_with_schema_and_yaml_defaults(params: dict) -> None:
         assert params[key].value == value, key
     for key, param in params.items():
         field = AuditConfig.model_fields[key]
-        assert param.description == field.description, key
+        # Markdown in the form: description_md, shown only when `description` is unset
+        assert param.description is None, key
+        assert param.schema["description_md"] == acl.markdown_text(field.description), key
         assert param.schema["section"] == field.json_schema_extra["section"], key
         assert param.schema["title"] == key
     assert params["n_repeats"].schema.items() >= {
@@ -43,6 +72,31 @@ def test_form_has_every_key_with_schema_and_yaml_defaults(params: dict) -> None:
     assert model["enum"] == ["small_cnn", "resnet18", "efficientnet_v2_s", "alexnet"]
     assert set(model["values_display"]) == set(model["enum"])
     assert model["values_display"]["resnet18"] == "ResNet-18"
+
+
+def test_every_choice_in_the_form_has_a_label(params: dict) -> None:
+    choices = {k for k, f in AuditConfig.model_fields.items()
+               if typing.get_origin(f.annotation) is typing.Literal}
+    assert {k for k, p in params.items() if "enum" in p.schema} == choices
+    for key in choices:
+        schema = params[key].schema
+        assert schema["enum"] == list(typing.get_args(AuditConfig.model_fields[key].annotation))
+        assert list(schema["values_display"]) == schema["enum"], key
+        for value, label in schema["values_display"].items():
+            # a label that is just the value is a missing label: shown raw among readable ones
+            assert label.strip() and label != str(value), (key, value)
+    assert params["augment"].schema["values_display"]["flip"].startswith("Horizontal flip")
+
+
+def test_form_descriptions_render_as_markdown_without_raw_html(params: dict) -> None:
+    for key, param in params.items():
+        assert raw_html(param.schema["description_md"]) == [], key
+    data_path = render_markdown(params["data_path"].schema["description_md"])
+    assert "laid out as &lt;root&gt;/&lt;class&gt;/&lt;image&gt;." in data_path
+    assert "after <code>patience</code> epochs" in render_markdown(
+        params["track_eval"].schema["description_md"])
+    # code spans stay as they are: escaping inside them would show "&lt;" literally
+    assert acl.markdown_text("a <b> `<c>` & d") == "a &lt;b&gt; `<c>` &amp; d"
 
 
 def test_form_rejects_out_of_range_and_unknown_choices(params: dict) -> None:
@@ -67,6 +121,10 @@ def test_doc_lists_every_key() -> None:
     doc = acl.params_doc(load_config(DEFAULT_CONFIG_PATH))
     for key in AuditConfig.model_fields:
         assert f"| `{key}` |" in doc
+    assert raw_html(doc) == []
+    page = render_markdown(doc)
+    assert page.count("<tr>") == len(AuditConfig.model_fields) + 1  # no row broken by a "|"
+    assert "&lt;root&gt;/&lt;class&gt;/&lt;image&gt;" in page
 
 
 @pytest.mark.parametrize(("conf", "named"), [

@@ -19,6 +19,7 @@ from tasks import airflow_adapter as acl
 from tasks import runs
 from tasks.config import AuditConfig, parse_config
 from tasks.merge import read_results
+from tests.test_airflow_adapter import raw_html, render_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 TASK_IDS = {"index", "plan", "train_repeat", "merge", "report", "autocorrect", "relabel"}
@@ -81,6 +82,9 @@ def test_every_dag_imports_cleanly(dagbag) -> None:
     dag = dagbag.dags["auto_correct_labels"]
     assert type(dag.timetable).__name__ == "NullTimetable"  # manual trigger only
     assert all(f"`{key}`" in dag.doc_md for key in AuditConfig.model_fields)
+    for dag in dagbag.dags.values():  # Airflow's renderer would drop raw HTML such as <class>
+        assert raw_html(dag.doc_md) == [], dag.dag_id
+        assert "&lt;root&gt;/&lt;class&gt;/&lt;image&gt;" in render_markdown(dag.doc_md)
     train = dag.get_task("train_repeat")
     assert train.map_index_template == acl.LOCAL_MAP_INDEX_TEMPLATE
     assert dag.get_task("merge").trigger_rule.startswith("all_done")
