@@ -32,7 +32,12 @@ log = logging.getLogger(__name__)
 
 RUNNERS = ("local", "kubernetes")
 DEFAULT_AUDITS_DIR = DEFAULT_CONFIG_PATH.parent / "audits"
+REPO_ROOT = DEFAULT_CONFIG_PATH.parent.parent  # the checkout: the folder holding configs/
 TRAINER_LOGGER = "acl.trainer"
+# The prefix of a trainer's log line (train.py / ffcv_data.py main: "%(asctime)s %(levelname)s
+# %(message)s"); the task log adds its own time and level, so only the message is passed on.
+TRAINER_LINE = re.compile(
+    r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) (.*)")
 
 # Shown as each mapped trainer's name in the grid, e.g. "repeat 3 (round 0, fold 3)".
 LOCAL_MAP_INDEX_TEMPLATE = "{{ task.op_kwargs['label'] }}"
@@ -102,6 +107,7 @@ class Deployment:
     runner: str = "local"
     config_path: str = str(DEFAULT_CONFIG_PATH)
     audits_dir: str = str(DEFAULT_AUDITS_DIR)
+    base_dir: str = str(REPO_ROOT)  # relative local paths of audit files resolve against it
     namespace: str = "auto-correct-labels"
     trainer_image: str = "ghcr.io/auto-correct-labels/trainer:0.1.0"
     service_account: str = "acl-trainer"
@@ -123,10 +129,14 @@ class Deployment:
         if runner not in RUNNERS:
             raise ConfigError(f"ACL_RUNNER must be one of {', '.join(RUNNERS)}, got {runner!r}")
         d = cls()
+        base_dir = env.get("ACL_BASE_DIR") or d.base_dir
+        if not Path(base_dir).is_absolute():
+            raise ConfigError(f"ACL_BASE_DIR must be an absolute path, got {base_dir!r}")
         return cls(
             runner=runner,
             config_path=env.get("ACL_CONFIG") or d.config_path,
             audits_dir=env.get("ACL_AUDITS_DIR") or d.audits_dir,
+            base_dir=base_dir,
             namespace=env.get("ACL_K8S_NAMESPACE") or d.namespace,
             trainer_image=env.get("ACL_TRAINER_IMAGE") or d.trainer_image,
             service_account=env.get("ACL_TRAINER_SERVICE_ACCOUNT") or d.service_account,
@@ -248,10 +258,11 @@ def prepare(params: Mapping[str, Any], conf: Mapping[str, Any] | None, run_id: s
     return run
 
 
-def absolute_paths(cfg: AuditConfig) -> AuditConfig:
-    """Local relative paths resolved against this worker's folder once, at index time, so
-    later tasks (maybe on another worker or folder) and the XCom URIs agree."""
-    update = {key: str(Path(value).resolve())
+def absolute_paths(cfg: AuditConfig, base: str | Path | None = None) -> AuditConfig:
+    """Local relative paths resolved once against `base` (default: this process's folder,
+    at index time), so later tasks (maybe on another worker or folder) and the XCom URIs
+    agree."""
+    update = {key: str((Path(base or ".") / value).resolve())
               for key in ("data_path", "work_uri", "results_path")
               if (value := getattr(cfg, key)) and not storage.is_s3(value)}
     return cfg.model_copy(update=update)
@@ -444,8 +455,10 @@ def _check_schedule(expr: str) -> None:
     CronTriggerTimetable(expr, timezone="UTC").validate()
 
 
-def load_audit(path: Path, base: AuditConfig) -> Audit:
-    """Read and check one audit file; errors raise ConfigError naming the file and key."""
+def load_audit(path: Path, base: AuditConfig, base_dir: str | Path | None = None) -> Audit:
+    """Read and check one audit file; errors raise ConfigError naming the file and key.
+    Relative local paths (its own and those it inherits from `base`) resolve against
+    `base_dir` (default: the checkout's root), not the folder Airflow was started in."""
     where = str(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -479,13 +492,12 @@ def load_audit(path: Path, base: AuditConfig) -> Audit:
         raise ConfigError(f"{where}: dataset is missing (the dataset root to audit)")
     if not data.get("results_path"):  # a stable copy of the latest results: the Asset
         data["results_path"] = storage.join(data["work_uri"], "audits", name, "results.csv")
-    if not storage.is_s3(data["results_path"]):
-        data["results_path"] = str(Path(data["results_path"]).resolve())
     try:
         cfg = parse_config(data)
     except ConfigError as err:
         msg = str(err).removeprefix("invalid config: ")
         raise ConfigError(f"{where}: overrides: {msg}") from None
+    cfg = absolute_paths(cfg, base_dir or Deployment().base_dir)
     return Audit(name=name, schedule=spec.schedule, config=cfg, source=where,
                  description=spec.description)
 
@@ -506,7 +518,7 @@ def load_audits(dep: Deployment | None = None) -> tuple[list[Audit], list[str]]:
     seen: dict[str, str] = {}
     for path in sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")]):
         try:
-            audit = load_audit(path, base)
+            audit = load_audit(path, base, dep.base_dir)
         except ConfigError as err:
             errors.append(str(err))
             continue

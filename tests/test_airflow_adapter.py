@@ -156,7 +156,8 @@ def test_deployment_defaults_and_errors() -> None:
                       ({"ACL_GPU_COUNT": "two"}, "ACL_GPU_COUNT"),
                       ({"ACL_NODE_SELECTOR": "[1]"}, "ACL_NODE_SELECTOR"),
                       ({"ACL_TOLERATIONS": "{not json"}, "ACL_TOLERATIONS"),
-                      ({"ACL_STARTUP_TIMEOUT": "0"}, "ACL_STARTUP_TIMEOUT")]:
+                      ({"ACL_STARTUP_TIMEOUT": "0"}, "ACL_STARTUP_TIMEOUT"),
+                      ({"ACL_BASE_DIR": "relative/dir"}, "ACL_BASE_DIR")]:
         with pytest.raises(ConfigError, match=name):
             acl.Deployment.from_env(env)
 
@@ -265,6 +266,34 @@ def test_load_audits_keeps_the_good_ones(tmp_path: Path) -> None:
         acl.check_audit_files(dep)
     assert acl.load_audits(acl.Deployment.from_env({"ACL_AUDITS_DIR": str(tmp_path / "no")})) \
         == ([], [])
+
+
+def test_relative_audit_paths_resolve_against_the_base_dir(tmp_path: Path,
+                                                          monkeypatch) -> None:
+    path = _audit(tmp_path, "pets.yaml", {
+        "schedule": "@daily", "dataset": "data/pets",
+        "overrides": {"results_path": "out/latest.csv", "model_weights": "w/init.pt"}})
+    base = load_config(DEFAULT_CONFIG_PATH)  # work_uri "work": relative, inherited
+    seen = []
+    for cwd in (tmp_path, tmp_path / "elsewhere"):
+        cwd.mkdir(exist_ok=True)
+        monkeypatch.chdir(cwd)
+        seen.append(acl.load_audit(path, base).config)
+        root = tmp_path / "deploy"
+        dep = acl.Deployment.from_env({"ACL_AUDITS_DIR": str(tmp_path),
+                                       "ACL_BASE_DIR": str(root)})
+        ((audit,), errors) = acl.load_audits(dep)
+        assert errors == []
+        assert audit.config.data_path == str(root / "data" / "pets")
+        assert audit.config.work_uri == str(root / "work")
+        assert audit.results_uri == str(root / "out" / "latest.csv")
+    first, second = seen
+    assert first == second
+    # default base: the checkout's root (the folder holding configs/), wherever Airflow runs
+    assert first.data_path == str(acl.REPO_ROOT / "data" / "pets")
+    assert first.work_uri == str(acl.REPO_ROOT / "work")
+    assert first.results_path == str(acl.REPO_ROOT / "out" / "latest.csv")
+    assert first.model_weights == "w/init.pt"  # left to the trainer, as in every config
 
 
 def test_local_paths_become_absolute_once(tmp_path: Path, monkeypatch) -> None:

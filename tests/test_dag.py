@@ -97,12 +97,13 @@ def test_example_audit_file_is_a_scheduled_dag(dagbag) -> None:
     assert dag.timetable.expression == spec["schedule"]
     for key, value in spec["overrides"].items():
         assert dag.params[key] == value
-    assert dag.params["data_path"] == spec["dataset"]
     (asset,) = dag.get_task("merge").outlets
-    # Relative paths (the default work_uri "work") resolve against Airflow's working folder.
-    results = Path("work", "audits", spec["name"], "results.csv")
-    assert asset.uri == results.resolve().as_uri()
-    assert dag.params["results_path"] == str(results.resolve())
+    # Relative paths (its dataset, the default work_uri "work") resolve against the checkout's
+    # root, not the folder Airflow was started in.
+    assert dag.params["data_path"] == str(ROOT / spec["dataset"])
+    results = ROOT / "work" / "audits" / spec["name"] / "results.csv"
+    assert asset.uri == results.as_uri()
+    assert dag.params["results_path"] == str(results)
 
 
 def test_invalid_audit_file_is_an_import_error_naming_file_and_key(tmp_path, monkeypatch) -> None:
