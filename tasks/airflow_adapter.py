@@ -16,7 +16,7 @@ import logging
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -268,6 +268,18 @@ def absolute_paths(cfg: AuditConfig, base: str | Path | None = None) -> AuditCon
     return cfg.model_copy(update=update)
 
 
+def plan_beton_kwargs(run: str) -> list[dict[str, Any]]:
+    """Kubernetes runner: the expand_kwargs input of the build_beton pod, one pod when the
+    run's `ffcv` is on, none otherwise (the task is then skipped)."""
+    if not runs.read_config(run).ffcv:
+        return []
+    return [{
+        "arguments": ["-m", "tasks.ffcv_data", "--run", run],
+        "labels": {"app.kubernetes.io/name": "auto-correct-labels",
+                   "app.kubernetes.io/component": "build-beton"},
+    }]
+
+
 def plan_train_kwargs(run: str, runner: str = "local") -> list[dict[str, Any]]:
     """One small dict per repeat, the expand_kwargs input of the mapped trainer task."""
     specs = plan_repeats(runs.read_config(run))
@@ -286,14 +298,22 @@ def pod_kwargs(run: str, repeat: int, round_: int, fold: int) -> dict[str, Any]:
     }
 
 
+def trainer_record(line: str) -> tuple[int, str]:
+    """(level, message) of one trainer output line: its own time and level taken off;
+    other lines (a traceback, a library's print) are INFO, as they are."""
+    if m := TRAINER_LINE.fullmatch(line):
+        return logging.getLevelNamesMapping()[m[1]], m[2]
+    return logging.INFO, line
+
+
 def run_repeat_local(run: str, repeat: int, label: str | None = None) -> str:
     """Local runner: the trainer entrypoint as a subprocess, each of its log lines passed to
-    the task log as it comes; returns the shard URI."""
+    the task log (message and level) as it comes; returns the shard URI."""
     from tasks.audit import run_trainer_subprocess
 
     trainer_log = logging.getLogger(TRAINER_LOGGER)
     log.info("training %s of run %s", label or f"repeat {repeat}", run)
-    run_trainer_subprocess(run, repeat, emit=trainer_log.info)
+    run_trainer_subprocess(run, repeat, emit=lambda line: trainer_log.log(*trainer_record(line)))
     shard = runs.shard_uri(run, repeat)
     if not storage.exists(shard):
         raise RuntimeError(f"trainer for repeat {repeat} exited cleanly but {shard} is missing")
@@ -341,6 +361,15 @@ def relabel_run(results: str) -> str | None:
 
 # --- Kubernetes runner ---------------------------------------------------------------------
 
+def pod_tolerations(dep: Deployment) -> list[dict[str, Any]]:
+    """ACL_TOLERATIONS, else the GPU taint when pods request GPUs."""
+    if dep.tolerations is not None:
+        return dep.tolerations
+    # GPU nodes are usually tainted nvidia.com/gpu:NoSchedule
+    return ([{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+            if dep.gpu_count > 0 else [])
+
+
 def trainer_pod_defaults(dep: Deployment) -> dict[str, Any]:
     """The house defaults of every trainer pod, as KubernetesPodOperator arguments."""
     from kubernetes.client import models as k8s
@@ -348,10 +377,7 @@ def trainer_pod_defaults(dep: Deployment) -> dict[str, Any]:
     limits = {"memory": dep.memory_request}
     if dep.gpu_count > 0:
         limits["nvidia.com/gpu"] = str(dep.gpu_count)
-    tolerations = dep.tolerations
-    if tolerations is None:  # GPU nodes are usually tainted nvidia.com/gpu:NoSchedule
-        tolerations = ([{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-                       if dep.gpu_count > 0 else [])
+    tolerations = pod_tolerations(dep)
 
     def secret(name: str) -> k8s.V1EnvVar:
         # optional: clusters with workload identity (IRSA etc.) need no Secret at all
@@ -402,6 +428,18 @@ def trainer_pod_operator(task_id: str = "train_repeat", dep: Deployment | None =
     kwargs = {**trainer_pod_defaults(dep or Deployment.from_env()),
               "map_index_template": POD_MAP_INDEX_TEMPLATE, **overrides}
     return KubernetesPodOperator.partial(task_id=task_id, **kwargs)
+
+
+def beton_pod_operator(task_id: str = "build_beton", dep: Deployment | None = None,
+                       **overrides: Any):
+    """The pod that builds the run's .beton once, before the trainer pods (the Airflow image
+    has no FFCV): a trainer pod placed like the others, without a GPU and outside the GPU
+    pool. Expand it with `.expand_kwargs(plan_beton_kwargs(run))`."""
+    dep = dep or Deployment.from_env()
+    cpu_only = replace(dep, gpu_count=0, tolerations=pod_tolerations(dep))
+    return trainer_pod_operator(task_id, cpu_only, **{
+        "name": "acl-build-beton", "pool": "default_pool",
+        "map_index_template": BETON_MAP_INDEX_TEMPLATE, **overrides})
 
 
 # --- scheduled audits ----------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """tasks/airflow_adapter.py without a metadata DB: the trigger form, conf validation, the
-deployment settings, the trainer pod factory and scheduled-audit files."""
+deployment settings, the trainer pod factory, the local trainer's log lines and
+scheduled-audit files."""
 
 from __future__ import annotations
 
@@ -208,6 +209,51 @@ def test_gpu_pods_tolerate_the_gpu_taint() -> None:
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in \
             pod["spec"]["tolerations"]
         assert "AWS_ENDPOINT_URL_S3" not in json.dumps(pod)
+
+
+def test_beton_pod_is_a_cpu_trainer_pod_placed_like_the_trainers(tmp_path: Path) -> None:
+    run = str(tmp_path / "run")
+    runs.write_config(run, AuditConfig(data_path="s3://acl/data/"))
+    assert acl.plan_beton_kwargs(run) == []  # ffcv off: no pod, build_beton is skipped
+    runs.write_config(run, parse_config({"data_path": "s3://acl/data/", "ffcv": True},
+                                        check_installed=False))
+    (kwargs,) = acl.plan_beton_kwargs(run)
+    dep = acl.Deployment.from_env({"ACL_GPU_COUNT": "2", "ACL_NODE_SELECTOR": '{"pool": "gpu"}'})
+    with DAG("beton", schedule=None):
+        mapped = acl.beton_pod_operator(dep=dep).expand_kwargs([kwargs])
+    op = mapped.unmap(kwargs)
+    pod = ApiClient().sanitize_for_serialization(op.build_pod_request_obj(dry_run=True))
+    kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+    (trainer,) = _render_pods(dep, repeats=1)
+    container = pod["spec"]["containers"][0]
+    assert container["args"] == ["-m", "tasks.ffcv_data", "--run", run]
+    assert container["image"] == trainer["spec"]["containers"][0]["image"]
+    assert "nvidia.com/gpu" not in container["resources"]["limits"]  # FFCV writes on the CPU
+    for key in ("nodeSelector", "tolerations", "serviceAccountName"):  # schedules where they do
+        assert pod["spec"][key] == trainer["spec"][key], key
+    assert container["env"] == trainer["spec"]["containers"][0]["env"]
+    assert pod["metadata"]["labels"]["app.kubernetes.io/component"] == "build-beton"
+    assert op.pool == "default_pool" and op.retries >= 1 and op.get_logs
+
+
+# --- the local trainer's log lines ---------------------------------------------------------
+
+def test_trainer_lines_reach_the_task_log_without_their_own_time_and_level(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=acl.TRAINER_LOGGER)
+    missing = str(tmp_path / "no-run")
+    with pytest.raises(TrainerError):  # a real trainer subprocess, failing at once
+        acl.run_repeat_local(missing, 0)
+    records = [r for r in caplog.records if r.name == acl.TRAINER_LOGGER]
+    (failed,) = [r for r in records if "repeat 0 failed" in r.getMessage()]
+    assert failed.levelno == logging.ERROR
+    assert failed.getMessage().startswith("repeat 0 failed: FileNotFoundError: ")
+    assert not any(acl.TRAINER_LINE.match(r.getMessage()) for r in records)
+    # lines without the trainer's prefix (a traceback, a print) pass unchanged, as INFO
+    for line in ("Traceback (most recent call last):", "  File \"x.py\", line 1", ""):
+        assert acl.trainer_record(line) == (logging.INFO, line)
+    assert acl.trainer_record("2026-05-04 10:00:00,123 WARNING low disk: 2 GB") == (
+        logging.WARNING, "low disk: 2 GB")
 
 
 # --- scheduled audit files -----------------------------------------------------------------

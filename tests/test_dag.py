@@ -60,10 +60,12 @@ class LogLines(logging.Handler):
     def __init__(self, name: str) -> None:
         super().__init__(logging.INFO)
         self.lines: list[str] = []
+        self.levels: list[int] = []
         logging.getLogger(name).addHandler(self)
 
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append(record.getMessage())
+        self.levels.append(record.levelno)
 
 
 def states(dr) -> dict[tuple[str, int], str]:
@@ -147,6 +149,7 @@ def test_bad_conf_is_refused_before_any_work(dagbag, dataset, tmp_path) -> None:
 def test_local_runner_audits_a_tiny_dataset(dagbag, dataset, tmp_path) -> None:
     dag = dagbag.dags["auto_correct_labels"]
     trainer_lines = LogLines(acl.TRAINER_LOGGER)
+    merge_lines = LogLines("tasks.merge")
     conf = tiny_conf(dataset, tmp_path / "work", autocorrect=True, relabel_mode="manifest")
     dr = dag.test(run_conf=conf)
     assert dr.state == "success", states(dr)
@@ -164,8 +167,19 @@ def test_local_runner_audits_a_tiny_dataset(dagbag, dataset, tmp_path) -> None:
     assert (results["num_preds"] == 1).all()  # K=2 folds, one round: one prediction each
     assert Path(run, "report.html").is_file()
     assert Path(run, "corrected-labels.csv").is_file()  # autocorrect on, manifest mode
-    # The trainer's own log lines (per-epoch progress) stream into the task log.
-    assert any("repeat 1 (round 0, fold 1) epoch 1/1" in line for line in trainer_lines.lines)
+    # The trainer's own log lines (per-epoch progress) stream into the task log: the message
+    # at its level, without the trainer's time and level (the task log adds its own).
+    (epoch,) = [i for i, line in enumerate(trainer_lines.lines)
+                if line.startswith("repeat 1 (round 0, fold 1) epoch 1/1")]
+    assert trainer_lines.levels[epoch] == logging.INFO
+    assert not any(acl.TRAINER_LINE.match(line) for line in trainer_lines.lines)
+    # One prediction per image and min_preds 2: merge and the report say nothing can be
+    # relabelled, and why.
+    why = ("no image can be relabelled: every image has at most 1 prediction, fewer than "
+           "min_preds 2; raise n_repeats to at least 4 (2 rounds of 2 folds) or lower min_preds")
+    assert why in merge_lines.lines
+    page = Path(run, "report.html").read_text()
+    assert "1 prediction per image" in page and why in page
 
 
 def test_failed_repeat_fails_merge_then_rerun_completes(dagbag, dataset, tmp_path) -> None:
@@ -219,10 +233,35 @@ def test_kubernetes_runner_renders_every_pod(tmp_path, monkeypatch) -> None:
     dag = bag.dags["auto_correct_labels"]
     mapped = dag.get_task("train_repeat")
     assert mapped.operator_class.__name__ == "KubernetesPodOperator"
+    # ffcv: the trainer image builds the .beton once, in a pod before every trainer pod
+    # (skipped when ffcv is off: the trainers still start)
+    beton = dag.get_task("build_beton")
+    assert beton.operator_class.__name__ == "KubernetesPodOperator"
+    assert mapped.upstream_task_ids == {"plan", "build_beton"}
+    assert beton.upstream_task_ids == {"plan_beton"}
+    assert mapped.trigger_rule == "none_failed"
 
     run = runs.run_uri(str(tmp_path / "work"), "manual__2026-03-01T00:00:00+00:00")
     runs.write_config(run, parse_config({"data_path": "s3://acl/data/", "n_repeats": 4,
                                          "test_split": 0.5}))
+    assert acl.plan_beton_kwargs(run) == []
+    ffcv_run = runs.run_uri(str(tmp_path / "work"), "manual__2026-03-02T00:00:00+00:00")
+    runs.write_config(ffcv_run, parse_config({"data_path": "s3://acl/data/", "ffcv": True},
+                                             check_installed=False))
+    (kwargs,) = acl.plan_beton_kwargs(ffcv_run)
+    op = beton.unmap(kwargs)
+    pod = ApiClient().sanitize_for_serialization(op.build_pod_request_obj(dry_run=True))
+    kubernetes_validate.validate(pod, "1.33", strict=True)
+    assert not any(value in json.dumps(pod) for value in secrets.values())
+    (container,) = pod["spec"]["containers"]
+    assert container["command"] == ["python"]
+    assert container["args"] == ["-m", "tasks.ffcv_data", "--run", ffcv_run]
+    assert container["image"] == "ghcr.io/auto-correct-labels/trainer:0.1.0"
+    assert "nvidia.com/gpu" not in container["resources"]["limits"]
+    assert pod["metadata"]["namespace"] == "auto-correct-labels"
+    assert jinja2.Template(op.map_index_template).render(task=op) == "dataset.beton"
+    assert op.on_finish_action.value == "delete_pod" and op.get_logs
+
     plan = acl.plan_train_kwargs(run, "kubernetes")
     assert len(plan) == 4
     for repeat, kwargs in enumerate(plan):
