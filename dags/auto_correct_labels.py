@@ -14,7 +14,8 @@ the missing repeats when coverage is below `min_coverage`) → `report` (`report
 
 **Where things are**: every artefact lives in `<work_uri>/runs/<run id>/`: `manifest.parquet`,
 `shards/repeat-NNNN.parquet`, `results.csv` (one row per image, most suspicious first),
-`report.html`, `relabel-journal.jsonl`. The `merge` task's XCom holds the CSV's URI.
+`report.html`, `relabel-journal.jsonl`. The `merge` task's XCom (`return_value`, on the task's
+*XCom* tab or under *Browse → XComs*) holds the CSV's URI, `report`'s the report's.
 
 **A repeat failed?** `merge` still runs and names the missing repeats. Clear the failed
 `train_repeat` map indexes with *Downstream* checked; finished repeats are never retrained.
@@ -22,6 +23,9 @@ the missing repeats when coverage is below `min_coverage`) → `report` (`report
 **Runner** (`ACL_RUNNER`): `local` runs the trainer as a subprocess of the task and streams
 its log (per-epoch progress) into the task log; `kubernetes` runs each repeat as a GPU pod
 from the trainer image. Both run `python -m tasks.train --run <run uri> --repeat <r>`.
+With `ffcv` on, the run's `dataset.beton` is built once before the trainers: by `index` with
+the local runner, by the `build_beton` pod (trainer image, `python -m tasks.ffcv_data`) with
+the Kubernetes runner (skipped when `ffcv` is off).
 
 Scheduled audits: every file in `configs/audits/` (`ACL_AUDITS_DIR`) becomes a DAG
 `audit_<name>` whose results CSV is an Asset.
@@ -54,6 +58,12 @@ def index(params: dict[str, Any] | None = None, dag_run=None) -> str:
 def plan(run: str) -> list[dict[str, Any]]:
     """The repeats, as the mapped trainer's arguments."""
     return acl.plan_train_kwargs(run, DEPLOYMENT.runner)
+
+
+@task
+def plan_beton(run: str) -> list[dict[str, Any]]:
+    """Kubernetes runner: the build_beton pod when the run's `ffcv` is on, none otherwise."""
+    return acl.plan_beton_kwargs(run)
 
 
 @task(map_index_template=acl.LOCAL_MAP_INDEX_TEMPLATE)
@@ -91,7 +101,11 @@ def audit_flow(results_asset: Asset | None = None) -> None:
     run = index()
     repeats = plan(run)
     if DEPLOYMENT.runner == "kubernetes":
-        trained = acl.trainer_pod_operator(dep=DEPLOYMENT).expand_kwargs(repeats)
+        beton = acl.beton_pod_operator(dep=DEPLOYMENT).expand_kwargs(plan_beton(run))
+        # none_failed: the trainers also start when build_beton is skipped (ffcv off)
+        trained = acl.trainer_pod_operator(
+            dep=DEPLOYMENT, trigger_rule=TriggerRule.NONE_FAILED).expand_kwargs(repeats)
+        beton >> trained
     else:
         trained = train_repeat.expand_kwargs(repeats)
     results = merge.override(outlets=[results_asset] if results_asset else [])(run)

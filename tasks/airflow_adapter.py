@@ -10,12 +10,13 @@ files. Everything else stays Airflow-free.
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,12 @@ log = logging.getLogger(__name__)
 
 RUNNERS = ("local", "kubernetes")
 DEFAULT_AUDITS_DIR = DEFAULT_CONFIG_PATH.parent / "audits"
+REPO_ROOT = DEFAULT_CONFIG_PATH.parent.parent  # the checkout: the folder holding configs/
 TRAINER_LOGGER = "acl.trainer"
+# The prefix of a trainer's log line (train.py / ffcv_data.py main: "%(asctime)s %(levelname)s
+# %(message)s"); the task log adds its own time and level, so only the message is passed on.
+TRAINER_LINE = re.compile(
+    r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) (.*)")
 
 # Shown as each mapped trainer's name in the grid, e.g. "repeat 3 (round 0, fold 3)".
 LOCAL_MAP_INDEX_TEMPLATE = "{{ task.op_kwargs['label'] }}"
@@ -39,8 +45,10 @@ POD_MAP_INDEX_TEMPLATE = (
     "repeat {{ task.labels['acl-repeat'] }} (round {{ task.labels['acl-round'] }}, "
     "fold {{ task.labels['acl-fold'] }})"
 )
+BETON_MAP_INDEX_TEMPLATE = "dataset.beton"
 
-# Readable labels for the form's drop-downs; unknown values fall back to the value itself.
+# Readable labels for the form's drop-downs: one for every value of every choice key
+# (tests/test_airflow_adapter.py checks them all).
 VALUE_LABELS: dict[str, dict[str, str]] = {
     "model_name": {
         "small_cnn": "Small CNN (fast on CPU, small images)",
@@ -54,8 +62,9 @@ VALUE_LABELS: dict[str, dict[str, str]] = {
         "random": "Fresh random split per repeat (original tool)",
     },
     "augment": {
+        "crop": "Random crop only (safe for text, digits)",
+        "flip": "Horizontal flip (+ mirrored predictions)",
         "flip_crop": "Random crop + horizontal flip",
-        "crop": "Random crop only (text, digits)",
         "none": "No augmentation",
     },
     "relabel_mode": {
@@ -98,6 +107,7 @@ class Deployment:
     runner: str = "local"
     config_path: str = str(DEFAULT_CONFIG_PATH)
     audits_dir: str = str(DEFAULT_AUDITS_DIR)
+    base_dir: str = str(REPO_ROOT)  # relative local paths of audit files resolve against it
     namespace: str = "auto-correct-labels"
     trainer_image: str = "ghcr.io/auto-correct-labels/trainer:0.1.0"
     service_account: str = "acl-trainer"
@@ -119,10 +129,14 @@ class Deployment:
         if runner not in RUNNERS:
             raise ConfigError(f"ACL_RUNNER must be one of {', '.join(RUNNERS)}, got {runner!r}")
         d = cls()
+        base_dir = env.get("ACL_BASE_DIR") or d.base_dir
+        if not Path(base_dir).is_absolute():
+            raise ConfigError(f"ACL_BASE_DIR must be an absolute path, got {base_dir!r}")
         return cls(
             runner=runner,
             config_path=env.get("ACL_CONFIG") or d.config_path,
             audits_dir=env.get("ACL_AUDITS_DIR") or d.audits_dir,
+            base_dir=base_dir,
             namespace=env.get("ACL_K8S_NAMESPACE") or d.namespace,
             trainer_image=env.get("ACL_TRAINER_IMAGE") or d.trainer_image,
             service_account=env.get("ACL_TRAINER_SERVICE_ACCOUNT") or d.service_account,
@@ -160,15 +174,25 @@ def _param_schema(name: str, prop: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
+def markdown_text(text: str) -> str:
+    """A config description (plain text with `code` spans) as Markdown: angle brackets and
+    ampersands outside code spans escaped, because Airflow's renderer drops raw HTML
+    (`<root>` would vanish)."""
+    parts = re.split(r"(`[^`]*`)", text)
+    return "".join(p if p.startswith("`") else html.escape(p, quote=False) for p in parts)
+
+
 def build_params(defaults: AuditConfig) -> dict[str, Any]:
     """One Airflow Param per config key: type, bounds, enums with readable labels,
-    description and form section from the schema; defaults from `defaults`."""
+    Markdown description and form section from the schema; defaults from `defaults`."""
     from airflow.sdk import Param
 
     props = AuditConfig.model_json_schema()["properties"]
     values = defaults.model_dump()
+    # description_md (the form renders Markdown only when `description` is unset)
     return {
-        name: Param(values[name], description=props[name].get("description"),
+        name: Param(values[name],
+                    description_md=markdown_text(props[name].get("description", "")),
                     **_param_schema(name, props[name]))
         for name in AuditConfig.model_fields
     }
@@ -180,7 +204,7 @@ def params_doc(defaults: AuditConfig) -> str:
     rows = ["| key | section | default | meaning |", "|---|---|---|---|"]
     for name, value in defaults.model_dump().items():
         prop = props[name]
-        desc = str(prop.get("description", "")).replace("|", "\\|")
+        desc = markdown_text(str(prop.get("description", ""))).replace("|", "\\|")
         rows.append(f"| `{name}` | {prop.get('section', '')} | `{json.dumps(value)}` | {desc} |")
     return "\n".join(rows)
 
@@ -234,13 +258,26 @@ def prepare(params: Mapping[str, Any], conf: Mapping[str, Any] | None, run_id: s
     return run
 
 
-def absolute_paths(cfg: AuditConfig) -> AuditConfig:
-    """Local relative paths resolved against this worker's folder once, at index time, so
-    later tasks (maybe on another worker or folder) and the XCom URIs agree."""
-    update = {key: str(Path(value).resolve())
+def absolute_paths(cfg: AuditConfig, base: str | Path | None = None) -> AuditConfig:
+    """Local relative paths resolved once against `base` (default: this process's folder,
+    at index time), so later tasks (maybe on another worker or folder) and the XCom URIs
+    agree."""
+    update = {key: str((Path(base or ".") / value).resolve())
               for key in ("data_path", "work_uri", "results_path")
               if (value := getattr(cfg, key)) and not storage.is_s3(value)}
     return cfg.model_copy(update=update)
+
+
+def plan_beton_kwargs(run: str) -> list[dict[str, Any]]:
+    """Kubernetes runner: the expand_kwargs input of the build_beton pod, one pod when the
+    run's `ffcv` is on, none otherwise (the task is then skipped)."""
+    if not runs.read_config(run).ffcv:
+        return []
+    return [{
+        "arguments": ["-m", "tasks.ffcv_data", "--run", run],
+        "labels": {"app.kubernetes.io/name": "auto-correct-labels",
+                   "app.kubernetes.io/component": "build-beton"},
+    }]
 
 
 def plan_train_kwargs(run: str, runner: str = "local") -> list[dict[str, Any]]:
@@ -261,14 +298,22 @@ def pod_kwargs(run: str, repeat: int, round_: int, fold: int) -> dict[str, Any]:
     }
 
 
+def trainer_record(line: str) -> tuple[int, str]:
+    """(level, message) of one trainer output line: its own time and level taken off;
+    other lines (a traceback, a library's print) are INFO, as they are."""
+    if m := TRAINER_LINE.fullmatch(line):
+        return logging.getLevelNamesMapping()[m[1]], m[2]
+    return logging.INFO, line
+
+
 def run_repeat_local(run: str, repeat: int, label: str | None = None) -> str:
     """Local runner: the trainer entrypoint as a subprocess, each of its log lines passed to
-    the task log as it comes; returns the shard URI."""
+    the task log (message and level) as it comes; returns the shard URI."""
     from tasks.audit import run_trainer_subprocess
 
     trainer_log = logging.getLogger(TRAINER_LOGGER)
     log.info("training %s of run %s", label or f"repeat {repeat}", run)
-    run_trainer_subprocess(run, repeat, emit=trainer_log.info)
+    run_trainer_subprocess(run, repeat, emit=lambda line: trainer_log.log(*trainer_record(line)))
     shard = runs.shard_uri(run, repeat)
     if not storage.exists(shard):
         raise RuntimeError(f"trainer for repeat {repeat} exited cleanly but {shard} is missing")
@@ -316,6 +361,15 @@ def relabel_run(results: str) -> str | None:
 
 # --- Kubernetes runner ---------------------------------------------------------------------
 
+def pod_tolerations(dep: Deployment) -> list[dict[str, Any]]:
+    """ACL_TOLERATIONS, else the GPU taint when pods request GPUs."""
+    if dep.tolerations is not None:
+        return dep.tolerations
+    # GPU nodes are usually tainted nvidia.com/gpu:NoSchedule
+    return ([{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+            if dep.gpu_count > 0 else [])
+
+
 def trainer_pod_defaults(dep: Deployment) -> dict[str, Any]:
     """The house defaults of every trainer pod, as KubernetesPodOperator arguments."""
     from kubernetes.client import models as k8s
@@ -323,10 +377,7 @@ def trainer_pod_defaults(dep: Deployment) -> dict[str, Any]:
     limits = {"memory": dep.memory_request}
     if dep.gpu_count > 0:
         limits["nvidia.com/gpu"] = str(dep.gpu_count)
-    tolerations = dep.tolerations
-    if tolerations is None:  # GPU nodes are usually tainted nvidia.com/gpu:NoSchedule
-        tolerations = ([{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-                       if dep.gpu_count > 0 else [])
+    tolerations = pod_tolerations(dep)
 
     def secret(name: str) -> k8s.V1EnvVar:
         # optional: clusters with workload identity (IRSA etc.) need no Secret at all
@@ -377,6 +428,18 @@ def trainer_pod_operator(task_id: str = "train_repeat", dep: Deployment | None =
     kwargs = {**trainer_pod_defaults(dep or Deployment.from_env()),
               "map_index_template": POD_MAP_INDEX_TEMPLATE, **overrides}
     return KubernetesPodOperator.partial(task_id=task_id, **kwargs)
+
+
+def beton_pod_operator(task_id: str = "build_beton", dep: Deployment | None = None,
+                       **overrides: Any):
+    """The pod that builds the run's .beton once, before the trainer pods (the Airflow image
+    has no FFCV): a trainer pod placed like the others, without a GPU and outside the GPU
+    pool. Expand it with `.expand_kwargs(plan_beton_kwargs(run))`."""
+    dep = dep or Deployment.from_env()
+    cpu_only = replace(dep, gpu_count=0, tolerations=pod_tolerations(dep))
+    return trainer_pod_operator(task_id, cpu_only, **{
+        "name": "acl-build-beton", "pool": "default_pool",
+        "map_index_template": BETON_MAP_INDEX_TEMPLATE, **overrides})
 
 
 # --- scheduled audits ----------------------------------------------------------------------
@@ -430,8 +493,10 @@ def _check_schedule(expr: str) -> None:
     CronTriggerTimetable(expr, timezone="UTC").validate()
 
 
-def load_audit(path: Path, base: AuditConfig) -> Audit:
-    """Read and check one audit file; errors raise ConfigError naming the file and key."""
+def load_audit(path: Path, base: AuditConfig, base_dir: str | Path | None = None) -> Audit:
+    """Read and check one audit file; errors raise ConfigError naming the file and key.
+    Relative local paths (its own and those it inherits from `base`) resolve against
+    `base_dir` (default: the checkout's root), not the folder Airflow was started in."""
     where = str(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -465,13 +530,12 @@ def load_audit(path: Path, base: AuditConfig) -> Audit:
         raise ConfigError(f"{where}: dataset is missing (the dataset root to audit)")
     if not data.get("results_path"):  # a stable copy of the latest results: the Asset
         data["results_path"] = storage.join(data["work_uri"], "audits", name, "results.csv")
-    if not storage.is_s3(data["results_path"]):
-        data["results_path"] = str(Path(data["results_path"]).resolve())
     try:
         cfg = parse_config(data)
     except ConfigError as err:
         msg = str(err).removeprefix("invalid config: ")
         raise ConfigError(f"{where}: overrides: {msg}") from None
+    cfg = absolute_paths(cfg, base_dir or Deployment().base_dir)
     return Audit(name=name, schedule=spec.schedule, config=cfg, source=where,
                  description=spec.description)
 
@@ -492,7 +556,7 @@ def load_audits(dep: Deployment | None = None) -> tuple[list[Audit], list[str]]:
     seen: dict[str, str] = {}
     for path in sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")]):
         try:
-            audit = load_audit(path, base)
+            audit = load_audit(path, base, dep.base_dir)
         except ConfigError as err:
             errors.append(str(err))
             continue

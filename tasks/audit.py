@@ -46,11 +46,12 @@ def prepare_run(cfg: AuditConfig, run_id: str | None = None) -> str:
 
 def build_beton_if_possible(run: str, cfg: AuditConfig) -> None:
     """Build the run's .beton once, before the trainers start. Where FFCV and torch are not
-    installed (the Airflow image of the Kubernetes runner) the first trainer builds it."""
+    installed (the Airflow image of the Kubernetes runner) the DAG's build_beton pod builds it."""
     import importlib.util
 
     if not (ffcv_installed() and importlib.util.find_spec("torch")):
-        log.info("ffcv: torch or FFCV is not installed here; the first trainer builds the .beton")
+        log.info("ffcv: torch or FFCV is not installed here; the build_beton pod (Kubernetes "
+                 "runner) or the first trainer builds the .beton")
         return
     from tasks.ffcv_data import ensure_beton
 

@@ -116,6 +116,21 @@ def _votes_text(row_votes: np.ndarray, classes: list[str]) -> str:
     return ";".join(f"{classes[i]}:{row_votes[i]}" for i in order)
 
 
+def too_few_predictions(num_preds: np.ndarray, cfg: AuditConfig) -> str | None:
+    """Why no image can be relabelled when none reaches `min_preds` predictions, else None."""
+    most = int(np.max(num_preds, initial=0))
+    if most >= cfg.min_preds:
+        return None
+    if cfg.split_strategy == "rounds":
+        more = (f"n_repeats to at least {cfg.folds * cfg.min_preds} ({cfg.min_preds} rounds "
+                f"of {cfg.folds} folds)")
+    else:
+        more = f"n_repeats (each repeat predicts about {cfg.test_split:.0%} of the images)"
+    return (f"no image can be relabelled: every image has at most {most} "
+            f"prediction{'' if most == 1 else 's'}, fewer than min_preds {cfg.min_preds}; "
+            f"raise {more} or lower min_preds")
+
+
 def merge_run(run: str) -> str:
     """Merge the shards of a run into predictions.parquet and results.csv; returns the
     results URI. Raises MissingShardsError when coverage is below `min_coverage`."""
@@ -137,6 +152,8 @@ def merge_run(run: str) -> str:
             f"only {coverage:.1%} of images have a prediction (min_coverage "
             f"{cfg.min_coverage:.0%}); missing repeats: {missing}. Re-run those repeats "
             f"(python -m tasks.train --run {run} --repeat N) and merge again", missing)
+    if why := too_few_predictions(agg["num_preds"], cfg):
+        log.warning("%s", why)
     s = score(labels, agg["votes"], agg["mean_probs"], agg["num_preds"], cfg.max_label_quality)
     cls = np.asarray(classes, dtype=object)
     results = pd.DataFrame({

@@ -30,7 +30,7 @@ from PIL import Image
 
 from tasks import runs, storage
 from tasks.index import read_manifest
-from tasks.merge import read_results
+from tasks.merge import read_results, too_few_predictions
 from tasks.relabel import select_rows
 
 log = logging.getLogger(__name__)
@@ -486,13 +486,14 @@ def render_page(*, cfg, run: str, results: pd.DataFrame, classes: list[str], top
     stat_cards = [
         _stat(_int(n), "images audited", id_="s-images"),
         _stat(_int(len(classes)), "classes", id_="s-classes"),
-        _stat(_int(cfg.n_repeats), "training repeats", f"{pred_range} predictions per image",
+        _stat(_int(cfg.n_repeats), "training repeats",
+              f"{pred_range} prediction{'' if pred_range == '1' else 's'} per image",
               id_="s-repeats"),
         _stat(_int(flagged), "flagged as label issues", f"{flagged / max(n, 1):.1%} of images",
               id_="s-flagged"),
         _stat(_int(n_relabel), "would be relabelled",
-              f"> {cfg.sensitivity:g}% of votes and probability, ≥ {cfg.min_preds} "
-              "predictions", id_="s-relabel"),
+              too_few_predictions(preds.to_numpy(), cfg) or f"> {cfg.sensitivity:g}% of votes "
+              f"and probability, ≥ {cfg.min_preds} predictions", id_="s-relabel"),
         _stat(_int(len(skipped)), "files skipped", id_="s-skipped"),
     ]
     if seconds is not None:

@@ -1,9 +1,12 @@
 """tasks/airflow_adapter.py without a metadata DB: the trigger form, conf validation, the
-deployment settings, the trainer pod factory and scheduled-audit files."""
+deployment settings, the trainer pod factory, the local trainer's log lines and
+scheduled-audit files."""
 
 from __future__ import annotations
 
 import json
+import logging
+import typing
 from pathlib import Path
 
 import kubernetes_validate
@@ -12,11 +15,36 @@ import yaml
 from airflow.sdk import DAG
 from airflow.sdk.exceptions import ParamValidationError
 from kubernetes.client import ApiClient
+from markdown_it import MarkdownIt
 
 from tasks import airflow_adapter as acl
-from tasks.config import DEFAULT_CONFIG_PATH, AuditConfig, ConfigError, load_config
+from tasks import runs
+from tasks.audit import TrainerError
+from tasks.config import (
+    DEFAULT_CONFIG_PATH,
+    AuditConfig,
+    ConfigError,
+    load_config,
+    parse_config,
+)
 
 K8S_VERSION = "1.33"
+
+
+def raw_html(markdown: str) -> list[str]:
+    """The raw HTML in a Markdown text (CommonMark + tables, as Airflow's UI parses doc_md
+    and description_md). Airflow renders with react-markdown's skipHtml: all of it would
+    vanish, e.g. `<root>` in "laid out as <root>/<class>/<image>"."""
+    found = []
+    for token in MarkdownIt("commonmark", {"html": True}).enable("table").parse(markdown):
+        if token.type == "html_block":
+            found.append(token.content)
+        found += [c.content for c in token.children or [] if c.type == "html_inline"]
+    return found
+
+
+def render_markdown(markdown: str) -> str:
+    return MarkdownIt("commonmark", {"html": True}).enable("table").render(markdown)
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +59,9 @@ def test_form_has_every_key_with_schema_and_yaml_defaults(params: dict) -> None:
         assert params[key].value == value, key
     for key, param in params.items():
         field = AuditConfig.model_fields[key]
-        assert param.description == field.description, key
+        # Markdown in the form: description_md, shown only when `description` is unset
+        assert param.description is None, key
+        assert param.schema["description_md"] == acl.markdown_text(field.description), key
         assert param.schema["section"] == field.json_schema_extra["section"], key
         assert param.schema["title"] == key
     assert params["n_repeats"].schema.items() >= {
@@ -44,6 +74,31 @@ def test_form_has_every_key_with_schema_and_yaml_defaults(params: dict) -> None:
     assert model["enum"] == ["small_cnn", "resnet18", "efficientnet_v2_s", "alexnet"]
     assert set(model["values_display"]) == set(model["enum"])
     assert model["values_display"]["resnet18"] == "ResNet-18"
+
+
+def test_every_choice_in_the_form_has_a_label(params: dict) -> None:
+    choices = {k for k, f in AuditConfig.model_fields.items()
+               if typing.get_origin(f.annotation) is typing.Literal}
+    assert {k for k, p in params.items() if "enum" in p.schema} == choices
+    for key in choices:
+        schema = params[key].schema
+        assert schema["enum"] == list(typing.get_args(AuditConfig.model_fields[key].annotation))
+        assert list(schema["values_display"]) == schema["enum"], key
+        for value, label in schema["values_display"].items():
+            # a label that is just the value is a missing label: shown raw among readable ones
+            assert label.strip() and label != str(value), (key, value)
+    assert params["augment"].schema["values_display"]["flip"].startswith("Horizontal flip")
+
+
+def test_form_descriptions_render_as_markdown_without_raw_html(params: dict) -> None:
+    for key, param in params.items():
+        assert raw_html(param.schema["description_md"]) == [], key
+    data_path = render_markdown(params["data_path"].schema["description_md"])
+    assert "laid out as &lt;root&gt;/&lt;class&gt;/&lt;image&gt;." in data_path
+    assert "after <code>patience</code> epochs" in render_markdown(
+        params["track_eval"].schema["description_md"])
+    # code spans stay as they are: escaping inside them would show "&lt;" literally
+    assert acl.markdown_text("a <b> `<c>` & d") == "a &lt;b&gt; `<c>` &amp; d"
 
 
 def test_form_rejects_out_of_range_and_unknown_choices(params: dict) -> None:
@@ -68,6 +123,10 @@ def test_doc_lists_every_key() -> None:
     doc = acl.params_doc(load_config(DEFAULT_CONFIG_PATH))
     for key in AuditConfig.model_fields:
         assert f"| `{key}` |" in doc
+    assert raw_html(doc) == []
+    page = render_markdown(doc)
+    assert page.count("<tr>") == len(AuditConfig.model_fields) + 1  # no row broken by a "|"
+    assert "&lt;root&gt;/&lt;class&gt;/&lt;image&gt;" in page
 
 
 @pytest.mark.parametrize(("conf", "named"), [
@@ -99,7 +158,8 @@ def test_deployment_defaults_and_errors() -> None:
                       ({"ACL_GPU_COUNT": "two"}, "ACL_GPU_COUNT"),
                       ({"ACL_NODE_SELECTOR": "[1]"}, "ACL_NODE_SELECTOR"),
                       ({"ACL_TOLERATIONS": "{not json"}, "ACL_TOLERATIONS"),
-                      ({"ACL_STARTUP_TIMEOUT": "0"}, "ACL_STARTUP_TIMEOUT")]:
+                      ({"ACL_STARTUP_TIMEOUT": "0"}, "ACL_STARTUP_TIMEOUT"),
+                      ({"ACL_BASE_DIR": "relative/dir"}, "ACL_BASE_DIR")]:
         with pytest.raises(ConfigError, match=name):
             acl.Deployment.from_env(env)
 
@@ -150,6 +210,51 @@ def test_gpu_pods_tolerate_the_gpu_taint() -> None:
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in \
             pod["spec"]["tolerations"]
         assert "AWS_ENDPOINT_URL_S3" not in json.dumps(pod)
+
+
+def test_beton_pod_is_a_cpu_trainer_pod_placed_like_the_trainers(tmp_path: Path) -> None:
+    run = str(tmp_path / "run")
+    runs.write_config(run, AuditConfig(data_path="s3://acl/data/"))
+    assert acl.plan_beton_kwargs(run) == []  # ffcv off: no pod, build_beton is skipped
+    runs.write_config(run, parse_config({"data_path": "s3://acl/data/", "ffcv": True},
+                                        check_installed=False))
+    (kwargs,) = acl.plan_beton_kwargs(run)
+    dep = acl.Deployment.from_env({"ACL_GPU_COUNT": "2", "ACL_NODE_SELECTOR": '{"pool": "gpu"}'})
+    with DAG("beton", schedule=None):
+        mapped = acl.beton_pod_operator(dep=dep).expand_kwargs([kwargs])
+    op = mapped.unmap(kwargs)
+    pod = ApiClient().sanitize_for_serialization(op.build_pod_request_obj(dry_run=True))
+    kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+    (trainer,) = _render_pods(dep, repeats=1)
+    container = pod["spec"]["containers"][0]
+    assert container["args"] == ["-m", "tasks.ffcv_data", "--run", run]
+    assert container["image"] == trainer["spec"]["containers"][0]["image"]
+    assert "nvidia.com/gpu" not in container["resources"]["limits"]  # FFCV writes on the CPU
+    for key in ("nodeSelector", "tolerations", "serviceAccountName"):  # schedules where they do
+        assert pod["spec"][key] == trainer["spec"][key], key
+    assert container["env"] == trainer["spec"]["containers"][0]["env"]
+    assert pod["metadata"]["labels"]["app.kubernetes.io/component"] == "build-beton"
+    assert op.pool == "default_pool" and op.retries >= 1 and op.get_logs
+
+
+# --- the local trainer's log lines ---------------------------------------------------------
+
+def test_trainer_lines_reach_the_task_log_without_their_own_time_and_level(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=acl.TRAINER_LOGGER)
+    missing = str(tmp_path / "no-run")
+    with pytest.raises(TrainerError):  # a real trainer subprocess, failing at once
+        acl.run_repeat_local(missing, 0)
+    records = [r for r in caplog.records if r.name == acl.TRAINER_LOGGER]
+    (failed,) = [r for r in records if "repeat 0 failed" in r.getMessage()]
+    assert failed.levelno == logging.ERROR
+    assert failed.getMessage().startswith("repeat 0 failed: FileNotFoundError: ")
+    assert not any(acl.TRAINER_LINE.match(r.getMessage()) for r in records)
+    # lines without the trainer's prefix (a traceback, a print) pass unchanged, as INFO
+    for line in ("Traceback (most recent call last):", "  File \"x.py\", line 1", ""):
+        assert acl.trainer_record(line) == (logging.INFO, line)
+    assert acl.trainer_record("2026-05-04 10:00:00,123 WARNING low disk: 2 GB") == (
+        logging.WARNING, "low disk: 2 GB")
 
 
 # --- scheduled audit files -----------------------------------------------------------------
@@ -208,6 +313,34 @@ def test_load_audits_keeps_the_good_ones(tmp_path: Path) -> None:
         acl.check_audit_files(dep)
     assert acl.load_audits(acl.Deployment.from_env({"ACL_AUDITS_DIR": str(tmp_path / "no")})) \
         == ([], [])
+
+
+def test_relative_audit_paths_resolve_against_the_base_dir(tmp_path: Path,
+                                                          monkeypatch) -> None:
+    path = _audit(tmp_path, "pets.yaml", {
+        "schedule": "@daily", "dataset": "data/pets",
+        "overrides": {"results_path": "out/latest.csv", "model_weights": "w/init.pt"}})
+    base = load_config(DEFAULT_CONFIG_PATH)  # work_uri "work": relative, inherited
+    seen = []
+    for cwd in (tmp_path, tmp_path / "elsewhere"):
+        cwd.mkdir(exist_ok=True)
+        monkeypatch.chdir(cwd)
+        seen.append(acl.load_audit(path, base).config)
+        root = tmp_path / "deploy"
+        dep = acl.Deployment.from_env({"ACL_AUDITS_DIR": str(tmp_path),
+                                       "ACL_BASE_DIR": str(root)})
+        ((audit,), errors) = acl.load_audits(dep)
+        assert errors == []
+        assert audit.config.data_path == str(root / "data" / "pets")
+        assert audit.config.work_uri == str(root / "work")
+        assert audit.results_uri == str(root / "out" / "latest.csv")
+    first, second = seen
+    assert first == second
+    # default base: the checkout's root (the folder holding configs/), wherever Airflow runs
+    assert first.data_path == str(acl.REPO_ROOT / "data" / "pets")
+    assert first.work_uri == str(acl.REPO_ROOT / "work")
+    assert first.results_path == str(acl.REPO_ROOT / "out" / "latest.csv")
+    assert first.model_weights == "w/init.pt"  # left to the trainer, as in every config
 
 
 def test_local_paths_become_absolute_once(tmp_path: Path, monkeypatch) -> None:

@@ -19,6 +19,7 @@ from tasks import airflow_adapter as acl
 from tasks import runs
 from tasks.config import AuditConfig, parse_config
 from tasks.merge import read_results
+from tests.test_airflow_adapter import raw_html, render_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 TASK_IDS = {"index", "plan", "train_repeat", "merge", "report", "autocorrect", "relabel"}
@@ -59,10 +60,12 @@ class LogLines(logging.Handler):
     def __init__(self, name: str) -> None:
         super().__init__(logging.INFO)
         self.lines: list[str] = []
+        self.levels: list[int] = []
         logging.getLogger(name).addHandler(self)
 
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append(record.getMessage())
+        self.levels.append(record.levelno)
 
 
 def states(dr) -> dict[tuple[str, int], str]:
@@ -81,6 +84,9 @@ def test_every_dag_imports_cleanly(dagbag) -> None:
     dag = dagbag.dags["auto_correct_labels"]
     assert type(dag.timetable).__name__ == "NullTimetable"  # manual trigger only
     assert all(f"`{key}`" in dag.doc_md for key in AuditConfig.model_fields)
+    for dag in dagbag.dags.values():  # Airflow's renderer would drop raw HTML such as <class>
+        assert raw_html(dag.doc_md) == [], dag.dag_id
+        assert "&lt;root&gt;/&lt;class&gt;/&lt;image&gt;" in render_markdown(dag.doc_md)
     train = dag.get_task("train_repeat")
     assert train.map_index_template == acl.LOCAL_MAP_INDEX_TEMPLATE
     assert dag.get_task("merge").trigger_rule.startswith("all_done")
@@ -93,12 +99,13 @@ def test_example_audit_file_is_a_scheduled_dag(dagbag) -> None:
     assert dag.timetable.expression == spec["schedule"]
     for key, value in spec["overrides"].items():
         assert dag.params[key] == value
-    assert dag.params["data_path"] == spec["dataset"]
     (asset,) = dag.get_task("merge").outlets
-    # Relative paths (the default work_uri "work") resolve against Airflow's working folder.
-    results = Path("work", "audits", spec["name"], "results.csv")
-    assert asset.uri == results.resolve().as_uri()
-    assert dag.params["results_path"] == str(results.resolve())
+    # Relative paths (its dataset, the default work_uri "work") resolve against the checkout's
+    # root, not the folder Airflow was started in.
+    assert dag.params["data_path"] == str(ROOT / spec["dataset"])
+    results = ROOT / "work" / "audits" / spec["name"] / "results.csv"
+    assert asset.uri == results.as_uri()
+    assert dag.params["results_path"] == str(results)
 
 
 def test_invalid_audit_file_is_an_import_error_naming_file_and_key(tmp_path, monkeypatch) -> None:
@@ -142,6 +149,7 @@ def test_bad_conf_is_refused_before_any_work(dagbag, dataset, tmp_path) -> None:
 def test_local_runner_audits_a_tiny_dataset(dagbag, dataset, tmp_path) -> None:
     dag = dagbag.dags["auto_correct_labels"]
     trainer_lines = LogLines(acl.TRAINER_LOGGER)
+    merge_lines = LogLines("tasks.merge")
     conf = tiny_conf(dataset, tmp_path / "work", autocorrect=True, relabel_mode="manifest")
     dr = dag.test(run_conf=conf)
     assert dr.state == "success", states(dr)
@@ -159,8 +167,19 @@ def test_local_runner_audits_a_tiny_dataset(dagbag, dataset, tmp_path) -> None:
     assert (results["num_preds"] == 1).all()  # K=2 folds, one round: one prediction each
     assert Path(run, "report.html").is_file()
     assert Path(run, "corrected-labels.csv").is_file()  # autocorrect on, manifest mode
-    # The trainer's own log lines (per-epoch progress) stream into the task log.
-    assert any("repeat 1 (round 0, fold 1) epoch 1/1" in line for line in trainer_lines.lines)
+    # The trainer's own log lines (per-epoch progress) stream into the task log: the message
+    # at its level, without the trainer's time and level (the task log adds its own).
+    (epoch,) = [i for i, line in enumerate(trainer_lines.lines)
+                if line.startswith("repeat 1 (round 0, fold 1) epoch 1/1")]
+    assert trainer_lines.levels[epoch] == logging.INFO
+    assert not any(acl.TRAINER_LINE.match(line) for line in trainer_lines.lines)
+    # One prediction per image and min_preds 2: merge and the report say nothing can be
+    # relabelled, and why.
+    why = ("no image can be relabelled: every image has at most 1 prediction, fewer than "
+           "min_preds 2; raise n_repeats to at least 4 (2 rounds of 2 folds) or lower min_preds")
+    assert why in merge_lines.lines
+    page = Path(run, "report.html").read_text()
+    assert "1 prediction per image" in page and why in page
 
 
 def test_failed_repeat_fails_merge_then_rerun_completes(dagbag, dataset, tmp_path) -> None:
@@ -214,10 +233,35 @@ def test_kubernetes_runner_renders_every_pod(tmp_path, monkeypatch) -> None:
     dag = bag.dags["auto_correct_labels"]
     mapped = dag.get_task("train_repeat")
     assert mapped.operator_class.__name__ == "KubernetesPodOperator"
+    # ffcv: the trainer image builds the .beton once, in a pod before every trainer pod
+    # (skipped when ffcv is off: the trainers still start)
+    beton = dag.get_task("build_beton")
+    assert beton.operator_class.__name__ == "KubernetesPodOperator"
+    assert mapped.upstream_task_ids == {"plan", "build_beton"}
+    assert beton.upstream_task_ids == {"plan_beton"}
+    assert mapped.trigger_rule == "none_failed"
 
     run = runs.run_uri(str(tmp_path / "work"), "manual__2026-03-01T00:00:00+00:00")
     runs.write_config(run, parse_config({"data_path": "s3://acl/data/", "n_repeats": 4,
                                          "test_split": 0.5}))
+    assert acl.plan_beton_kwargs(run) == []
+    ffcv_run = runs.run_uri(str(tmp_path / "work"), "manual__2026-03-02T00:00:00+00:00")
+    runs.write_config(ffcv_run, parse_config({"data_path": "s3://acl/data/", "ffcv": True},
+                                             check_installed=False))
+    (kwargs,) = acl.plan_beton_kwargs(ffcv_run)
+    op = beton.unmap(kwargs)
+    pod = ApiClient().sanitize_for_serialization(op.build_pod_request_obj(dry_run=True))
+    kubernetes_validate.validate(pod, "1.33", strict=True)
+    assert not any(value in json.dumps(pod) for value in secrets.values())
+    (container,) = pod["spec"]["containers"]
+    assert container["command"] == ["python"]
+    assert container["args"] == ["-m", "tasks.ffcv_data", "--run", ffcv_run]
+    assert container["image"] == "ghcr.io/auto-correct-labels/trainer:0.1.0"
+    assert "nvidia.com/gpu" not in container["resources"]["limits"]
+    assert pod["metadata"]["namespace"] == "auto-correct-labels"
+    assert jinja2.Template(op.map_index_template).render(task=op) == "dataset.beton"
+    assert op.on_finish_action.value == "delete_pod" and op.get_logs
+
     plan = acl.plan_train_kwargs(run, "kubernetes")
     assert len(plan) == 4
     for repeat, kwargs in enumerate(plan):
