@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from tasks import runs, storage
+from tasks.config import AuditConfig
 from tasks.index import read_manifest
 from tasks.plan import plan_repeats, split_for_repeat
 from tasks.shards import read_shards
