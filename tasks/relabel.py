@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import PurePosixPath
 
+import numpy as np
 import pandas as pd
 
 from tasks import storage
@@ -48,10 +49,42 @@ class Move:
     md5: str = ""  # content MD5 at plan time (journals written before it had none)
 
 
+def _lowest_share_reached(prob: np.ndarray) -> np.ndarray:
+    """Per probability p, the least float s with `s / 100 >= p` (as floats), so that
+    `p > s / 100` holds exactly when `s` is below it. `100 * p` alone can be an ulp off
+    (0.55 > 55 / 100 is false, but 55 < 100 * 0.55 is true); nudge it to the exact boundary."""
+    big = np.finfo(np.float64).max
+    with np.errstate(over="ignore"):  # only for absurd p: an infinite bound is then right
+        ceil = np.clip(prob * 100, -big, big)  # finite, so the steps below can start
+        while (up := np.isfinite(ceil) & (ceil / 100 < prob)).any():
+            ceil = np.where(up, np.nextafter(ceil, np.inf), ceil)
+        while (down := np.isfinite(ceil) & (np.nextafter(ceil, -np.inf) / 100 >= prob)).any():
+            ceil = np.where(down, np.nextafter(ceil, -np.inf), ceil)
+    return ceil
+
+
+def relabel_ceiling(results: pd.DataFrame, min_preds: int) -> pd.Series:
+    """Per results row, the sensitivity below which it is relabelled: at sensitivity `s` a
+    row moves exactly when `s < relabel_ceiling` (the one relabel rule; `select_rows` and the
+    report's slider both compare against it). NaN for a row that never moves: not flagged as
+    a label issue, `corrected_label == label`, or `num_preds < min_preds`. Otherwise the
+    lower of `%` (the vote share must be above `s`) and the least `s` at which
+    `suggested_quality > s / 100` fails; a missing `%` or probability counts as -1."""
+    pct = pd.to_numeric(results["%"], errors="coerce").fillna(-1).to_numpy(np.float64)
+    prob = pd.to_numeric(results["suggested_quality"], errors="coerce").fillna(-1)
+    ceiling = np.minimum(pct, _lowest_share_reached(prob.to_numpy(np.float64)))
+    eligible = (results["is_label_issue"].astype(bool)
+                & (results["corrected_label"] != results["label"])
+                & (results["num_preds"] >= min_preds))
+    return pd.Series(np.where(eligible.to_numpy(), ceiling, np.nan), index=results.index,
+                     name="relabel_ceiling")
+
+
 def select_rows(results: pd.DataFrame, sensitivity: float, min_preds: int) -> pd.DataFrame:
     """Rows to relabel: flagged as a label issue, `corrected_label != label`, both
     `% > sensitivity` (vote share) and `suggested_quality > sensitivity / 100` (pooled
-    probability of the suggested label), and `num_preds >= min_preds`.
+    probability of the suggested label), and `num_preds >= min_preds`; that is, the rows
+    whose `relabel_ceiling` is above `sensitivity`.
 
     The probability condition matters because with a few predictions per image the vote share
     is coarse (2 predictions: 0, 50 or 100%): on Fashion-MNIST 20k with 20% symmetric noise it
@@ -62,12 +95,7 @@ def select_rows(results: pd.DataFrame, sensitivity: float, min_preds: int) -> pd
     if missing:
         raise RelabelError(f"the results lack column(s) {', '.join(missing)}; relabel reads "
                            "the results.csv of an audit (python -m tasks audit writes it)")
-    pct = pd.to_numeric(results["%"], errors="coerce").fillna(-1)
-    prob = pd.to_numeric(results["suggested_quality"], errors="coerce").fillna(-1)
-    keep = (results["is_label_issue"].astype(bool)
-            & (results["corrected_label"] != results["label"]) & (pct > sensitivity)
-            & (prob > sensitivity / 100) & (results["num_preds"] >= min_preds))
-    return results[keep]
+    return results[relabel_ceiling(results, min_preds) > sensitivity]
 
 
 def _target_key(src: str, corrected: str, suffix: str = "") -> str:

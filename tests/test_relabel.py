@@ -11,8 +11,10 @@ import signal
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -22,6 +24,7 @@ from tasks.relabel import (
     Journal,
     RelabelError,
     relabel,
+    relabel_ceiling,
     relabel_results,
     select_rows,
     undo,
@@ -101,6 +104,64 @@ def test_thresholds_are_strict_on_votes_and_probability_and_inclusive_on_min_pre
     assert set(select_rows(results_frame(), 89.9, 4)["filename"]) == {
         "cat/img-003.png", "dog/img-003.png"}
     assert select_rows(results_frame(), 100, 1).empty
+
+
+def old_rule(results: pd.DataFrame, min_preds: int) -> Callable[[float], np.ndarray]:
+    """The relabel rule as select_rows wrote it before relabel_ceiling: a mask per
+    sensitivity."""
+    pct = pd.to_numeric(results["%"], errors="coerce").fillna(-1).to_numpy()
+    prob = pd.to_numeric(results["suggested_quality"], errors="coerce").fillna(-1).to_numpy()
+    base = (results["is_label_issue"].astype(bool)
+            & (results["corrected_label"] != results["label"])
+            & (results["num_preds"] >= min_preds)).to_numpy()
+    return lambda sensitivity: base & (pct > sensitivity) & (prob > sensitivity / 100)
+
+
+def random_results(rng: np.random.Generator, n: int) -> pd.DataFrame:
+    """Results rows whose vote shares and probabilities sit on the values a real audit writes
+    (k of n votes, 100 * p) as often as anywhere else, some of them missing."""
+    num_preds = rng.integers(0, 7, n)
+    votes = np.rint(rng.random(n) * np.maximum(num_preds, 1))
+    grid_pct = np.round(100 * votes / np.maximum(num_preds, 1), 2)
+    pct = np.where(rng.random(n) < 0.5, grid_pct, np.round(rng.random(n) * 100, 2))
+    prob = np.where(rng.random(n) < 0.4, pct / 100, rng.random(n))
+    pct[rng.random(n) < 0.05] = np.nan
+    prob[rng.random(n) < 0.05] = np.nan
+    label = rng.choice(["cat", "dog", "owl"], n)
+    return pd.DataFrame({
+        "filename": [f"{c}/img-{i:04d}.png" for i, c in enumerate(label)], "label": label,
+        "corrected_label": np.where(rng.random(n) < 0.8, rng.choice(["cat", "dog", "owl"], n),
+                                    label),
+        "%": pct, "suggested_quality": prob, "num_preds": num_preds,
+        "is_label_issue": rng.random(n) < 0.7})
+
+
+def test_select_rows_is_the_ceiling_rule_and_the_old_rule_at_every_sensitivity():
+    rng = np.random.default_rng(12)
+    for _ in range(10):
+        results = random_results(rng, 400)
+        min_preds = int(rng.integers(1, 5))
+        ceiling = relabel_ceiling(results, min_preds)
+        assert ceiling.index.equals(results.index)
+        never = ((results["num_preds"] < min_preds) | ~results["is_label_issue"]
+                 | (results["corrected_label"] == results["label"]))
+        assert never.any() and ceiling[never].isna().all() and ceiling[~never].notna().all()
+        # The boundaries themselves and a float either side of them, and plain sensitivities.
+        edges = np.concatenate([results["%"].dropna(), 100 * results["suggested_quality"].dropna(),
+                                ceiling.dropna()])
+        sensitivities = rng.permutation([*np.arange(0, 101), *rng.random(50) * 100, *edges,
+                                         *np.nextafter(edges, np.inf),
+                                         *np.nextafter(edges, -np.inf)])
+        rule = old_rule(results, min_preds)
+        for s in sensitivities:
+            assert np.array_equal(ceiling.to_numpy() > s, rule(s)), (s, min_preds)
+        for s in sensitivities[:40]:
+            got = select_rows(results, s, min_preds)
+            assert got.index.equals(results.index[rule(s)]), (s, min_preds)
+    # 55 < 100 * 0.55 (= 55.00000000000001), yet 0.55 > 55 / 100 is false: the ceiling is exact.
+    one = results_frame().iloc[[0]].assign(**{"%": 100.0, "suggested_quality": 0.55})
+    assert select_rows(one, 55, 1).empty and relabel_ceiling(one, 1).iloc[0] == 55
+    assert len(select_rows(one, np.nextafter(55, 0), 1)) == 1
 
 
 def test_results_without_the_probability_column_are_refused_by_name():

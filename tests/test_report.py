@@ -213,6 +213,23 @@ def test_grid_lists_top_rows_in_order_with_their_numbers(oracle, page):
         assert text in card_html
 
 
+def test_cards_carry_the_relabel_ceiling_that_the_slider_compares(oracle, page):
+    from tasks.relabel import relabel_ceiling
+
+    run, _ = oracle
+    results = flagged_of(run)
+    cards = Page(page).cards
+    ceilings = np.array([float(c["data-ceiling"]) for c in cards])
+    # Exactly the float relabel_ceiling computed (JavaScript's Number() reads it back the
+    # same); -1, below any sensitivity, for the images that never move.
+    assert np.array_equal(ceilings, relabel_ceiling(results, 2).fillna(-1).to_numpy())
+    assert (ceilings == -1).any() and (ceilings > 60).any()
+    for s in range(101):  # every slider position
+        slider = {c["data-name"] for c, ceiling in zip(cards, ceilings, strict=True)
+                  if s < ceiling}
+        assert slider == set(select_rows(results, s, 2)["filename"]), s
+
+
 def test_many_classes_get_a_list_of_top_pairs_instead_of_a_matrix():
     classes = [f"c{i:02d}" for i in range(40)]
     rows = [(classes[i], classes[(i + 1) % 40]) for i in range(40) for _ in range(i % 3 + 1)]
@@ -438,6 +455,13 @@ def test_report_in_headless_chromium(oracle, page):
         Select(driver.find_element(By.ID, "f-state")).select_by_value("relabel")
         assert {c.get_attribute("data-name") for c in visible()} == set(
             select_rows(results, 40, 2)["filename"])
+
+        # A file name that is also HTML reaches the script intact: the name filter finds it.
+        driver.find_element(By.ID, "f-reset").click()
+        assert driver.find_element(By.ID, "sens-value").text == "60%"
+        driver.find_element(By.ID, "f-text").send_keys(HOSTILE)
+        assert [c.get_attribute("data-name") for c in visible()] == [HOSTILE]
+        assert visible()[0].find_element(By.CSS_SELECTOR, ".fname").text == HOSTILE
 
         # Nothing left the page: the only request is the page itself (and its data: images).
         urls = set(_urls(_network(driver)).values())
