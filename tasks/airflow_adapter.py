@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tasks import runs, storage
 from tasks.config import DEFAULT_CONFIG_PATH, AuditConfig, ConfigError, load_config, parse_config
+from tasks.errors import UserError
 from tasks.plan import plan_repeats
 
 log = logging.getLogger(__name__)
@@ -465,7 +466,7 @@ class Audit:
         return self.config.results_path
 
 
-class AuditFileError(ValueError):
+class AuditFileError(UserError, ValueError):
     """One or more audit files are invalid; the message names each file and key."""
 
 

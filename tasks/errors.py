@@ -1,7 +1,10 @@
-"""The errors a user can fix, with one base class.
+"""The errors a user can fix, with one base class: the CLI prints their message as one
+`error:` line (exit 2); any other exception is a bug and shows its traceback.
 
-The storage errors live here so that `tasks.storage` and `tasks.s3` share them.
-Torch-free and Airflow-free.
+Each stage keeps its own subclass next to its code (ConfigError, DatasetError,
+MissingShardsError, RelabelError, TrainerError, SampleError, AuditFileError); the storage
+errors live here so that `tasks.storage` and `tasks.s3` share them. Torch-free and
+Airflow-free.
 """
 
 from __future__ import annotations
@@ -14,3 +17,7 @@ class UserError(Exception):
 
 class StorageError(UserError, RuntimeError):
     """A storage operation failed; the message names the URI (never credentials)."""
+
+
+class MissingFileError(StorageError, FileNotFoundError):
+    """A file or object the user named, or a run folder should hold, does not exist."""

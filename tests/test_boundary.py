@@ -1,5 +1,6 @@
-"""Only `tasks.airflow_adapter` imports Airflow: every other module imports with Airflow
-unimportable, and none names it in an import."""
+"""The package's two boundaries: only `tasks.airflow_adapter` imports Airflow (every other
+module imports with Airflow unimportable, and none names it in an import), and the errors
+a user can fix share one base class, `tasks.errors.UserError`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import tasks
+from tasks.errors import MissingFileError, StorageError, UserError
 
 ADAPTER = "tasks.airflow_adapter"
 AIRFLOW_FREE = sorted(f"tasks.{m.name}" for m in pkgutil.iter_modules(tasks.__path__)
@@ -48,3 +50,49 @@ def test_no_module_but_the_adapter_names_airflow_in_an_import(module: str) -> No
             names.append(node.module)
     assert [n for n in names if n.split(".")[0] == "airflow"] == []
 
+
+def test_domain_errors_are_user_errors_and_keep_their_old_bases() -> None:
+    from tasks.airflow_adapter import AuditFileError
+    from tasks.audit import TrainerError
+    from tasks.config import ConfigError
+    from tasks.index import DatasetError
+    from tasks.merge import MissingShardsError
+    from tasks.relabel import RelabelError
+    from tasks.sample import SampleError
+
+    for cls, old in [(ConfigError, ValueError), (DatasetError, ValueError),
+                     (MissingShardsError, RuntimeError), (RelabelError, RuntimeError),
+                     (TrainerError, RuntimeError), (StorageError, RuntimeError),
+                     (MissingFileError, FileNotFoundError), (SampleError, ValueError),
+                     (AuditFileError, ValueError)]:
+        assert issubclass(cls, UserError) and issubclass(cls, old), cls
+
+
+def trainer(run: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tasks.train", "--run", str(run), "--repeat",
+                           "0"], capture_output=True, text=True, timeout=300)
+
+
+def test_a_bug_in_the_trainer_logs_its_traceback_at_error(tmp_path: Path) -> None:
+    """A pod's log shows where an unexpected error came from; the last line still says what
+    failed. A run folder whose config.json is not JSON stands in for a bug."""
+    run = tmp_path / "runs" / "r1"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text("{not json")
+    proc = trainer(run)
+    assert proc.returncode == 1
+    assert "ERROR repeat 0 failed with an unexpected error\nTraceback (most recent call last):" \
+        in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1].endswith(
+        "ERROR repeat 0 failed: JSONDecodeError: Expecting property name enclosed in double "
+        "quotes: line 1 column 2 (char 1)")
+
+
+def test_a_user_error_in_the_trainer_is_one_line(tmp_path: Path) -> None:
+    proc = trainer(tmp_path / "nowhere")
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert proc.stdout.strip().splitlines() == [proc.stdout.strip().splitlines()[-1]]
+    assert proc.stdout.strip().endswith(
+        f"ERROR repeat 0 failed: MissingFileError: {tmp_path / 'nowhere'}/config.json does not "
+        f"exist: is {tmp_path / 'nowhere'} a run folder?")
