@@ -283,11 +283,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def cli() -> int:
     """main() with the product CLI's handling of errors a user can fix: one line, exit 2."""
-    from tasks.cli import USER_ERRORS
+    from tasks.errors import UserError
 
     try:
         return main()
-    except USER_ERRORS as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -2,10 +2,11 @@
 Airflow.
 
 It holds what the DAG files wire together and what tests call directly: the deployment
-settings (ACL_* environment variables), the trigger form built from the config schema, conf
-validation, the task bodies (index, plan, local trainer, merge, report, relabel), the one
-KubernetesPodOperator factory with the house defaults, and the loader for scheduled audit
-files. Everything else stays Airflow-free.
+settings (ACL_* environment variables), the AWS connection handed to the storage layer, the
+trigger form built from the config schema, conf validation, the task bodies (index, plan,
+local trainer, merge, report, relabel), the one KubernetesPodOperator factory with the house
+defaults, and the loader for scheduled audit files. Everything else stays Airflow-free
+(tests/test_boundary.py checks it).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tasks import runs, storage
 from tasks.config import DEFAULT_CONFIG_PATH, AuditConfig, ConfigError, load_config, parse_config
+from tasks.errors import UserError
 from tasks.plan import plan_repeats
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,7 @@ RUNNERS = ("local", "kubernetes")
 DEFAULT_AUDITS_DIR = DEFAULT_CONFIG_PATH.parent / "audits"
 REPO_ROOT = DEFAULT_CONFIG_PATH.parent.parent  # the checkout: the folder holding configs/
 TRAINER_LOGGER = "acl.trainer"
+CONN_ID_ENV = "ACL_AWS_CONN_ID"
 # The prefix of a trainer's log line (train.py / ffcv_data.py main: "%(asctime)s %(levelname)s
 # %(message)s"); the task log adds its own time and level, so only the message is passed on.
 TRAINER_LINE = re.compile(
@@ -156,6 +159,47 @@ class Deployment:
         return load_config(self.config_path)
 
 
+# --- the AWS connection -------------------------------------------------------------------
+
+def aws_connection_settings() -> dict[str, str]:
+    """boto3 client settings from the Airflow AWS connection (`ACL_AWS_CONN_ID`, default
+    `aws_default`), for what the environment leaves unset; empty when the connection does
+    not exist."""
+    conn_id = os.environ.get(CONN_ID_ENV, "aws_default")
+    try:
+        from airflow.sdk import Connection
+
+        conn = Connection.get(conn_id)
+    except Exception as err:  # no connection or no Airflow context: the boto3 defaults
+        log.debug("no Airflow connection %r (%s); using the boto3 defaults", conn_id,
+                  type(err).__name__)
+        return {}
+    extra = conn.extra_dejson or {}
+    s3_extra = (extra.get("service_config") or {}).get("s3") or {}
+    out: dict[str, str] = {}
+    endpoint = s3_extra.get("endpoint_url") or extra.get("endpoint_url")
+    if endpoint and not (os.environ.get("AWS_ENDPOINT_URL_S3")
+                         or os.environ.get("AWS_ENDPOINT_URL")):
+        out["endpoint_url"] = str(endpoint)
+    region = extra.get("region_name")
+    if region and not (os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")):
+        out["region_name"] = str(region)
+    if conn.login and conn.password and not os.environ.get("AWS_ACCESS_KEY_ID"):
+        out["aws_access_key_id"] = conn.login
+        out["aws_secret_access_key"] = conn.password
+        if extra.get("aws_session_token"):
+            out["aws_session_token"] = str(extra["aws_session_token"])
+    return out
+
+
+def use_aws_connection() -> dict[str, str]:
+    """Hand the AWS connection's settings to the storage layer (and so to local trainer
+    subprocesses); every task body calls this first. Returns the settings."""
+    settings = aws_connection_settings()
+    storage.configure_s3(**settings)
+    return settings
+
+
 # --- the trigger form --------------------------------------------------------------------
 
 def _param_schema(name: str, prop: dict[str, Any]) -> dict[str, Any]:
@@ -242,6 +286,7 @@ def prepare(params: Mapping[str, Any], conf: Mapping[str, Any] | None, run_id: s
     DAG run and record the config; returns the run URI."""
     from tasks.audit import prepare_run
 
+    use_aws_connection()
     try:
         cfg = validate_conf(conf, params, check_installed=runner != "kubernetes")
         if runner == "kubernetes":
@@ -271,6 +316,7 @@ def absolute_paths(cfg: AuditConfig, base: str | Path | None = None) -> AuditCon
 def plan_beton_kwargs(run: str) -> list[dict[str, Any]]:
     """Kubernetes runner: the expand_kwargs input of the build_beton pod, one pod when the
     run's `ffcv` is on, none otherwise (the task is then skipped)."""
+    use_aws_connection()
     if not runs.read_config(run).ffcv:
         return []
     return [{
@@ -282,6 +328,7 @@ def plan_beton_kwargs(run: str) -> list[dict[str, Any]]:
 
 def plan_train_kwargs(run: str, runner: str = "local") -> list[dict[str, Any]]:
     """One small dict per repeat, the expand_kwargs input of the mapped trainer task."""
+    use_aws_connection()
     specs = plan_repeats(runs.read_config(run))
     if runner == "kubernetes":
         return [pod_kwargs(run, s.repeat, s.round, s.fold) for s in specs]
@@ -311,6 +358,7 @@ def run_repeat_local(run: str, repeat: int, label: str | None = None) -> str:
     the task log (message and level) as it comes; returns the shard URI."""
     from tasks.audit import run_trainer_subprocess
 
+    use_aws_connection()
     trainer_log = logging.getLogger(TRAINER_LOGGER)
     log.info("training %s of run %s", label or f"repeat {repeat}", run)
     run_trainer_subprocess(run, repeat, emit=lambda line: trainer_log.log(*trainer_record(line)))
@@ -325,6 +373,7 @@ def merge_shards(run: str) -> str:
     is below min_coverage. Returns the results CSV URI."""
     from tasks.merge import MissingShardsError, merge_run
 
+    use_aws_connection()
     try:
         return merge_run(run)
     except MissingShardsError as err:
@@ -338,6 +387,7 @@ def write_run_report(run: str, started: datetime | None = None) -> str:
     """report.html of the run; `started` is when the DAG run began."""
     from tasks.report import write_report
 
+    use_aws_connection()
     seconds = None
     if started is not None:
         seconds = (datetime.now(UTC) - started).total_seconds()
@@ -346,6 +396,7 @@ def write_run_report(run: str, started: datetime | None = None) -> str:
 
 def autocorrect_requested(run: str) -> bool:
     """Whether this run's config asks to relabel after the audit."""
+    use_aws_connection()
     cfg = runs.read_config(run)
     log.info("autocorrect is %s", "on" if cfg.autocorrect else "off: relabel is skipped")
     return cfg.autocorrect
@@ -356,6 +407,7 @@ def relabel_run(results: str) -> str | None:
     config); returns the journal or corrected-labels CSV URI."""
     from tasks.relabel import relabel_results
 
+    use_aws_connection()
     return relabel_results(results)
 
 
@@ -478,7 +530,7 @@ class Audit:
         return self.config.results_path
 
 
-class AuditFileError(ValueError):
+class AuditFileError(UserError, ValueError):
     """One or more audit files are invalid; the message names each file and key."""
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from tasks import runs, storage
 from tasks.config import AuditConfig, ffcv_installed
+from tasks.errors import UserError
 from tasks.index import index_dataset, list_dataset, listing_fingerprint, write_index
 from tasks.plan import RepeatSpec, plan_repeats
 
@@ -63,7 +64,7 @@ def trainer_command(run: str, repeat: int) -> list[str]:
     return [sys.executable, "-m", "tasks.train", "--run", run, "--repeat", str(repeat)]
 
 
-class TrainerError(RuntimeError):
+class TrainerError(UserError, RuntimeError):
     """A trainer subprocess failed; its log (passed to `emit`) says why."""
 
 

@@ -6,18 +6,10 @@ import argparse
 import logging
 import sys
 
-from tasks import storage
-from tasks.audit import TrainerError
-from tasks.config import ConfigError, load_config
-from tasks.index import DatasetError
-from tasks.merge import MissingShardsError
-from tasks.relabel import RelabelError
+from tasks.config import load_config
+from tasks.errors import UserError
 
 log = logging.getLogger("tasks")
-
-# Errors a user can fix: one clear line, exit code 2, no traceback.
-USER_ERRORS = (ConfigError, DatasetError, MissingShardsError, RelabelError, TrainerError,
-               storage.StorageError, FileNotFoundError, FileExistsError, ValueError)
 
 
 def _cmd_sample(args: argparse.Namespace) -> None:
@@ -94,13 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit code."""
+    """Entry point; returns the exit code: 2 after an error the user can fix (one `error:`
+    line); any other exception is a bug and propagates with its traceback (exit 1)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
     try:
         args.func(args)
-    except USER_ERRORS as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

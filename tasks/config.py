@@ -22,6 +22,8 @@ from pydantic import (
     model_validator,
 )
 
+from tasks.errors import UserError
+
 MODEL_NAMES = ("small_cnn", "resnet18", "efficientnet_v2_s", "alexnet")
 # Smallest input each architecture accepts (AlexNet's pooling collapses below 63 px).
 MIN_IMAGE_SIZE = {"small_cnn": 8, "resnet18": 16, "efficientnet_v2_s": 16, "alexnet": 63}
@@ -50,7 +52,7 @@ TRAINING_KEYS = (
 )
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value is invalid; the message names the key and the value."""
 
 

@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from tasks import storage
 from tasks.config import AuditConfig
+from tasks.errors import UserError
 from tasks.storage import unsafe_key_reason
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", 
 MANIFEST_COLUMNS = ["id", "key", "label", "label_idx", "size", "etag"]
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """The dataset cannot be audited as it is; the message says why and what to do."""
 
 

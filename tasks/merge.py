@@ -29,6 +29,7 @@ import pandas as pd
 
 from tasks import runs, storage
 from tasks.config import AuditConfig
+from tasks.errors import MissingFileError, UserError
 from tasks.index import read_manifest
 from tasks.plan import plan_repeats, split_for_repeat
 from tasks.shards import read_shards
@@ -42,7 +43,7 @@ FILTER_BY = "low_self_confidence"
 CONFIDENT_VOTE = 0.7
 
 
-class MissingShardsError(RuntimeError):
+class MissingShardsError(UserError, RuntimeError):
     """Too few repeats produced shards; the message lists the missing repeats."""
 
     def __init__(self, message: str, missing: list[int]) -> None:
@@ -197,7 +198,7 @@ def sort_most_suspicious(results: pd.DataFrame) -> pd.DataFrame:
 def read_results(uri: str) -> pd.DataFrame:
     """A results CSV as written by `merge_run`."""
     if not storage.exists(uri):
-        raise FileNotFoundError(f"results CSV {uri} does not exist")
+        raise MissingFileError(f"results CSV {uri} does not exist")
     return pd.read_csv(io.BytesIO(storage.read_bytes(uri)), keep_default_na=False,
                        na_values={"%": [""], "label_quality": [""], "suggested_quality": [""]},
                        dtype={"filename": str, "label": str, "corrected_label": str})

@@ -25,12 +25,13 @@ import numpy as np
 import pandas as pd
 
 from tasks import storage
+from tasks.errors import MissingFileError, UserError
 from tasks.storage import unsafe_key_reason
 
 log = logging.getLogger(__name__)
 
 
-class RelabelError(RuntimeError):
+class RelabelError(UserError, RuntimeError):
     """A move cannot be done safely; nothing was deleted."""
 
 
@@ -185,10 +186,17 @@ class Journal:
 
     def read(self) -> tuple[dict, list[Move]]:
         if not storage.exists(self.uri):
-            raise FileNotFoundError(f"journal {self.uri} does not exist")
-        lines = [json.loads(x) for x in storage.read_text(self.uri).splitlines() if x.strip()]
-        header = lines[0]
-        moves = [Move(**{k: v for k, v in x.items() if k != "type"}) for x in lines[1:]]
+            raise MissingFileError(f"journal {self.uri} does not exist")
+        try:
+            lines = [json.loads(x) for x in storage.read_text(self.uri).splitlines() if x.strip()]
+            header = lines[0]
+            moves = [Move(**{k: v for k, v in x.items() if k != "type"}) for x in lines[1:]]
+        except (ValueError, TypeError, AttributeError, IndexError) as err:
+            raise RelabelError(f"{self.uri} is not a relabel journal ({type(err).__name__}); "
+                               "pass the relabel-journal.jsonl of a run") from None
+        if not isinstance(header, dict) or header.get("type") != "header" or "root" not in header:
+            raise RelabelError(f"{self.uri} is not a relabel journal (no header line); pass "
+                               "the relabel-journal.jsonl of a run")
         return header, moves
 
     def set_state(self, state: str) -> None:
@@ -285,7 +293,7 @@ def relabel_results(results_uri: str, sensitivity: float | None = None,
     from tasks.merge import read_results
 
     if not storage.exists(results_uri):
-        raise FileNotFoundError(f"results CSV {results_uri} does not exist")
+        raise MissingFileError(f"results CSV {results_uri} does not exist")
     run = storage.parent(results_uri)
     cfg = runs.read_config(run)
     sensitivity = cfg.sensitivity if sensitivity is None else sensitivity

@@ -12,6 +12,7 @@ import re
 
 from tasks import storage
 from tasks.config import AuditConfig, parse_config
+from tasks.errors import MissingFileError
 
 
 def run_uri(work_uri: str, run_id: str) -> str:
@@ -46,5 +47,5 @@ def read_config(run: str) -> AuditConfig:
     that need an optional package (FFCV) check for it themselves."""
     uri = storage.join(run, "config.json")
     if not storage.exists(uri):
-        raise FileNotFoundError(f"{uri} does not exist: is {run} a run folder?")
+        raise MissingFileError(f"{uri} does not exist: is {run} a run folder?")
     return parse_config(json.loads(storage.read_text(uri)), check_installed=False)

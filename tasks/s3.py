@@ -2,10 +2,10 @@
 
 URIs are `s3://bucket/key`. Endpoint, region and credentials come the standard boto3 way
 (`AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID` /
-`AWS_SECRET_ACCESS_KEY`, `~/.aws`, instance roles); inside an Airflow process the AWS
-connection (`ACL_AWS_CONN_ID`, default `aws_default`) fills in what the environment leaves
-unset. Requests are retried with exponential backoff on throttling and connection errors
-(botocore `standard` mode, 20 attempts; `AWS_RETRY_MODE` / `AWS_MAX_ATTEMPTS` override).
+`AWS_SECRET_ACCESS_KEY`, `~/.aws`, instance roles), except what `storage.configure_s3` set
+explicitly (inside Airflow: the AWS connection, handed over by the adapter). Requests are
+retried with exponential backoff on throttling and connection errors (botocore `standard`
+mode, 20 attempts; `AWS_RETRY_MODE` / `AWS_MAX_ATTEMPTS` override).
 Errors are `StorageError`s that name the URI, never the credentials.
 
 Objects are downloaded into a local cache (`ACL_CACHE_DIR`, default
@@ -20,11 +20,10 @@ import io
 import logging
 import os
 import re
-import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
@@ -44,13 +43,13 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 
-from tasks.storage import ObjectInfo, StorageError, unsafe_key_reason
+from tasks.errors import StorageError
+from tasks.keys import ObjectInfo, unsafe_key_reason
 
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "ACL_CACHE_DIR"
 CONCURRENCY_ENV = "ACL_S3_CONCURRENCY"
-CONN_ID_ENV = "ACL_AWS_CONN_ID"
 DEFAULT_CACHE_DIR = "~/.cache/auto-correct-labels"
 DEFAULT_CONCURRENCY = 16
 # botocore waits 50 ms x 2^attempt (up to 20 s, jittered) after a connection error, so 20
@@ -88,53 +87,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR).expanduser()
 
 
-# --- settings from an Airflow connection -------------------------------------------------
-
-def airflow_connection_settings() -> dict[str, str]:
-    """boto3 client settings from the Airflow AWS connection, for what the environment
-    leaves unset; empty outside Airflow (only consulted when this process already imported
-    Airflow, so `tasks` never imports it) or when the connection does not exist."""
-    if "airflow" not in sys.modules:
-        return {}
-    conn_id = os.environ.get(CONN_ID_ENV, "aws_default")
-    try:
-        from airflow.sdk import Connection
-
-        conn = Connection.get(conn_id)
-    except Exception as err:  # no connection or no Airflow context: the boto3 defaults
-        log.debug("no Airflow connection %r (%s); using the boto3 defaults", conn_id,
-                  type(err).__name__)
-        return {}
-    extra = conn.extra_dejson or {}
-    s3_extra = (extra.get("service_config") or {}).get("s3") or {}
-    out: dict[str, str] = {}
-    endpoint = s3_extra.get("endpoint_url") or extra.get("endpoint_url")
-    if endpoint and not (os.environ.get("AWS_ENDPOINT_URL_S3")
-                         or os.environ.get("AWS_ENDPOINT_URL")):
-        out["endpoint_url"] = str(endpoint)
-    region = extra.get("region_name")
-    if region and not (os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")):
-        out["region_name"] = str(region)
-    if conn.login and conn.password and not os.environ.get("AWS_ACCESS_KEY_ID"):
-        out["aws_access_key_id"] = conn.login
-        out["aws_secret_access_key"] = conn.password
-        if extra.get("aws_session_token"):
-            out["aws_session_token"] = str(extra["aws_session_token"])
-    return out
-
-
-_ENV_NAMES = {"endpoint_url": "AWS_ENDPOINT_URL_S3", "region_name": "AWS_DEFAULT_REGION",
-              "aws_access_key_id": "AWS_ACCESS_KEY_ID",
-              "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY",
-              "aws_session_token": "AWS_SESSION_TOKEN"}
-
-
-def connection_env() -> dict[str, str]:
-    """The Airflow connection's settings as the standard AWS environment variables, for a
-    child process (values are passed, never logged)."""
-    return {_ENV_NAMES[k]: v for k, v in airflow_connection_settings().items()}
-
-
 # --- the backend ------------------------------------------------------------------------
 
 def _is_aws(endpoint: str) -> bool:
@@ -152,10 +104,13 @@ def _third_party_options(core: botocore.session.Session, options: dict[str, Any]
             options[name] = "when_required"
 
 
-def make_client(concurrency: int = DEFAULT_CONCURRENCY) -> tuple[Any, list[str]]:
-    """A boto3 S3 client and the credential strings it uses (kept out of messages)."""
+def make_client(concurrency: int = DEFAULT_CONCURRENCY, settings: Mapping[str, str] | None = None,
+                ) -> tuple[Any, list[str]]:
+    """A boto3 S3 client and the credential strings it uses (kept out of messages);
+    `settings` (boto3 client arguments: endpoint_url, region_name, keys) win over the
+    environment."""
     core = botocore.session.get_session()
-    settings = airflow_connection_settings()
+    settings = dict(settings or {})
     retries: dict[str, Any] = {}
     if core.get_config_variable("retry_mode") is None:
         retries["mode"] = "standard"
@@ -202,15 +157,17 @@ class S3Backend:
 
     _shared: ClassVar[S3Backend | None] = None
     _shared_pid: ClassVar[int] = 0
+    _shared_settings: ClassVar[dict[str, str]] = {}
     _lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, client: Any = None, concurrency: int | None = None,
                  page_size: int = 1000, multipart_threshold: int = MULTIPART_THRESHOLD,
-                 multipart_chunksize: int = MULTIPART_CHUNK) -> None:
+                 multipart_chunksize: int = MULTIPART_CHUNK,
+                 settings: Mapping[str, str] | None = None) -> None:
         self.concurrency = concurrency or int(os.environ.get(CONCURRENCY_ENV)
                                               or DEFAULT_CONCURRENCY)
         if client is None:
-            client, self._secrets = make_client(self.concurrency)
+            client, self._secrets = make_client(self.concurrency, settings)
         else:
             self._secrets = []
         self.client = client
@@ -222,12 +179,16 @@ class S3Backend:
         self._conditional_copy: bool | None = None  # unknown until the server answers
 
     @classmethod
-    def shared(cls) -> S3Backend:
-        """One backend (one client and connection pool) per process; a forked child makes
-        its own, since boto3 clients do not survive a fork."""
+    def shared(cls, settings: Mapping[str, str] | None = None) -> S3Backend:
+        """One backend (one client and connection pool) per process and `settings` (see
+        `make_client`); a forked child makes its own, since boto3 clients do not survive a
+        fork."""
+        settings = dict(settings or {})
         with cls._lock:
-            if cls._shared is None or cls._shared_pid != os.getpid():
-                cls._shared, cls._shared_pid = cls(), os.getpid()
+            if (cls._shared is None or cls._shared_pid != os.getpid()
+                    or cls._shared_settings != settings):
+                cls._shared = cls(settings=settings)
+                cls._shared_pid, cls._shared_settings = os.getpid(), settings
             return cls._shared
 
     @classmethod

@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from tasks.errors import UserError
+
 log = logging.getLogger(__name__)
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -27,6 +29,10 @@ FASHION_NEIGHBOUR = {"t-shirt": "shirt", "shirt": "t-shirt", "pullover": "coat",
                      "ankle-boot": "sneaker", "dress": "coat", "trouser": "dress", "bag": "t-shirt"}
 DIGIT_NEIGHBOUR = {"0": "6", "1": "7", "2": "7", "3": "8", "4": "9", "5": "6", "6": "5",
                    "7": "1", "8": "3", "9": "4"}
+
+
+class SampleError(UserError, ValueError):
+    """A sample dataset cannot be written as asked; the message names the option."""
 
 
 @dataclass
@@ -58,7 +64,7 @@ def load_clean(source: str = "auto") -> CleanData:
                                  for p in ("train", "t10k")])
         return CleanData(images, labels.astype(np.int64), FASHION_CLASSES, "fashion-mnist")
     if source == "fashion-mnist":
-        raise FileNotFoundError(
+        raise SampleError(
             f"Fashion-MNIST not found in {FASHION_MNIST_DIR}: apt-get install dataset-fashion-mnist"
         )
     from sklearn.datasets import load_digits
@@ -83,7 +89,7 @@ def inject_noise(labels: np.ndarray, classes: list[str], noise: float, kind: str
         target = np.array([classes.index(neighbour[c]) for c in classes])
         given[flip] = target[labels[flip]]
     else:
-        raise ValueError(f"noise kind must be symmetric or asymmetric, got {kind!r}")
+        raise SampleError(f"noise kind must be symmetric or asymmetric, got {kind!r}")
     return given
 
 
@@ -92,7 +98,7 @@ def draw_noisy(data: CleanData, n: int, noise: float, seed: int, kind: str = "sy
     """(indices of `n` images drawn from `data`, their true labels, their given labels with a
     fraction `noise` changed), all from one generator seeded with `seed`."""
     if not 2 <= n <= len(data.labels):
-        raise ValueError(f"--n must be between 2 and {len(data.labels)} for {data.name}, got {n}")
+        raise SampleError(f"--n must be between 2 and {len(data.labels)} for {data.name}, got {n}")
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(data.labels), size=n, replace=False))
     true = data.labels[pick]
@@ -104,12 +110,12 @@ def write_sample(out: str | Path, n: int, noise: float, seed: int, kind: str = "
     """Write a class-folder PNG dataset of `n` images with a fraction `noise` of wrong labels,
     and `<out>.truth.csv`; returns the truth file path."""
     if not 0 <= noise < 1:
-        raise ValueError(f"--noise must be in [0, 1), got {noise}")
+        raise SampleError(f"--noise must be in [0, 1), got {noise}")
     data = load_clean(source)
     pick, true, given = draw_noisy(data, n, noise, seed, kind)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; choose another --out")
+        raise SampleError(f"{out} exists and is not empty; choose another --out")
     for c in data.classes:
         (out / c).mkdir(parents=True, exist_ok=True)
     rows = []

@@ -9,39 +9,35 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import sys
 import tempfile
-import unicodedata
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
+from tasks.errors import StorageError as StorageError
+from tasks.keys import ObjectInfo as ObjectInfo
+from tasks.keys import unsafe_key_reason as unsafe_key_reason
 
-class StorageError(RuntimeError):
-    """A storage operation failed; the message names the URI (never credentials)."""
-
-
-@dataclass(frozen=True)
-class ObjectInfo:
-    """One file or object under a root: key relative to the root, size in bytes, etag."""
-
-    key: str
-    size: int
-    etag: str
+# boto3 client settings handed over by `configure_s3`, and the standard AWS variable of each.
+_S3_SETTINGS: dict[str, str] = {}
+_S3_ENV_NAMES = {"endpoint_url": "AWS_ENDPOINT_URL_S3", "region_name": "AWS_DEFAULT_REGION",
+                 "aws_access_key_id": "AWS_ACCESS_KEY_ID",
+                 "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY",
+                 "aws_session_token": "AWS_SESSION_TOKEN"}
 
 
-def unsafe_key_reason(key: str) -> str | None:
-    """Why a key must not be used as a path (escapes the root, control chars), or None.
-    Keys listed from a bucket are data: they are checked before they name a file anywhere."""
-    if key.startswith("/") or key.startswith("\\"):
-        return "absolute path"
-    if any(unicodedata.category(c) == "Cc" for c in key):
-        return "control character in name"
-    if any(part in ("..", ".") or part == "" for part in key.split("/")):
-        return "'..', '.' or empty path component"
-    if "\\" in key:
-        return "backslash in name"
-    return None
+def configure_s3(*, endpoint_url: str | None = None, region_name: str | None = None,
+                 aws_access_key_id: str | None = None, aws_secret_access_key: str | None = None,
+                 aws_session_token: str | None = None) -> None:
+    """S3 endpoint, region and credentials for this process and its local trainer
+    subprocesses (the Airflow adapter hands over its AWS connection's). They win over the
+    standard boto3 sources (the environment, ~/.aws, roles); a setting left None comes from
+    those. Replaces earlier settings."""
+    given = {"endpoint_url": endpoint_url, "region_name": region_name,
+             "aws_access_key_id": aws_access_key_id,
+             "aws_secret_access_key": aws_secret_access_key,
+             "aws_session_token": aws_session_token}
+    _S3_SETTINGS.clear()
+    _S3_SETTINGS.update({k: v for k, v in given.items() if v})
 
 
 def is_s3(uri: str) -> bool:
@@ -171,7 +167,7 @@ def _backend(uri: str):
     if is_s3(uri):
         from tasks.s3 import S3Backend
 
-        return S3Backend.shared()
+        return S3Backend.shared(_S3_SETTINGS)
     return LocalBackend()
 
 
@@ -239,9 +235,6 @@ def fetch_many(uris: list[str], etags: list[str] | None = None) -> list[str]:
 
 def subprocess_env() -> dict[str, str]:
     """Environment a child process (a local trainer) needs to reach the same object store:
-    empty unless the S3 settings came from an Airflow connection of this process."""
-    if "airflow" not in sys.modules:
-        return {}
-    from tasks.s3 import connection_env
-
-    return connection_env()
+    the settings given to `configure_s3`, as the standard AWS variables (passed, never
+    logged)."""
+    return {_S3_ENV_NAMES[k]: v for k, v in _S3_SETTINGS.items()}

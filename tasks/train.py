@@ -28,6 +28,7 @@ from torch import nn
 
 from tasks import images, runs, shards, storage
 from tasks.config import AuditConfig
+from tasks.errors import UserError
 from tasks.ffcv_data import FfcvBatches, build_beton, require_ffcv
 from tasks.index import read_manifest
 from tasks.models import IMAGENET_MEAN, IMAGENET_STD, build_model
@@ -326,8 +327,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(message)s")
     try:
         run_repeat(args.run, args.repeat, force=args.force)
-    except Exception as err:  # one clear line for the task log, traceback at debug
-        log.debug("trainer failed", exc_info=True)
+    except Exception as err:  # a bug's traceback first; the last line says what failed
+        if not isinstance(err, UserError):
+            log.exception("repeat %d failed with an unexpected error", args.repeat)
         log.error("repeat %d failed: %s: %s", args.repeat, type(err).__name__, err)
         return 1
     return 0

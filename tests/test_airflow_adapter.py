@@ -358,3 +358,34 @@ def test_kubernetes_runner_needs_object_storage(tmp_path: Path) -> None:
     form = {"data_path": str(tmp_path / "data"), "work_uri": "s3://b/work"}
     with pytest.raises(AirflowFailException, match="data_path must be an s3:// URI"):
         acl.prepare(form, {}, "manual__1", runner="kubernetes")
+
+
+def test_task_bodies_hand_the_aws_connection_to_storage(tmp_path: Path, monkeypatch) -> None:
+    """A task body hands what the environment leaves unset from the AWS connection
+    (`ACL_AWS_CONN_ID`) to the storage layer, and so to local trainer subprocesses."""
+    from tasks import runs, storage
+
+    run = runs.run_uri(str(tmp_path), "r1")
+    runs.write_config(run, AuditConfig(data_path=str(tmp_path / "data"), work_uri=str(tmp_path)))
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION",
+                 "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    conn = {"conn_type": "aws", "login": "AKIAEXAMPLEKEYID1234", "password": "example-secret",
+            "extra": {"service_config": {"s3": {"endpoint_url": "http://store.example:8333"}},
+                      "region_name": "eu-west-1"}}
+    monkeypatch.setenv("AIRFLOW_CONN_ACL_STORE", json.dumps(conn))
+    monkeypatch.setenv("ACL_AWS_CONN_ID", "acl_store")
+    try:
+        acl.autocorrect_requested(run)
+        assert storage.subprocess_env() == {
+            "AWS_ENDPOINT_URL_S3": "http://store.example:8333", "AWS_DEFAULT_REGION": "eu-west-1",
+            "AWS_ACCESS_KEY_ID": "AKIAEXAMPLEKEYID1234", "AWS_SECRET_ACCESS_KEY": "example-secret"}
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://env.example:9000")  # the env wins
+        acl.autocorrect_requested(run)
+        assert sorted(storage.subprocess_env()) == ["AWS_ACCESS_KEY_ID", "AWS_DEFAULT_REGION",
+                                                    "AWS_SECRET_ACCESS_KEY"]
+        monkeypatch.setenv("ACL_AWS_CONN_ID", "no_such_connection")
+        acl.autocorrect_requested(run)
+        assert storage.subprocess_env() == {}
+    finally:
+        storage.configure_s3()

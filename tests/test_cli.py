@@ -1,6 +1,7 @@
 """The command line as a user runs it (`python -m tasks ...` in a subprocess): sample data,
-one end-to-end audit on a tiny dataset, resuming it, relabel and undo, and the one-line
-errors for an invalid config and a single-class dataset."""
+one end-to-end audit on a tiny dataset, resuming it, relabel and undo, the one-line errors a
+user can fix (an invalid config, a single-class dataset ...) and the traceback of anything
+else."""
 
 from __future__ import annotations
 
@@ -157,3 +158,28 @@ def test_user_errors_exit_2_with_one_line(argv, message, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(message), err
+
+
+def test_undo_of_a_file_that_is_not_a_journal_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "results.csv"
+    bad.write_text("filename,label\n")
+    assert cli.main(["undo", "--journal", str(bad)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {bad} is not a relabel journal (JSONDecodeError); pass the "
+        "relabel-journal.jsonl of a run"]
+
+
+def test_an_unexpected_error_shows_its_traceback_and_exits_1(tmp_path):
+    """Only errors a user can fix are one `error:` line. A run folder whose config.json is
+    not JSON (a damaged run, not a wrong argument) raises a plain ValueError from inside the
+    json module: that is a traceback, not a user mistake."""
+    run = tmp_path / "runs" / "r1"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text("{not json")
+    (run / "results.csv").write_text("filename,label\n")
+    proc = tasks_cli("relabel", "--results", str(run / "results.csv"))
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert "Traceback (most recent call last):" in lines
+    assert lines[-1].startswith("json.decoder.JSONDecodeError: Expecting property name")
+    assert not [line for line in lines if line.startswith("error:")]

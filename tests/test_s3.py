@@ -242,8 +242,9 @@ def test_md5_verifies_a_copy_whose_etag_differs(s3):
 
 
 def test_airflow_connection_supplies_endpoint_and_credentials(s3, tmp_path):
-    """Inside Airflow (airflow imported) without AWS_* variables, the `aws_default`
-    connection names the endpoint and credentials; the server checks the signature."""
+    """Inside Airflow without AWS_* variables, the `aws_default` connection (handed to the
+    storage layer by the adapter, as every task body does) names the endpoint and
+    credentials; the server checks the signature."""
     storage.write_bytes(f"{s3.root}/conn/a.png", b"a")
     conn = {"conn_type": "aws", "login": s3.server.env()["AWS_ACCESS_KEY_ID"],
             "password": s3.server.env()["AWS_SECRET_ACCESS_KEY"],
@@ -251,10 +252,10 @@ def test_airflow_connection_supplies_endpoint_and_credentials(s3, tmp_path):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("AWS_") or k == "AWS_EC2_METADATA_DISABLED"}
     env["AIRFLOW_CONN_AWS_DEFAULT"] = json.dumps(conn)
-    code = ("import airflow.sdk, sys\n"
-            "from tasks import storage\n"
+    code = ("from tasks import airflow_adapter, storage\n"
             "from tasks.s3 import S3Backend\n"
-            f"print(S3Backend.shared().endpoint, [i.key for i in storage.list_objects("
+            "settings = airflow_adapter.use_aws_connection()\n"
+            f"print(S3Backend.shared(settings).endpoint, [i.key for i in storage.list_objects("
             f"'{s3.root}/conn')])\n"
             "env = storage.subprocess_env()\n"
             "print(sorted(env), env['AWS_ENDPOINT_URL_S3'])\n")
@@ -266,6 +267,23 @@ def test_airflow_connection_supplies_endpoint_and_credentials(s3, tmp_path):
     assert lines[1] == (f"['AWS_ACCESS_KEY_ID', 'AWS_DEFAULT_REGION', 'AWS_ENDPOINT_URL_S3', "
                         f"'AWS_SECRET_ACCESS_KEY'] {s3.server.endpoint}")
     assert_no_secrets(out.stderr, "the log of a process using the Airflow connection")
+
+
+def test_the_shared_backend_follows_the_configured_settings(monkeypatch):
+    """One client per process and settings: new settings (another connection) get a new
+    client, the same settings the same one."""
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    one = {"endpoint_url": "http://one.example:9000", "region_name": "us-east-1"}
+    S3Backend.reset_shared()
+    try:
+        backend = S3Backend.shared(one)
+        assert backend.endpoint == "http://one.example:9000"
+        assert S3Backend.shared(dict(one)) is backend
+        other = S3Backend.shared({**one, "endpoint_url": "http://two.example:9000"})
+        assert other is not backend and other.endpoint == "http://two.example:9000"
+    finally:
+        S3Backend.reset_shared()
 
 
 # --- bad keys ---------------------------------------------------------------------------

@@ -91,3 +91,20 @@ def test_list_head_delete_and_paths(tmp_path):
     assert storage.join("s3://b/p/", "/runs/", "x") == "s3://b/p/runs/x"
     assert storage.parent("s3://b/p/runs/x") == "s3://b/p/runs"
     assert storage.basename("/a/b/c/") == "c"
+
+
+def test_configured_s3_settings_go_to_trainer_subprocesses() -> None:
+    """What `configure_s3` was given (the Airflow adapter's connection) reaches a child
+    process as the standard AWS variables; a new call replaces the old settings."""
+    storage.configure_s3(endpoint_url="http://store.example:8333",
+                         aws_access_key_id="AKIAEXAMPLEKEYID1234",
+                         aws_secret_access_key="example-secret")
+    try:
+        assert storage.subprocess_env() == {"AWS_ENDPOINT_URL_S3": "http://store.example:8333",
+                                            "AWS_ACCESS_KEY_ID": "AKIAEXAMPLEKEYID1234",
+                                            "AWS_SECRET_ACCESS_KEY": "example-secret"}
+        storage.configure_s3(region_name="eu-west-1")
+        assert storage.subprocess_env() == {"AWS_DEFAULT_REGION": "eu-west-1"}
+    finally:
+        storage.configure_s3()
+    assert storage.subprocess_env() == {}
