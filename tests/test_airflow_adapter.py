@@ -248,7 +248,7 @@ def test_trainer_lines_reach_the_task_log_without_their_own_time_and_level(
     records = [r for r in caplog.records if r.name == acl.TRAINER_LOGGER]
     (failed,) = [r for r in records if "repeat 0 failed" in r.getMessage()]
     assert failed.levelno == logging.ERROR
-    assert failed.getMessage().startswith("repeat 0 failed: FileNotFoundError: ")
+    assert failed.getMessage().startswith("repeat 0 failed: MissingFileError: ")
     assert not any(acl.TRAINER_LINE.match(r.getMessage()) for r in records)
     # lines without the trainer's prefix (a traceback, a print) pass unchanged, as INFO
     for line in ("Traceback (most recent call last):", "  File \"x.py\", line 1", ""):
