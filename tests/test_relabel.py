@@ -49,16 +49,18 @@ ROWS = [
     ("dog/img-001.png", "dog", 100.0, 4, None),  # agrees with its label
     ("dog/img-002.png", "owl", 100.0, 4, None),  # not flagged as a label issue
     ("owl/img-002.png", "dog", 100.0, 4, None),  # pooled probability below the sensitivity
-    ("cat/new one.png", "bird", 75.0, 4, "bird/new one.png"),  # a class folder to create
+    ("cat/new one.png", "bird", 75.0, 4, "bird/new one.png"),
+    ("bird/img-000.png", "bird", 100.0, 4, None),  # agrees with its label
     ("cat/img-003.png", "bird", 90.0, 4, "bird/img-003.png"),
     ("dog/img-003.png", "bird", 90.0, 4, f"bird/img-003.relabel-{tag('dog/img-003.png')}.png"),
 ]
 MOVED = {src: dst for src, _, _, _, dst in ROWS if dst}
+CLASSES = ["bird", "cat", "dog", "owl"]
 
 
 def make_dataset(root: Path) -> Path:
     data = root / "data"
-    write_classes(data, {"cat": 4, "dog": 4, "owl": 4})
+    write_classes(data, {"cat": 4, "dog": 4, "owl": 4, "bird": 1})
     (data / "cat" / "new one.png").write_bytes(b"\x89PNG not decoded here")
     (data / "cat" / "img-000.png").chmod(0o640)  # modes survive the round trip too
     return data
@@ -203,7 +205,7 @@ def test_relabel_moves_without_overwriting_and_undo_restores_every_byte(case):
     assert Journal(journal).read()[0]["state"] == "undone"
     undo(journal)  # a second undo is a no-op
     assert snapshot(data) == before
-    assert not (data / "bird").exists() or not any((data / "bird").iterdir())
+    assert sorted(p.name for p in (data / "bird").iterdir()) == ["img-000.png"]
 
 
 def test_undo_works_from_another_working_directory(tmp_path, monkeypatch):
@@ -381,6 +383,7 @@ def run_with_results(tmp_path: Path, data: Path, **cfg) -> str:
     runs.write_config(run, AuditConfig(data_path=str(data), work_uri=str(tmp_path / "work"),
                                        sensitivity=SENSITIVITY, min_preds=MIN_PREDS, **cfg))
     storage.write_text(runs.results_uri(run), results_frame().to_csv(index=False))
+    storage.write_text(storage.join(run, "classes.json"), json.dumps(CLASSES))
     return runs.results_uri(run)
 
 
