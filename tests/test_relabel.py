@@ -696,3 +696,40 @@ def test_temporaries_of_a_killed_relabel_are_removed_by_the_next_run(case, comma
     after = snapshot(data)
     assert {k: v for k, v in after.items() if k not in mine} == expected
     assert set(mine) <= set(after)
+
+
+def test_relabel_from_the_results_copy_finds_its_run(tmp_path, capsys):
+    from tasks.merge import merge_run, run_sidecar_uri
+    from tests.test_merge import make_run, scripted, write_shards
+
+    copy = tmp_path / "exports" / "latest.csv"
+    run = make_run(tmp_path, results_path=str(copy), sensitivity=60, min_preds=2)
+    write_shards(run, scripted)
+    merge_run(run)
+    data = tmp_path / "data"
+    before = snapshot(data)
+    assert json.loads(Path(run_sidecar_uri(str(copy))).read_text()) == {"run": run}
+
+    assert cli.main(["relabel", "--results", str(copy), "--dry-run"]) == 0
+    assert snapshot(data) == before
+    assert cli.main(["relabel", "--results", str(copy)]) == 0
+    journal = runs.journal_uri(run)
+    assert capsys.readouterr().out.strip() == journal  # the run's journal, not the copy's
+    moved = {m.src: m.dst for m in Journal(journal).read()[1]}
+    assert moved["cat/img-000.png"] == "dog/img-000.relabel-" + tag("cat/img-000.png") + ".png"
+    assert cli.main(["undo", "--journal", journal]) == 0
+    assert snapshot(data) == before
+
+    # A copy that nothing ties to a run: one line naming the run folder to pass instead.
+    stray = tmp_path / "elsewhere" / "results.csv"
+    stray.parent.mkdir()
+    stray.write_bytes(copy.read_bytes())
+    assert cli.main(["relabel", "--results", str(stray)]) == 2
+    line = one_error_line(capsys)
+    assert line == (f"error: {stray} is not in a run folder and {stray}.run.json (which merge "
+                    "writes beside a results_path copy) does not exist: pass the results.csv "
+                    "in the audit's run folder, <work_uri>/runs/<run_id>/results.csv")
+    Path(f"{stray}.run.json").write_text('{"run": 5}')
+    assert cli.main(["relabel", "--results", str(stray)]) == 2
+    assert one_error_line(capsys).startswith(f"error: {stray}.run.json does not name a run")
+    assert snapshot(data) == before
