@@ -268,8 +268,9 @@ class Journal:
         for n, line in numbered:
             try:
                 records.append((n, json.loads(line)))
-            except ValueError as err:
-                raise self._bad(f"{type(err).__name__} at line {n}") from None
+            except ValueError as err:  # line 1: not JSON lines at all; later: a damaged line
+                raise self._bad(type(err).__name__ if n == numbered[0][0]
+                                else f"{type(err).__name__} at line {n}") from None
         header = records[0][1]
         if (not isinstance(header, dict) or header.get("type") != "header"
                 or not isinstance(header.get("root"), str) or not header["root"]
