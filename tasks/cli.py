@@ -49,7 +49,8 @@ def _config_value(option: str, key: str, value: object) -> object:
     try:
         return TypeAdapter(kind).validate_python(value)
     except ValidationError as err:
-        why = "; ".join(str(e["msg"]) for e in err.errors())
+        why = ("Input should be a number" if value != value  # NaN passes no bound
+               else "; ".join(str(e["msg"]) for e in err.errors()))
         raise ConfigError(f"{option} {value!r}: {why} (as the config key {key})") from None
 
 

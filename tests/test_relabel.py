@@ -635,7 +635,7 @@ def test_a_non_utf8_journal_is_one_line(tmp_path, capsys):
 @pytest.mark.parametrize(("option", "value", "expected"), [
     ("--sensitivity", "-10", "greater than or equal to 0"),
     ("--sensitivity", "150", "less than or equal to 100"),
-    ("--sensitivity", "nan", "--sensitivity nan"),
+    ("--sensitivity", "nan", "--sensitivity nan: Input should be a number"),
     ("--min-preds", "-5", "greater than or equal to 1"),
     ("--min-preds", "0", "greater than or equal to 1"),
 ])
