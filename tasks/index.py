@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from tasks import storage
+from tasks import images, storage
 from tasks.config import AuditConfig
 from tasks.errors import UserError
 from tasks.storage import unsafe_key_reason
@@ -62,10 +62,9 @@ def _classify(info: storage.ObjectInfo) -> tuple[str | None, str | None]:
 def decode_problem(data: bytes) -> str | None:
     """Why these bytes are not a usable image, or None when they decode."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            if img.width < 1 or img.height < 1:
-                return "image has no pixels"
+        img = images.open_rgb(data)  # decoded as the trainer decodes it
+        if img.width < 1 or img.height < 1:
+            return "image has no pixels"
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         return f"does not decode as an image ({type(err).__name__}: {str(err)[:80]})"
     except Image.DecompressionBombError as err:
