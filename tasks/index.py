@@ -2,7 +2,9 @@
 
 Layout: `<root>/<class>/<image>` (deeper folders below a class are kept, the class is the
 first folder). Hidden files and folders are ignored; files that are not images, are empty,
-do not decode, or have unsafe keys are skipped and listed with the reason, never fatal.
+do not decode, or have unsafe keys are skipped and listed with the reason, never fatal, as
+is whatever the listing could not use (names that are not UTF-8, symbolic links that leave
+the root or point nowhere, unreadable folders: see `tasks.storage`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class DatasetIndex:
 def _classify(info: storage.ObjectInfo) -> tuple[str | None, str | None]:
     """(label, None) for a candidate image, (None, reason) to skip it, (None, None) to ignore."""
     parts = info.key.split("/")
+    if info.problem:  # found by the listing but unusable: a dangling link, a non-UTF-8 name
+        return None, None if any(p.startswith(".") for p in parts) else info.problem
     reason = unsafe_key_reason(info.key)  # first: an unsafe key is reported even if hidden
     if reason:
         return None, f"unsafe key: {reason}"
@@ -97,7 +101,7 @@ def listing_fingerprint(listing: list[storage.ObjectInfo]) -> str:
     """A short hash of keys, sizes and change markers: changes when the dataset changes."""
     h = hashlib.sha256()
     for info in listing:
-        h.update(f"{info.key}\0{info.size}\0{info.etag}\n".encode())
+        h.update(f"{info.key}\0{info.size}\0{info.etag}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:16]
 
 

@@ -217,3 +217,91 @@ def test_manifest_schema_and_stable_class_order(tmp_path):
 def test_read_manifest_of_a_folder_that_was_never_indexed(tmp_path):
     with pytest.raises(DatasetError, match=r"no manifest at .*; run the index step first"):
         read_manifest(str(tmp_path / "empty-run"))
+
+
+def skipped_reasons(run: str) -> dict[str, str]:
+    skipped = pd.read_csv(Path(run) / "skipped.csv", keep_default_na=False)
+    return dict(zip(skipped["filename"], skipped["reason"], strict=True))
+
+
+def test_names_that_are_not_utf8_are_skipped_and_listed(tmp_path, caplog):
+    """b'caf\\xe9.png' (Latin-1) is a legal Linux name that Python sees with a surrogate
+    escape; it used to fail the whole audit while fingerprinting the listing."""
+    data = tmp_path / "data"
+    write_classes(data, {"cat": 5, "dog": 5})
+    raw = os.fsencode(data)
+    with open(raw + b"/cat/caf\xe9.png", "wb") as f:
+        f.write(image_bytes(50))
+    os.mkdir(raw + b"/ni\xf1o")  # a class folder with such a name
+    with open(raw + b"/ni\xf1o/a.png", "wb") as f:
+        f.write(image_bytes(51))
+    cfg = tiny_config(data, tmp_path / "work")
+    with caplog.at_level(logging.INFO, logger="tasks.index"):
+        run = prepare_run(cfg)  # the default run id fingerprints the listing
+    manifest, classes = read_manifest(run)
+    assert classes == ["cat", "dog"] and len(manifest) == 10
+    reasons = skipped_reasons(run)
+    assert reasons == {"cat/caf\\xe9.png": "file name is not valid UTF-8; rename it",
+                       "ni\\xf1o": "folder name is not valid UTF-8; rename it"}
+    for name in reasons:
+        assert any(repr(name) in r.getMessage() and r.levelno == logging.WARNING
+                   for r in caplog.records), name
+    # Same listing, same run id: the second audit resumes.
+    assert prepare_run(cfg) == run
+
+
+def test_symlinks_inside_the_root_are_followed_others_listed(tmp_path, caplog):
+    data, outside = tmp_path / "data", tmp_path / "elsewhere"
+    write_classes(data, {"cat": 5})
+    write_classes(data / ".store", {"dogs": 5}, start=10)  # hidden: reached only by the link
+    write_classes(outside, {"bird": 5}, start=20)
+    (data / "dog").symlink_to(data / ".store" / "dogs")  # a class folder inside the root
+    (data / "cat" / "alias.png").symlink_to(data / "cat" / "img-000.png")
+    (data / "bird").symlink_to(outside / "bird")  # leaves the root
+    (data / "cat" / "far.png").symlink_to(outside / "bird" / "img-000.png")
+    (data / "cat" / "gone.png").symlink_to(tmp_path / "nothing.png")  # dangling
+    (data / "dog2").symlink_to(tmp_path / "no-folder")  # dangling folder link
+    (data / "cat" / "loop").symlink_to(data / "cat")  # a loop
+    os.mkfifo(data / "cat" / "pipe.png")
+    cfg = tiny_config(data, tmp_path / "work")
+    with caplog.at_level(logging.INFO, logger="tasks.index"):
+        run = prepare_run(cfg, "links")
+    manifest, classes = read_manifest(run)
+    assert classes == ["cat", "dog"]
+    assert sorted(manifest["key"]) == sorted(
+        [f"cat/img-{i:03d}.png" for i in range(5)] + ["cat/alias.png"]
+        + [f"dog/img-{i:03d}.png" for i in range(5)])
+    row = manifest.set_index("key").loc["dog/img-000.png"]
+    assert row["etag"] == hashlib.md5((data / ".store/dogs/img-000.png").read_bytes()).hexdigest()
+    reasons = skipped_reasons(run)
+    assert reasons == {
+        "bird": f"symbolic link to outside the dataset root ({outside / 'bird'})",
+        "cat/far.png": "symbolic link to outside the dataset root "
+                       f"({outside / 'bird' / 'img-000.png'})",
+        "cat/gone.png": "dangling symbolic link",
+        "dog2": "dangling symbolic link",
+        "cat/loop": "symbolic link loop",
+        "cat/pipe.png": "not a regular file (a device, pipe or socket)",
+    }
+    for name in reasons:
+        assert any(repr(name) in r.getMessage() and r.levelno == logging.WARNING
+                   for r in caplog.records), name
+    # A dataset root that is itself a link: links into it still count as inside.
+    (tmp_path / "root-link").symlink_to(data)
+    again = index_dataset(tiny_config(tmp_path / "root-link", tmp_path / "work"))
+    pd.testing.assert_frame_equal(again.manifest, manifest)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads folders without read permission")
+def test_unreadable_class_folder_is_listed(tmp_path):
+    data = tmp_path / "data"
+    write_classes(data, {"cat": 5, "dog": 5, "fish": 3})
+    (data / "fish").chmod(0)
+    try:
+        result = index_dataset(tiny_config(data, tmp_path / "work"))
+    finally:
+        (data / "fish").chmod(0o755)
+    assert result.classes == ["cat", "dog"]
+    assert result.skipped.to_dict("records") == [
+        {"filename": "fish", "reason": "folder cannot be read (PermissionError: Permission "
+                                       "denied)"}]
