@@ -153,6 +153,64 @@ def index_dataset(cfg: AuditConfig, listing: list[storage.ObjectInfo] | None = N
     return DatasetIndex(manifest=manifest, classes=classes, skipped=skipped_df)
 
 
+def _file_md5(path: str) -> str:
+    """Content MD5 of a local file, or '' when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.md5(f.read(), usedforsecurity=False).hexdigest()
+    except OSError:
+        return ""
+
+
+def check_resumable(run_uri: str, data_path: str, listing: list[storage.ObjectInfo],
+                    workers: int = 8) -> None:
+    """Before a run resumes, check that the dataset still holds every image of its manifest
+    with the same size and content (S3: the listed ETag; local: the content MD5, so an edit
+    that kept size and modification time is found too). Raises DatasetError naming the run,
+    how many images differ and one of them; images added since are logged, not indexed."""
+    manifest, _ = read_manifest(run_uri)
+    listed = {info.key: info for info in listing if not info.problem}
+    gone = [k for k, size in zip(manifest["key"], manifest["size"], strict=True)
+            if k not in listed or listed[k].size != size]
+    changed: list[str] = []
+    if not gone:
+        keys, etags = manifest["key"].tolist(), manifest["etag"].tolist()
+        if storage.is_s3(data_path):
+            now = [listed[k].etag for k in keys]
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                now = list(pool.map(_file_md5, [storage.join(data_path, k) for k in keys]))
+        changed = [k for k, old, new in zip(keys, etags, now, strict=True) if old != new]
+    run_id = storage.basename(run_uri)
+    redo = ("its manifest and predictions are stale: start a new run (pass a new --run-id, "
+            "or drop --run-id to use the one derived from the dataset as it is now)")
+    if gone:
+        raise DatasetError(f"run {run_id!r} cannot resume: {len(gone)} of its {len(manifest)} "
+                           f"images are gone from {data_path} or changed size since it was "
+                           f"indexed (e.g. {gone[0]!r}); {redo}")
+    if changed:
+        raise DatasetError(f"run {run_id!r} cannot resume: {len(changed)} of its "
+                           f"{len(manifest)} images changed content since it was indexed "
+                           f"(e.g. {changed[0]!r}); {redo}")
+    skipped = set(read_skipped_names(run_uri))
+    known = set(manifest["key"])
+    new = [info.key for info in listing if info.key not in known and info.key not in skipped
+           and _classify(info)[0] is not None]
+    if new:
+        log.warning("%d images were added to %s since run %s was indexed and are not part of "
+                    "it (e.g. %r); start a new run to audit them", len(new), data_path,
+                    run_id, new[0])
+
+
+def read_skipped_names(run_uri: str) -> list[str]:
+    """The file names in a run's skipped.csv (none when it is absent)."""
+    uri = storage.join(run_uri, "skipped.csv")
+    if not storage.exists(uri):
+        return []
+    skipped = pd.read_csv(io.BytesIO(storage.read_bytes(uri)), dtype=str, keep_default_na=False)
+    return skipped["filename"].tolist() if "filename" in skipped else []
+
+
 def _check_classes(cfg: AuditConfig, classes: list[str], rows: list[dict]) -> None:
     """Fail on datasets that cannot be audited: too few classes or images, clashing names."""
     if len(classes) < 2:

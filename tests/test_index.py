@@ -305,3 +305,68 @@ def test_unreadable_class_folder_is_listed(tmp_path):
     assert result.skipped.to_dict("records") == [
         {"filename": "fish", "reason": "folder cannot be read (PermissionError: Permission "
                                        "denied)"}]
+
+
+def test_resuming_a_run_over_a_dataset_that_lost_an_image_is_refused(tmp_path):
+    data = tmp_path / "data"
+    write_classes(data, {"cat": 5, "dog": 5})
+    cfg = tiny_config(data, tmp_path / "work")
+    run = prepare_run(cfg, "mine")
+    assert prepare_run(cfg, "mine") == run  # unchanged: resumes
+    (data / "cat" / "img-002.png").unlink()
+    (data / "dog" / "img-003.png").write_bytes(image_bytes(99, size=13))  # another size
+    with pytest.raises(DatasetError) as err:
+        prepare_run(cfg, "mine")
+    message = str(err.value)
+    assert message.startswith("run 'mine' cannot resume: 2 of its 10 images are gone from "
+                              f"{data} or ")
+    assert ("changed size since it was indexed (e.g. 'cat/img-002.png'); its manifest and "
+            "predictions are stale: start a new run (pass a new --run-id, or drop --run-id to "
+            "use the one derived from the dataset as it is now)") in message
+    assert "\n" not in message
+    # The derived run id follows the dataset, so the default starts a new run.
+    fresh = prepare_run(cfg)
+    assert fresh != run and len(read_manifest(fresh)[0]) == 9
+
+
+def test_resuming_over_an_image_edited_in_place_is_refused(tmp_path):
+    """Same size, same modification time, other pixels: the listing (and so the derived run
+    id) cannot see it; the manifest's checksums can."""
+    data = tmp_path / "data"
+    write_classes(data, {"cat": 5, "dog": 5})
+    photo = data / "cat" / "photo.bmp"
+    photo.write_bytes(image_bytes(40, "BMP"))
+    cfg = tiny_config(data, tmp_path / "work")
+    run = prepare_run(cfg)
+    st = photo.stat()
+    edited = image_bytes(41, "BMP")
+    assert len(edited) == st.st_size and edited != photo.read_bytes()
+    photo.write_bytes(edited)
+    os.utime(photo, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(DatasetError) as err:
+        prepare_run(cfg)
+    assert str(err.value) == (
+        f"run {Path(run).name!r} cannot resume: 1 of its 11 images changed content since it "
+        "was indexed (e.g. 'cat/photo.bmp'); its manifest and predictions are stale: start a "
+        "new run (pass a new --run-id, or drop --run-id to use the one derived from the "
+        "dataset as it is now)")
+    fresh = prepare_run(cfg, "edited")
+    row = read_manifest(fresh)[0].set_index("key").loc["cat/photo.bmp"]
+    assert row["etag"] == hashlib.md5(edited).hexdigest()
+
+
+def test_resuming_with_new_images_warns_and_keeps_the_run(tmp_path, caplog):
+    data = tmp_path / "data"
+    write_classes(data, {"cat": 5, "dog": 5})
+    (data / "dog" / "notes.txt").write_text("skipped at indexing, not new")
+    cfg = tiny_config(data, tmp_path / "work")
+    run = prepare_run(cfg, "mine")
+    (data / "cat" / "new.png").write_bytes(image_bytes(98))
+    (data / "cat" / ".hidden.png").write_bytes(image_bytes(97))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tasks.index"):
+        assert prepare_run(cfg, "mine") == run
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"1 images were added to {data} since run mine was indexed and are "
+                        "not part of it (e.g. 'cat/new.png'); start a new run to audit them"]
+    assert len(read_manifest(run)[0]) == 10
