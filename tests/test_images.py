@@ -156,7 +156,7 @@ def test_report_thumbnail_shows_the_trainers_input(tmp_path):
             assert thumb.shape[:2] == (12, 6)
             continue
         size = thumb.shape[0]
-        batches = Batches([path], labels[:1], tiny_config(tmp_path, tmp_path / "w",
+        batches = Batches([path], labels[:1], tiny_config(tmp_path / "data", tmp_path / "w",
                                                           image_size=size), in_memory=True)
         x, _, _ = next(batches.iterate(np.arange(1), False, None))
         fed = x[0].permute(1, 2, 0).numpy()
