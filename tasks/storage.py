@@ -95,8 +95,8 @@ def _display_name(name: str) -> str:
 
 
 def _walk(folder: Path, real_root: str, prefix: str, seen: set[str]) -> Iterator[ObjectInfo]:
-    """The local listing, in sorted order. Symbolic links to files or folders inside the root
-    are followed; links that leave the root or point nowhere, names that are not UTF-8,
+    """The local listing below `folder`, unsorted. Symbolic links to files or folders inside
+    the root are followed; links that leave the root or point nowhere, names that are not UTF-8,
     folders that cannot be read and special files are listed with their `problem`."""
     seen = seen | {os.path.realpath(folder)}
     try:
