@@ -292,19 +292,45 @@ def test_symlinks_inside_the_root_are_followed_others_listed(tmp_path, caplog):
     pd.testing.assert_frame_equal(again.manifest, manifest)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads folders without read permission")
-def test_unreadable_class_folder_is_listed(tmp_path):
-    data = tmp_path / "data"
-    write_classes(data, {"cat": 5, "dog": 5, "fish": 3})
-    (data / "fish").chmod(0)
+UNREADABLE_CHILD = """
+import json, sys
+from tasks.index import index_dataset
+from tests.datasets import tiny_config
+result = index_dataset(tiny_config(sys.argv[1], sys.argv[2]))
+print(json.dumps([result.classes, result.skipped.to_dict("records")]))
+"""
+
+
+def test_unreadable_class_folder_is_listed():
+    """Root reads any folder, so as root the index runs as user nobody (setpriv)."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    if os.geteuid() == 0 and not shutil.which("setpriv"):
+        pytest.skip("root reads folders without read permission, and setpriv is missing")
+    base = Path(tempfile.mkdtemp(prefix="acl-unreadable-"))  # outside pytest's 0700 folders
     try:
-        result = index_dataset(tiny_config(data, tmp_path / "work"))
+        base.chmod(0o755)
+        data = base / "data"
+        write_classes(data, {"cat": 5, "dog": 5, "fish": 3})
+        for path in (data, *data.rglob("*")):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        (data / "fish").chmod(0)
+        cmd = [sys.executable, "-c", UNREADABLE_CHILD, str(data), str(base / "work")]
+        proc = subprocess.run((as_nobody if os.geteuid() == 0 else []) + cmd, text=True,
+                              capture_output=True, cwd=Path(__file__).resolve().parent.parent,
+                              timeout=120)
     finally:
-        (data / "fish").chmod(0o755)
-    assert result.classes == ["cat", "dog"]
-    assert result.skipped.to_dict("records") == [
-        {"filename": "fish", "reason": "folder cannot be read (PermissionError: Permission "
-                                       "denied)"}]
+        (base / "data" / "fish").chmod(0o755)
+        shutil.rmtree(base)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    classes, skipped = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert classes == ["cat", "dog"]
+    assert skipped == [{"filename": "fish",
+                        "reason": "folder cannot be read (PermissionError: Permission denied)"}]
 
 
 def test_resuming_a_run_over_a_dataset_that_lost_an_image_is_refused(tmp_path):
