@@ -13,7 +13,13 @@ from collections.abc import Callable
 from tasks import runs, storage
 from tasks.config import AuditConfig, ffcv_installed
 from tasks.errors import UserError
-from tasks.index import index_dataset, list_dataset, listing_fingerprint, write_index
+from tasks.index import (
+    check_resumable,
+    index_dataset,
+    list_dataset,
+    listing_fingerprint,
+    write_index,
+)
 from tasks.plan import RepeatSpec, plan_repeats
 
 log = logging.getLogger(__name__)
@@ -35,7 +41,8 @@ def prepare_run(cfg: AuditConfig, run_id: str | None = None) -> str:
     listing = list_dataset(cfg.data_path)
     run = runs.run_uri(cfg.work_uri, run_id or default_run_id(cfg, listing_fingerprint(listing)))
     if storage.exists(storage.join(run, "manifest.parquet")):
-        log.info("resuming run %s (manifest exists)", run)
+        check_resumable(run, cfg.data_path, listing)
+        log.info("resuming run %s (manifest exists, dataset unchanged)", run)
     else:
         log.info("indexing %s into run %s", cfg.data_path, run)
         write_index(index_dataset(cfg, listing), run)

@@ -135,7 +135,9 @@ class AuditConfig(BaseModel):
     )
     test_split: float = Field(
         0.2, gt=0, lt=1,
-        description="Share of images each repeat holds out and predicts.",
+        description="Share of images each repeat holds out and predicts. With split_strategy "
+        "rounds it must be within 0.05 of 1/K for a whole K >= 2 (0.5, 0.33, 0.25, 0.2, 0.1, "
+        "...); each repeat then holds out exactly 1/K, K = round(1/test_split).",
         json_schema_extra=_section("Training"),
     )
     val_split: float = Field(
@@ -230,6 +232,9 @@ class AuditConfig(BaseModel):
             raise ValueError(
                 f"test_split + val_split must be < 1, got {self.test_split} + {self.val_split}"
             )
+        if self.split_strategy == "rounds":
+            _check_folds(self.test_split)
+        _check_work_outside_data(self.work_uri, self.data_path)
         if self.track_eval and self.val_split == 0:
             raise ValueError("track_eval needs val_split > 0, got val_split 0")
         least = MIN_IMAGE_SIZE[self.model_name]
@@ -248,13 +253,49 @@ class AuditConfig(BaseModel):
 
     @property
     def folds(self) -> int:
-        """K, the folds per round: round(1 / test_split), at least 2."""
+        """K, the folds per round: round(1 / test_split), at least 2 (with split_strategy
+        rounds, test_split is within FOLD_TOLERANCE of 1/K)."""
         return max(2, round(1 / self.test_split))
 
     def training_fingerprint(self) -> str:
         """Hash of the keys that change what a trainer computes."""
         data = {k: getattr(self, k) for k in TRAINING_KEYS}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+FOLD_TOLERANCE = 0.05  # how far test_split may be from the 1/K that rounds hold out
+
+
+def _check_folds(test_split: float) -> None:
+    """Refuse a test_split that rounds of K folds cannot honour (0.7 would give K = 1)."""
+    k = round(1 / test_split)
+    if k >= 2 and abs(1 / k - test_split) <= FOLD_TOLERANCE + 1e-9:
+        return
+    raise ValueError(
+        f"test_split {test_split} cannot be honoured with split_strategy rounds: rounds of "
+        f"K = round(1/test_split) = {k} folds would hold out {'all' if k < 2 else f'1/{k}'} "
+        f"of the images; use a value within {FOLD_TOLERANCE} of 1/K for a whole K >= 2 "
+        "(0.5, 0.33, 0.25, 0.2, 0.1, ...), or split_strategy: random"
+    )
+
+
+def _location(uri: str) -> tuple[str, str]:
+    """(bucket or '', path) of a URI: s3 by bucket and prefix, local paths resolved."""
+    if uri.startswith("s3://"):
+        bucket, _, prefix = uri[len("s3://"):].partition("/")
+        return bucket, "/" + prefix.strip("/")
+    return "", Path(uri).expanduser().resolve().as_posix()
+
+
+def _check_work_outside_data(work_uri: str, data_path: str) -> None:
+    """Refuse run artefacts inside the dataset: the next audit would index them as files."""
+    (wb, wp), (db, dp) = _location(work_uri), _location(data_path)
+    if wb == db and (wp == dp or wp.startswith(dp.rstrip("/") + "/")):
+        raise ValueError(
+            f"work_uri {work_uri!r} is inside data_path {data_path!r}: the next audit would "
+            "index this run's files as part of the dataset and never resume; put work_uri "
+            "outside the dataset"
+        )
 
 
 def _describe(err: ValidationError) -> str:

@@ -1,20 +1,63 @@
 """Image decoding, without torch: one decoder and one dataset of image files, shared by the
-plain loader (`tasks.train.Batches`) and the FFCV writer (`tasks.ffcv_data.write_beton`),
-so both see the same pixels."""
+plain loader (`tasks.train.Batches`), the FFCV writer (`tasks.ffcv_data.write_beton`), the
+index's decode check and the report's thumbnails, so all of them see the same pixels.
+
+The rule (`to_rgb`): EXIF orientation is applied; 16-bit grey (modes I;16, I;16B, I;16L and
+32-bit integer I, read as 16-bit values) is scaled by 255/65535; float grey (F) is taken as
+0-1 when all its values lie in [0, 1], else as 0-255, clipped; transparency is composited on
+white; every other mode goes through PIL's conversion to RGB (16-bit RGB(A) files open as
+8-bit RGB(A) in PIL, already scaled).
+"""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
+
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
-def decode_image(path: str, size: int) -> np.ndarray:
-    """An image file as RGB uint8 HWC, resized to size x size."""
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-        if img.size != (size, size):
-            img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
-        return np.array(img, dtype=np.uint8)
+def _grey_to_8bit(img: Image.Image) -> Image.Image:
+    """A high-bit-depth grey image (I;16*, I, F) as 8-bit L, scaled by its mode's range."""
+    arr = np.asarray(img).astype(np.float64)
+    if img.mode == "F":
+        finite = arr[np.isfinite(arr)]
+        unit = finite.size == 0 or (finite.min() >= 0 and finite.max() <= 1)
+        arr = np.nan_to_num(arr, nan=0.0) * (255 if unit else 1)
+    else:
+        arr = arr * (255 / 65535)
+    return Image.fromarray(np.rint(arr.clip(0, 255)).astype(np.uint8), "L")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An opened image as an 8-bit RGB image (a new one; `img` is left as it is)."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode.startswith(("I", "F")):
+        return _grey_to_8bit(img).convert("RGB")
+    if img.mode in _ALPHA_MODES or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        out = Image.new("RGB", rgba.size, (255, 255, 255))
+        out.paste(rgba, mask=rgba.getchannel("A"))
+        return out
+    return img.convert("RGB")
+
+
+def open_rgb(source: str | bytes) -> Image.Image:
+    """The first frame of an image file (a path) or of its bytes, as `to_rgb` gives it."""
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+        img.seek(0)
+        img.load()
+        return to_rgb(img)
+
+
+def decode_image(source: str | bytes, size: int) -> np.ndarray:
+    """An image file (a path, or its bytes) as RGB uint8 HWC, resized to size x size."""
+    img = open_rgb(source)
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
+    return np.array(img, dtype=np.uint8)
 
 
 class FileImages:

@@ -2,7 +2,9 @@
 
 Layout: `<root>/<class>/<image>` (deeper folders below a class are kept, the class is the
 first folder). Hidden files and folders are ignored; files that are not images, are empty,
-do not decode, or have unsafe keys are skipped and listed with the reason, never fatal.
+do not decode, or have unsafe keys are skipped and listed with the reason, never fatal, as
+is whatever the listing could not use (names that are not UTF-8, symbolic links that leave
+the root or point nowhere, unreadable folders: see `tasks.storage`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from tasks import storage
+from tasks import images, storage
 from tasks.config import AuditConfig
 from tasks.errors import UserError
 from tasks.storage import unsafe_key_reason
@@ -44,6 +46,8 @@ class DatasetIndex:
 def _classify(info: storage.ObjectInfo) -> tuple[str | None, str | None]:
     """(label, None) for a candidate image, (None, reason) to skip it, (None, None) to ignore."""
     parts = info.key.split("/")
+    if info.problem:  # found by the listing but unusable: a dangling link, a non-UTF-8 name
+        return None, None if any(p.startswith(".") for p in parts) else info.problem
     reason = unsafe_key_reason(info.key)  # first: an unsafe key is reported even if hidden
     if reason:
         return None, f"unsafe key: {reason}"
@@ -62,10 +66,9 @@ def _classify(info: storage.ObjectInfo) -> tuple[str | None, str | None]:
 def decode_problem(data: bytes) -> str | None:
     """Why these bytes are not a usable image, or None when they decode."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            if img.width < 1 or img.height < 1:
-                return "image has no pixels"
+        img = images.open_rgb(data)  # decoded as the trainer decodes it
+        if img.width < 1 or img.height < 1:
+            return "image has no pixels"
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         return f"does not decode as an image ({type(err).__name__}: {str(err)[:80]})"
     except Image.DecompressionBombError as err:
@@ -98,7 +101,7 @@ def listing_fingerprint(listing: list[storage.ObjectInfo]) -> str:
     """A short hash of keys, sizes and change markers: changes when the dataset changes."""
     h = hashlib.sha256()
     for info in listing:
-        h.update(f"{info.key}\0{info.size}\0{info.etag}\n".encode())
+        h.update(f"{info.key}\0{info.size}\0{info.etag}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:16]
 
 
@@ -148,6 +151,64 @@ def index_dataset(cfg: AuditConfig, listing: list[storage.ObjectInfo] | None = N
              len(manifest), len(classes),
              ", ".join(f"{c}: {n}" for c, n in counts.items()), len(skipped), hidden)
     return DatasetIndex(manifest=manifest, classes=classes, skipped=skipped_df)
+
+
+def _file_md5(path: str) -> str:
+    """Content MD5 of a local file, or '' when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.md5(f.read(), usedforsecurity=False).hexdigest()
+    except OSError:
+        return ""
+
+
+def check_resumable(run_uri: str, data_path: str, listing: list[storage.ObjectInfo],
+                    workers: int = 8) -> None:
+    """Before a run resumes, check that the dataset still holds every image of its manifest
+    with the same size and content (S3: the listed ETag; local: the content MD5, so an edit
+    that kept size and modification time is found too). Raises DatasetError naming the run,
+    how many images differ and one of them; images added since are logged, not indexed."""
+    manifest, _ = read_manifest(run_uri)
+    listed = {info.key: info for info in listing if not info.problem}
+    gone = [k for k, size in zip(manifest["key"], manifest["size"], strict=True)
+            if k not in listed or listed[k].size != size]
+    changed: list[str] = []
+    if not gone:
+        keys, etags = manifest["key"].tolist(), manifest["etag"].tolist()
+        if storage.is_s3(data_path):
+            now = [listed[k].etag for k in keys]
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                now = list(pool.map(_file_md5, [storage.join(data_path, k) for k in keys]))
+        changed = [k for k, old, new in zip(keys, etags, now, strict=True) if old != new]
+    run_id = storage.basename(run_uri)
+    redo = ("its manifest and predictions are stale: start a new run (pass a new --run-id, "
+            "or drop --run-id to use the one derived from the dataset as it is now)")
+    if gone:
+        raise DatasetError(f"run {run_id!r} cannot resume: {len(gone)} of its {len(manifest)} "
+                           f"images are gone from {data_path} or changed size since it was "
+                           f"indexed (e.g. {gone[0]!r}); {redo}")
+    if changed:
+        raise DatasetError(f"run {run_id!r} cannot resume: {len(changed)} of its "
+                           f"{len(manifest)} images changed content since it was indexed "
+                           f"(e.g. {changed[0]!r}); {redo}")
+    skipped = set(read_skipped_names(run_uri))
+    known = set(manifest["key"])
+    new = [info.key for info in listing if info.key not in known and info.key not in skipped
+           and _classify(info)[0] is not None]
+    if new:
+        log.warning("%d images were added to %s since run %s was indexed and are not part of "
+                    "it (e.g. %r); start a new run to audit them", len(new), data_path,
+                    run_id, new[0])
+
+
+def read_skipped_names(run_uri: str) -> list[str]:
+    """The file names in a run's skipped.csv (none when it is absent)."""
+    uri = storage.join(run_uri, "skipped.csv")
+    if not storage.exists(uri):
+        return []
+    skipped = pd.read_csv(io.BytesIO(storage.read_bytes(uri)), dtype=str, keep_default_na=False)
+    return skipped["filename"].tolist() if "filename" in skipped else []
 
 
 def _check_classes(cfg: AuditConfig, classes: list[str], rows: list[dict]) -> None:

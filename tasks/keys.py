@@ -8,11 +8,14 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ObjectInfo:
-    """One file or object under a root: key relative to the root, size in bytes, etag."""
+    """One file or object under a root: key relative to the root, size in bytes, etag.
+    `problem` is set (and size and etag are empty) for an entry a listing found but cannot
+    use, e.g. a dangling link; the index skips and lists it."""
 
     key: str
     size: int
     etag: str
+    problem: str = ""
 
 
 def unsafe_key_reason(key: str) -> str | None:

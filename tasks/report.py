@@ -31,12 +31,11 @@ from dataclasses import dataclass
 from importlib import resources
 
 import jinja2
-import numpy as np
 import pandas as pd
 from markupsafe import Markup
 from PIL import Image
 
-from tasks import runs, storage
+from tasks import images, runs, storage
 from tasks.index import read_manifest
 from tasks.merge import read_results, too_few_predictions
 from tasks.relabel import relabel_ceiling, select_rows
@@ -65,26 +64,10 @@ def thumbnail(data: bytes, px: int = THUMB_PX) -> Thumb:
     PNG (and are drawn with sharp pixels); larger ones are scaled down and saved as JPEG.
     Raises ValueError when the bytes do not decode."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.seek(0)
-            img.load()
-            small = max(img.size) <= px
-            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency"
-                                                     in img.info):
-                rgba = img.convert("RGBA")
-                img = Image.new("RGB", rgba.size, (255, 255, 255))
-                img.paste(rgba, mask=rgba.getchannel("A"))
-            elif img.mode.startswith(("I", "F")):  # 16-bit or float grey: stretch to 8 bits
-                arr = np.asarray(img, dtype=np.float32)
-                lo, hi = float(arr.min()), float(arr.max())
-                arr = (arr - lo) * (255 / (hi - lo)) if hi > lo else arr * 0
-                img = Image.fromarray(np.rint(arr).clip(0, 255).astype(np.uint8), "L")
-            elif img.mode not in ("L", "RGB"):
-                img = img.convert("L" if img.mode == "1" else "RGB")
-            else:
-                img = img.copy()
+        img = images.open_rgb(data)  # the pixels the trainer sees
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ValueError(f"does not decode ({type(err).__name__})") from err
+    small = max(img.size) <= px
     buf = io.BytesIO()
     if small:
         img.save(buf, "PNG", optimize=True)

@@ -142,6 +142,59 @@ def _umask() -> int:
     return mask
 
 
+def _display_name(name: str) -> str:
+    """A file name as text: bytes that are not UTF-8 become \\xNN escapes."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def _walk(folder: Path, real_root: str, prefix: str, seen: set[str]) -> Iterator[ObjectInfo]:
+    """The local listing below `folder`, unsorted. Symbolic links to files or folders inside
+    the root are followed; links that leave the root or point nowhere, names that are not UTF-8,
+    folders that cannot be read and special files are listed with their `problem`."""
+    seen = seen | {os.path.realpath(folder)}
+    try:
+        with os.scandir(folder) as it:
+            entries = list(it)
+    except OSError as err:
+        yield ObjectInfo(prefix.rstrip("/"), 0, "",
+                         f"folder cannot be read ({type(err).__name__}: {err.strerror or err})")
+        return
+    for entry in entries:
+        key = prefix + _display_name(entry.name)
+        path = Path(entry.path)
+        try:
+            entry.name.encode("utf-8")
+        except UnicodeEncodeError:
+            kind = "folder" if entry.is_dir() else "file"
+            yield ObjectInfo(key, 0, "", f"{kind} name is not valid UTF-8; rename it")
+            continue
+        if entry.is_symlink():
+            target = os.path.realpath(path)
+            if not os.path.exists(target):
+                yield ObjectInfo(key, 0, "", "dangling symbolic link")
+                continue
+            if os.path.commonpath([target, real_root]) != real_root:
+                yield ObjectInfo(key, 0, "", "symbolic link to outside the dataset root "
+                                 f"({_display_name(target)})")
+                continue
+            if target in seen:
+                yield ObjectInfo(key, 0, "", "symbolic link loop")
+                continue
+        if path.is_dir():
+            yield from _walk(path, real_root, key + "/", seen)
+        elif path.is_file():
+            try:
+                st = path.stat()
+            except OSError as err:  # removed since the listing
+                yield ObjectInfo(key, 0, "", f"cannot be read ({type(err).__name__}: "
+                                 f"{err.strerror or err})")
+                continue
+            # A cheap change marker; head() gives the content MD5.
+            yield ObjectInfo(key=key, size=st.st_size, etag=f"mtime:{st.st_mtime_ns}")
+        else:
+            yield ObjectInfo(key, 0, "", "not a regular file (a device, pipe or socket)")
+
+
 class LocalBackend:
     """Files on the local disk."""
 
@@ -181,15 +234,13 @@ class LocalBackend:
         base = Path(root)
         if not base.is_dir():
             raise StorageError(f"{root} is not a folder")
-        for dirpath, dirnames, filenames in os.walk(base):
-            dirnames.sort()
-            for name in sorted(filenames):
-                path = Path(dirpath) / name
-                if path.is_file():
-                    key = path.relative_to(base).as_posix()
-                    st = path.stat()
-                    # A cheap change marker; head() gives the content MD5.
-                    yield ObjectInfo(key=key, size=st.st_size, etag=f"mtime:{st.st_mtime_ns}")
+        try:
+            os.scandir(base).close()
+        except OSError as err:
+            raise StorageError(f"{root} cannot be read ({err.strerror or err})") from None
+        # Sorted by key as a bucket lists them, whatever the walk's order.
+        yield from sorted(_walk(base, os.path.realpath(base), "", set()),
+                          key=lambda info: info.key.encode())
 
     def copy(self, src: str, dst: str) -> None:
         dst_path = Path(dst)

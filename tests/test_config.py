@@ -165,3 +165,62 @@ def test_json_round_trip_is_lossless(tmp_path: Path):
     cfg = load_config(overrides=["model_weights=/w/x.pt", "results_path=/tmp/r.csv"])
     assert parse_config(cfg.model_dump()) == cfg
     assert AuditConfig.model_validate_json(cfg.model_dump_json()) == cfg
+
+
+@pytest.mark.parametrize(("test_split", "k", "held_out"), [
+    (0.7, 1, "all"), (0.99, 1, "all"), (0.4, 2, "1/2"), (0.6, 2, "1/2"), (0.39, 3, "1/3")])
+def test_test_split_that_rounds_cannot_honour_is_refused(test_split, k, held_out):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[f"test_split={test_split}", "val_split=0.005"])
+    message = str(err.value)
+    assert (f"test_split {test_split} cannot be honoured with split_strategy rounds: rounds of "
+            f"K = round(1/test_split) = {k} folds would hold out {held_out} of the images; use "
+            "a value within 0.05 of 1/K for a whole K >= 2 (0.5, 0.33, 0.25, 0.2, 0.1, ...), "
+            "or split_strategy: random") in message
+    assert "\n" not in message
+    # The original tool's random split takes any share.
+    cfg = load_config(overrides=[f"test_split={test_split}", "val_split=0.005",
+                                 "split_strategy=random"])
+    assert cfg.test_split == test_split
+
+
+@pytest.mark.parametrize(("test_split", "k"), [
+    (0.5, 2), (0.45, 2), (0.33, 3), (0.3, 3), (0.25, 4), (0.2, 5), (0.15, 7), (0.1, 10),
+    (0.01, 100)])
+def test_test_split_near_one_over_k_is_accepted(test_split, k):
+    cfg = AuditConfig(test_split=test_split, val_split=0.05)
+    assert cfg.folds == k and abs(1 / k - test_split) <= 0.05
+
+
+@pytest.mark.parametrize(("data_path", "work_uri"), [
+    ("{tmp}/data", "{tmp}/data/work"),
+    ("{tmp}/data", "{tmp}/data"),
+    ("{tmp}/data/", "{tmp}/other/../data/runs-here"),  # compared after resolving
+    ("{tmp}/link", "{tmp}/data/work"),  # a link to the dataset
+    ("s3://bucket/images", "s3://bucket/images/work"),
+    ("s3://bucket/images/", "s3://bucket/images"),
+    ("s3://bucket", "s3://bucket/work"),
+])
+def test_work_uri_inside_data_path_is_refused(tmp_path, data_path, work_uri):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    data, work = data_path.format(tmp=tmp_path), work_uri.format(tmp=tmp_path)
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[f"data_path={data}", f"work_uri={work}"])
+    assert (f"work_uri {work!r} is inside data_path {data!r}: the next audit would index this "
+            "run's files as part of the dataset and never resume; put work_uri outside the "
+            "dataset") in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("data_path", "work_uri"), [
+    ("{tmp}/data", "{tmp}/data-work"),  # a sibling with the same prefix
+    ("{tmp}/data", "{tmp}/work"),
+    ("s3://bucket/images", "s3://bucket/images-work"),
+    ("s3://bucket/images", "s3://other/images/work"),
+    ("s3://bucket/images", "{tmp}/data/work"),  # another store
+])
+def test_work_uri_beside_data_path_is_fine(tmp_path, data_path, work_uri):
+    data, work = data_path.format(tmp=tmp_path), work_uri.format(tmp=tmp_path)
+    cfg = load_config(overrides=[f"data_path={data}", f"work_uri={work}"])
+    assert (cfg.data_path, cfg.work_uri) == (data, work)

@@ -217,3 +217,182 @@ def test_manifest_schema_and_stable_class_order(tmp_path):
 def test_read_manifest_of_a_folder_that_was_never_indexed(tmp_path):
     with pytest.raises(DatasetError, match=r"no manifest at .*; run the index step first"):
         read_manifest(str(tmp_path / "empty-run"))
+
+
+def skipped_reasons(run: str) -> dict[str, str]:
+    skipped = pd.read_csv(Path(run) / "skipped.csv", keep_default_na=False)
+    return dict(zip(skipped["filename"], skipped["reason"], strict=True))
+
+
+def test_names_that_are_not_utf8_are_skipped_and_listed(tmp_path, caplog):
+    """b'caf\\xe9.png' (Latin-1) is a legal Linux name that Python sees with a surrogate
+    escape; it used to fail the whole audit while fingerprinting the listing."""
+    data = tmp_path / "data"
+    write_classes(data, {"cat": 5, "dog": 5})
+    raw = os.fsencode(data)
+    with open(raw + b"/cat/caf\xe9.png", "wb") as f:
+        f.write(image_bytes(50))
+    os.mkdir(raw + b"/ni\xf1o")  # a class folder with such a name
+    with open(raw + b"/ni\xf1o/a.png", "wb") as f:
+        f.write(image_bytes(51))
+    cfg = tiny_config(data, tmp_path / "work")
+    with caplog.at_level(logging.INFO, logger="tasks.index"):
+        run = prepare_run(cfg)  # the default run id fingerprints the listing
+    manifest, classes = read_manifest(run)
+    assert classes == ["cat", "dog"] and len(manifest) == 10
+    reasons = skipped_reasons(run)
+    assert reasons == {"cat/caf\\xe9.png": "file name is not valid UTF-8; rename it",
+                       "ni\\xf1o": "folder name is not valid UTF-8; rename it"}
+    for name in reasons:
+        assert any(repr(name) in r.getMessage() and r.levelno == logging.WARNING
+                   for r in caplog.records), name
+    # Same listing, same run id: the second audit resumes.
+    assert prepare_run(cfg) == run
+
+
+def test_symlinks_inside_the_root_are_followed_others_listed(tmp_path, caplog):
+    data, outside = tmp_path / "data", tmp_path / "elsewhere"
+    write_classes(data, {"cat": 5})
+    write_classes(data / ".store", {"dogs": 5}, start=10)  # hidden: reached only by the link
+    write_classes(outside, {"bird": 5}, start=20)
+    (data / "dog").symlink_to(data / ".store" / "dogs")  # a class folder inside the root
+    (data / "cat" / "alias.png").symlink_to(data / "cat" / "img-000.png")
+    (data / "bird").symlink_to(outside / "bird")  # leaves the root
+    (data / "cat" / "far.png").symlink_to(outside / "bird" / "img-000.png")
+    (data / "cat" / "gone.png").symlink_to(tmp_path / "nothing.png")  # dangling
+    (data / "dog2").symlink_to(tmp_path / "no-folder")  # dangling folder link
+    (data / "cat" / "loop").symlink_to(data / "cat")  # a loop
+    os.mkfifo(data / "cat" / "pipe.png")
+    cfg = tiny_config(data, tmp_path / "work")
+    with caplog.at_level(logging.INFO, logger="tasks.index"):
+        run = prepare_run(cfg, "links")
+    manifest, classes = read_manifest(run)
+    assert classes == ["cat", "dog"]
+    assert sorted(manifest["key"]) == sorted(
+        [f"cat/img-{i:03d}.png" for i in range(5)] + ["cat/alias.png"]
+        + [f"dog/img-{i:03d}.png" for i in range(5)])
+    row = manifest.set_index("key").loc["dog/img-000.png"]
+    assert row["etag"] == hashlib.md5((data / ".store/dogs/img-000.png").read_bytes()).hexdigest()
+    reasons = skipped_reasons(run)
+    assert reasons == {
+        "bird": f"symbolic link to outside the dataset root ({outside / 'bird'})",
+        "cat/far.png": "symbolic link to outside the dataset root "
+                       f"({outside / 'bird' / 'img-000.png'})",
+        "cat/gone.png": "dangling symbolic link",
+        "dog2": "dangling symbolic link",
+        "cat/loop": "symbolic link loop",
+        "cat/pipe.png": "not a regular file (a device, pipe or socket)",
+    }
+    for name in reasons:
+        assert any(repr(name) in r.getMessage() and r.levelno == logging.WARNING
+                   for r in caplog.records), name
+    # A dataset root that is itself a link: links into it still count as inside.
+    (tmp_path / "root-link").symlink_to(data)
+    again = index_dataset(tiny_config(tmp_path / "root-link", tmp_path / "work"))
+    pd.testing.assert_frame_equal(again.manifest, manifest)
+
+
+UNREADABLE_CHILD = """
+import json, sys
+from tasks.index import index_dataset
+from tests.datasets import tiny_config
+result = index_dataset(tiny_config(sys.argv[1], sys.argv[2]))
+print(json.dumps([result.classes, result.skipped.to_dict("records")]))
+"""
+
+
+def test_unreadable_class_folder_is_listed():
+    """Root reads any folder, so as root the index runs as user nobody (setpriv)."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    if os.geteuid() == 0 and not shutil.which("setpriv"):
+        pytest.skip("root reads folders without read permission, and setpriv is missing")
+    base = Path(tempfile.mkdtemp(prefix="acl-unreadable-"))  # outside pytest's 0700 folders
+    try:
+        base.chmod(0o755)
+        data = base / "data"
+        write_classes(data, {"cat": 5, "dog": 5, "fish": 3})
+        for path in (data, *data.rglob("*")):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        (data / "fish").chmod(0)
+        cmd = [sys.executable, "-c", UNREADABLE_CHILD, str(data), str(base / "work")]
+        proc = subprocess.run((as_nobody if os.geteuid() == 0 else []) + cmd, text=True,
+                              capture_output=True, cwd=Path(__file__).resolve().parent.parent,
+                              timeout=120)
+    finally:
+        (base / "data" / "fish").chmod(0o755)
+        shutil.rmtree(base)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    classes, skipped = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert classes == ["cat", "dog"]
+    assert skipped == [{"filename": "fish",
+                        "reason": "folder cannot be read (PermissionError: Permission denied)"}]
+
+
+def test_resuming_a_run_over_a_dataset_that_lost_an_image_is_refused(tmp_path):
+    data = tmp_path / "data"
+    write_classes(data, {"cat": 5, "dog": 5})
+    cfg = tiny_config(data, tmp_path / "work")
+    run = prepare_run(cfg, "mine")
+    assert prepare_run(cfg, "mine") == run  # unchanged: resumes
+    (data / "cat" / "img-002.png").unlink()
+    (data / "dog" / "img-003.png").write_bytes(image_bytes(99, size=13))  # another size
+    with pytest.raises(DatasetError) as err:
+        prepare_run(cfg, "mine")
+    message = str(err.value)
+    assert message.startswith("run 'mine' cannot resume: 2 of its 10 images are gone from "
+                              f"{data} or ")
+    assert ("changed size since it was indexed (e.g. 'cat/img-002.png'); its manifest and "
+            "predictions are stale: start a new run (pass a new --run-id, or drop --run-id to "
+            "use the one derived from the dataset as it is now)") in message
+    assert "\n" not in message
+    # The derived run id follows the dataset, so the default starts a new run.
+    fresh = prepare_run(cfg)
+    assert fresh != run and len(read_manifest(fresh)[0]) == 9
+
+
+def test_resuming_over_an_image_edited_in_place_is_refused(tmp_path):
+    """Same size, same modification time, other pixels: the listing (and so the derived run
+    id) cannot see it; the manifest's checksums can."""
+    data = tmp_path / "data"
+    write_classes(data, {"cat": 5, "dog": 5})
+    photo = data / "cat" / "photo.bmp"
+    photo.write_bytes(image_bytes(40, "BMP"))
+    cfg = tiny_config(data, tmp_path / "work")
+    run = prepare_run(cfg)
+    st = photo.stat()
+    edited = image_bytes(41, "BMP")
+    assert len(edited) == st.st_size and edited != photo.read_bytes()
+    photo.write_bytes(edited)
+    os.utime(photo, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(DatasetError) as err:
+        prepare_run(cfg)
+    assert str(err.value) == (
+        f"run {Path(run).name!r} cannot resume: 1 of its 11 images changed content since it "
+        "was indexed (e.g. 'cat/photo.bmp'); its manifest and predictions are stale: start a "
+        "new run (pass a new --run-id, or drop --run-id to use the one derived from the "
+        "dataset as it is now)")
+    fresh = prepare_run(cfg, "edited")
+    row = read_manifest(fresh)[0].set_index("key").loc["cat/photo.bmp"]
+    assert row["etag"] == hashlib.md5(edited).hexdigest()
+
+
+def test_resuming_with_new_images_warns_and_keeps_the_run(tmp_path, caplog):
+    data = tmp_path / "data"
+    write_classes(data, {"cat": 5, "dog": 5})
+    (data / "dog" / "notes.txt").write_text("skipped at indexing, not new")
+    cfg = tiny_config(data, tmp_path / "work")
+    run = prepare_run(cfg, "mine")
+    (data / "cat" / "new.png").write_bytes(image_bytes(98))
+    (data / "cat" / ".hidden.png").write_bytes(image_bytes(97))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tasks.index"):
+        assert prepare_run(cfg, "mine") == run
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"1 images were added to {data} since run mine was indexed and are "
+                        "not part of it (e.g. 'cat/new.png'); start a new run to audit them"]
+    assert len(read_manifest(run)[0]) == 10

@@ -343,6 +343,33 @@ def test_bad_keys_in_the_bucket_are_skipped_and_reported(s3, sample_dataset):
     assert len([p for p in s3.cache.rglob("*") if p.is_file()]) == 40
 
 
+def test_resuming_over_changed_objects_in_the_bucket_is_refused(s3):
+    """An object rewritten with other bytes of the same size (a new ETag) or deleted since
+    the run was indexed: resuming the run by its id is refused with one line."""
+    from tasks.audit import prepare_run
+    from tasks.index import DatasetError
+    from tests.datasets import image_bytes
+
+    for i in range(12):
+        put(s3, f"{s3.prefix}/ds/{'cat' if i % 2 else 'dog'}/{i:02d}.png", image_bytes(i))
+    cfg = tiny_config(f"{s3.root}/ds", f"{s3.root}/work")
+    run = prepare_run(cfg, "mine")
+    assert prepare_run(cfg, "mine") == run
+    edited = image_bytes(100)
+    assert len(edited) == len(image_bytes(3))
+    put(s3, f"{s3.prefix}/ds/cat/03.png", edited)
+    with pytest.raises(DatasetError, match=r"^run 'mine' cannot resume: 1 of its 12 images "
+                       r"changed content since it was indexed \(e.g. 'cat/03.png'\); its "
+                       r"manifest and predictions are stale: start a new run"):
+        prepare_run(cfg, "mine")
+    s3.server.client().delete_object(Bucket=s3.bucket, Key=f"{s3.prefix}/ds/dog/04.png")
+    with pytest.raises(DatasetError, match=r"^run 'mine' cannot resume: 1 of its 12 images "
+                       rf"are gone from {s3.root}/ds or changed size since it was indexed "
+                       r"\(e.g. 'dog/04.png'\)"):
+        prepare_run(cfg, "mine")
+    assert prepare_run(cfg) != run  # the derived run id follows the bucket's listing
+
+
 # --- relabelling in the bucket ----------------------------------------------------------
 
 # A relabel (or undo) in a child process that SIGKILLs itself right after the nth call of

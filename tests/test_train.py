@@ -212,7 +212,7 @@ def tiny_batches(tmp_path: Path, n: int, **cfg) -> Batches:
         path.write_bytes(image_bytes(i))
         paths.append(str(path))
     labels = np.arange(n) % 2
-    return Batches(paths, labels, tiny_config(tmp_path, tmp_path / "work", **cfg))
+    return Batches(paths, labels, tiny_config(tmp_path / "data", tmp_path / "work", **cfg))
 
 
 def test_streamed_batches_match_the_decoded_ones(tmp_path):
