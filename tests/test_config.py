@@ -165,3 +165,24 @@ def test_json_round_trip_is_lossless(tmp_path: Path):
     cfg = load_config(overrides=["model_weights=/w/x.pt", "results_path=/tmp/r.csv"])
     assert parse_config(cfg.model_dump()) == cfg
     assert AuditConfig.model_validate_json(cfg.model_dump_json()) == cfg
+
+
+@pytest.mark.parametrize(("item", "message"), [
+    ("n_repeats=[", r"override 'n_repeats=\[': the value of 'n_repeats' is not valid YAML"),
+    ("seed={a", r"override 'seed=\{a': the value of 'seed' is not valid YAML"),
+    ("=5", r"override '=5' has an empty key"),
+    (" =5", r"override ' =5' has an empty key"),
+])
+def test_a_malformed_override_is_one_line_naming_it(item, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(overrides=[item])
+    assert "\n" not in str(info.value)
+
+
+def test_a_config_that_is_a_folder_or_not_utf8_names_the_file(tmp_path):
+    with pytest.raises(ConfigError, match=rf"config file '{tmp_path}' is a folder"):
+        load_config(tmp_path)
+    latin = tmp_path / "latin1.yaml"
+    latin.write_bytes("data_path: /données\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=rf"config file '{latin}' is not UTF-8 text"):
+        load_config(latin)
