@@ -28,7 +28,7 @@ from torch import nn
 
 from tasks import images, runs, shards, storage
 from tasks.config import AuditConfig, ConfigError
-from tasks.errors import UserError
+from tasks.errors import USER_ERROR_EXIT, StorageError, UserError
 from tasks.ffcv_data import FfcvBatches, build_beton, require_ffcv
 from tasks.index import read_manifest
 from tasks.models import IMAGENET_MEAN, IMAGENET_STD, build_model
@@ -264,9 +264,6 @@ def fit_model(cfg: AuditConfig, spec: RepeatSpec, split: Split,
 
 # --- the entrypoint -----------------------------------------------------------------------
 
-USER_ERROR_EXIT = 2  # the trainer's exit code after an error the user must fix first
-
-
 class RepeatError(UserError, ValueError):
     """A repeat number the run does not have."""
 
@@ -354,7 +351,12 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(err, UserError):
             log.exception("repeat %d failed with an unexpected error", args.repeat)
         log.error("repeat %d failed: %s: %s", args.repeat, type(err).__name__, err)
-        return USER_ERROR_EXIT if isinstance(err, UserError) else 1
+        # A storage error may pass (an outage): exit 1, and the audit says re-running helps.
+        fixed_first = isinstance(err, UserError) and not isinstance(err, StorageError)
+        return USER_ERROR_EXIT if fixed_first else 1
+    except KeyboardInterrupt:
+        log.warning("repeat %d interrupted; its shard was not written", args.repeat)
+        return 130
     return 0
 
 
