@@ -158,7 +158,9 @@ def run_lock(run: str) -> Iterator[None]:
     finally:
         stop.set()
         renewer.join()
-        storage.delete(uri)
+        with contextlib.suppress(ValueError, storage.StorageError):
+            if json.loads(storage.read_text(uri)).get("owner") == owner:  # still ours
+                storage.delete(uri)
 
 
 def trainer_command(run: str, repeat: int) -> list[str]:

@@ -265,10 +265,18 @@ def test_unwritable_work_uri_or_results_path_fails_before_indexing(tmp_path, cap
                                "process; set device: cpu or auto"),
     (["--set", "model_weights=/nonexistent/w.pt"],
      "error: model_weights '/nonexistent/w.pt': no such file"),
+    (["--set", "model_weights={tmp}/resnet.pt"],
+     "error: model_weights '{tmp}/resnet.pt': no tensor matches small_cnn"),
 ])
 def test_trainer_config_errors_fail_before_indexing(tmp_path, capsys, extra, message):
-    if "device=cuda" in extra and __import__("torch").cuda.is_available():
+    import torch
+    import torchvision
+
+    if "device=cuda" in extra and torch.cuda.is_available():
         pytest.skip("a GPU is visible here")
+    torch.save(torchvision.models.resnet18(num_classes=2).state_dict(), tmp_path / "resnet.pt")
+    extra = [a.format(tmp=tmp_path) for a in extra]
+    message = message.format(tmp=tmp_path)
     assert cli.main([*tiny_data(tmp_path), *extra]) == 2  # the later --set wins
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(message) and "resumes" not in err[-1]
