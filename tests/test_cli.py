@@ -395,8 +395,8 @@ def test_one_repeat_reports_coverage_of_all_images_and_of_the_planned_ones(tmp_p
     proc = ok(tasks_cli(*tiny_data(tmp_path), "--set", "n_repeats=1"))
     merged = [line for line in proc.stderr.splitlines() if "merged 1 shards" in line]
     assert len(merged) == 1, proc.stderr
-    assert ("12 of 24 images have a prediction (50.0% of all images, 100.0% of the 12 the "
-            "plan holds out)") in merged[0]
+    assert ("merged 1 shards (0 missing): 24 images, 12 with a prediction (50.0% of all "
+            "images, 100.0% of the 12 the plan holds out)") in merged[0]
 
 
 def test_the_run_lease_on_s3_lets_one_audit_in_and_expires(s3):
