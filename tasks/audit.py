@@ -239,8 +239,8 @@ def run_audit(cfg: AuditConfig, run_id: str | None = None,
             try:
                 run_trainer_subprocess(run, spec.repeat, emit)
             except KeyboardInterrupt:
-                kept = (f"repeats {', '.join(map(str, done))} finished (shards in "
-                        f"{storage.join(run, 'shards')})" if done else "no repeat finished")
+                kept = (f"kept the shards of finished repeats {', '.join(map(str, done))} in "
+                        f"{storage.join(run, 'shards')}" if done else "no repeat had finished")
                 raise AuditInterrupted(
                     f"audit interrupted during repeat {spec.repeat} (of 0..{len(specs) - 1}): "
                     f"{kept}; "

@@ -349,9 +349,9 @@ def test_ctrl_c_during_an_audit_is_one_line_saying_what_was_kept(tmp_path):
     run = next((tmp_path / "work" / "runs").iterdir())
     assert "Traceback" not in out + err and "KeyboardInterrupt" not in out + err
     assert err.strip().splitlines()[-1] == (
-        f"interrupted: audit interrupted during repeat 1 (of 0..2): repeats 0 finished "
-        f"(shards in {run / 'shards'}); run the same command again to resume (run {run.name}) "
-        "at repeat 1")
+        f"interrupted: audit interrupted during repeat 1 (of 0..2): kept the shards of "
+        f"finished repeats 0 in {run / 'shards'}; run the same command again to resume (run "
+        f"{run.name}) at repeat 1")
     assert [p.name for p in (run / "shards").glob("*.parquet")] == ["repeat-0000.parquet"]
 
 
