@@ -3,16 +3,22 @@ the trainer entrypoint, merge, report. Re-running with the same run id resumes."
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from tasks import runs, storage
 from tasks.config import AuditConfig, ffcv_installed
-from tasks.errors import UserError
+from tasks.errors import USER_ERROR_EXIT, UserError
 from tasks.index import (
     check_resumable,
     index_dataset,
@@ -38,6 +44,7 @@ def prepare_run(cfg: AuditConfig, run_id: str | None = None) -> str:
     run URI. One stage, one name per layer: the DAG task is `index` (its body,
     `airflow_adapter.prepare`, validates the conf and then calls this); in `tasks` it is
     `prepare_run`, which the CLI audit calls directly."""
+    check_writable(cfg)
     listing = list_dataset(cfg.data_path)
     run = runs.run_uri(cfg.work_uri, run_id or default_run_id(cfg, listing_fingerprint(listing)))
     if storage.exists(storage.join(run, "manifest.parquet")):
@@ -66,32 +73,155 @@ def build_beton_if_possible(run: str, cfg: AuditConfig) -> None:
     ensure_beton(run, cfg)
 
 
+class NotWritableError(UserError, OSError):
+    """`work_uri` or `results_path` cannot be written; found before anything is trained."""
+
+
+def check_writable(cfg: AuditConfig) -> None:
+    """Write and delete a probe file in `work_uri` and beside `results_path`, so that a place
+    the audit cannot write fails now, not after all training."""
+    places = [("work_uri", cfg.work_uri, cfg.work_uri)]
+    if cfg.results_path:
+        if not storage.is_s3(cfg.results_path) and os.path.isdir(cfg.results_path):
+            raise NotWritableError(f"results_path {cfg.results_path!r} is a folder; give the "
+                                   "path of the CSV file to write, e.g. <folder>/results.csv")
+        places.append(("results_path", cfg.results_path, storage.parent(cfg.results_path)))
+    for key, value, folder in places:
+        probe = storage.join(folder, f".acl-write-probe-{uuid.uuid4().hex[:12]}")
+        try:
+            storage.write_bytes(probe, b"")
+            storage.delete(probe)
+        except (OSError, storage.StorageError) as err:
+            why = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+            if not storage.is_s3(folder):  # say which part of the path is in the way
+                blocker = next((p for p in [Path(folder), *Path(folder).parents]
+                                if p.exists()), None)
+                if blocker is not None and not blocker.is_dir():
+                    why = f"{blocker} is a file, not a folder"
+            raise NotWritableError(f"{key} {value!r}: cannot write in {folder} ({why}); choose "
+                                   "a folder this user can write") from None
+
+
+class RunBusyError(UserError, RuntimeError):
+    """Another audit holds the run folder's lock or lease."""
+
+
+LEASE_SECONDS = 120.0  # an S3 lease not renewed for this long belongs to a dead audit
+
+
+@contextlib.contextmanager
+def run_lock(run: str) -> Iterator[None]:
+    """Hold the run folder for one audit: an fcntl lock on `<run>/audit.lock` (released by the
+    kernel even after SIGKILL), or on S3 a lease object `<run>/audit.lease` created with a
+    conditional PUT and renewed until the audit ends. A second audit of the same run
+    refuses with RunBusyError."""
+    if not storage.is_s3(run):
+        import fcntl
+
+        os.makedirs(run, exist_ok=True)
+        path = os.path.join(run, "audit.lock")
+        with open(path, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                raise RunBusyError(f"run {run} is being audited by another process "
+                                   f"({f.read().strip() or 'unknown'}; lock {path}); wait for "
+                                   "it to finish, then run again") from None
+            f.truncate(0)
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            f.flush()
+            yield
+        return
+    uri = storage.join(run, "audit.lease")
+    owner = f"pid {os.getpid()} on {socket.gethostname()} ({uuid.uuid4().hex[:8]})"
+
+    def lease() -> bytes:
+        return json.dumps({"owner": owner, "expires": time.time() + LEASE_SECONDS}).encode()
+
+    if not storage.create(uri, lease()):
+        try:
+            held = json.loads(storage.read_text(uri))
+        except (ValueError, storage.StorageError):
+            held = {}
+        if float(held.get("expires", 0)) > time.time():
+            raise RunBusyError(f"run {run} is being audited by another process "
+                               f"({held.get('owner', 'unknown')}; lease {uri}, renewed every "
+                               f"{LEASE_SECONDS / 3:.0f}s); wait for it to finish, then run again")
+        log.info("taking over the expired lease %s of %s", uri, held.get("owner", "unknown"))
+        storage.delete(uri)
+        if not storage.create(uri, lease()):
+            raise RunBusyError(f"run {run} was just taken by another audit (lease {uri})")
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(LEASE_SECONDS / 3):
+            storage.write_bytes(uri, lease())
+
+    renewer = threading.Thread(target=renew, name="lease-renewer", daemon=True)
+    renewer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        renewer.join()
+        with contextlib.suppress(ValueError, storage.StorageError):
+            if json.loads(storage.read_text(uri)).get("owner") == owner:  # still ours
+                storage.delete(uri)
+
+
 def trainer_command(run: str, repeat: int) -> list[str]:
     """The trainer entrypoint, as a pod or a subprocess runs it."""
     return [sys.executable, "-m", "tasks.train", "--run", run, "--repeat", str(repeat)]
 
 
 class TrainerError(UserError, RuntimeError):
-    """A trainer subprocess failed; its log (passed to `emit`) says why."""
+    """A trainer subprocess failed; the message carries its last ERROR line."""
+
+
+def _die_with_parent() -> None:
+    """In the trainer child, before exec (Linux): SIGKILL it when the audit process dies,
+    even by SIGKILL, so no trainer is left running as an orphan."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
 def run_trainer_subprocess(run: str, repeat: int,
                            emit: Callable[[str], None] = print) -> None:
     """Run one repeat as a subprocess, passing each log line to `emit` as it comes."""
     env = {**os.environ, **storage.subprocess_env(), "PYTHONUNBUFFERED": "1"}
+    cause = ""
     with subprocess.Popen(trainer_command(run, repeat), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, env=env) as proc:
+                          stderr=subprocess.STDOUT, text=True, env=env,
+                          preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                          ) as proc:
         assert proc.stdout is not None
         try:
             for line in proc.stdout:
-                emit(line.rstrip("\n"))
+                line = line.rstrip("\n")
+                if " ERROR " in line:
+                    cause = line.split(" ERROR ", 1)[1]
+                emit(line)
             code = proc.wait()
         except BaseException:  # e.g. Airflow stopping the task: stop the trainer with it
             proc.kill()
+            proc.wait()
             raise
-    if code != 0:
-        raise TrainerError(f"trainer for repeat {repeat} exited with code {code} (its log "
-                           f"above says why); re-running the audit resumes at this repeat")
+    if code == 0:
+        return
+    cause = cause or "no error line in its log"
+    if code == USER_ERROR_EXIT:
+        raise TrainerError(f"trainer for repeat {repeat} exited with code {code}: {cause}; "
+                           "fix that, then run the audit again")
+    raise TrainerError(f"trainer for repeat {repeat} exited with code {code}: {cause}; "
+                       "re-running the audit resumes at this repeat")
+
+
+class AuditInterrupted(KeyboardInterrupt):
+    """Ctrl-C during an audit; the message says what was kept and how to resume."""
 
 
 def run_audit(cfg: AuditConfig, run_id: str | None = None,
@@ -101,12 +231,30 @@ def run_audit(cfg: AuditConfig, run_id: str | None = None,
     from tasks.report import write_report
 
     t0 = time.perf_counter()
+    import importlib.util
+
+    if importlib.util.find_spec("torch"):  # what every trainer would fail on, checked once
+        from tasks.train import check_training
+
+        check_training(cfg)
     run = prepare_run(cfg, run_id)
     specs: list[RepeatSpec] = plan_repeats(cfg)
-    for spec in specs:
-        log.info("training %s of %d", spec.label, len(specs))
-        run_trainer_subprocess(run, spec.repeat, emit)
-    results = merge_run(run)
-    report = write_report(run, seconds=time.perf_counter() - t0)
+    with run_lock(run):
+        done: list[int] = []
+        for spec in specs:
+            log.info("training %s of %d", spec.label, len(specs))
+            try:
+                run_trainer_subprocess(run, spec.repeat, emit)
+            except KeyboardInterrupt:
+                kept = (f"kept the shards of finished repeats {', '.join(map(str, done))} in "
+                        f"{storage.join(run, 'shards')}" if done else "no repeat had finished")
+                raise AuditInterrupted(
+                    f"audit interrupted during repeat {spec.repeat} (of 0..{len(specs) - 1}): "
+                    f"{kept}; "
+                    f"run the same command again to resume (run {storage.basename(run)}) at "
+                    f"repeat {spec.repeat}") from None
+            done.append(spec.repeat)
+        results = merge_run(run)
+        report = write_report(run, seconds=time.perf_counter() - t0)
     log.info("audit finished in %.0fs; report %s", time.perf_counter() - t0, report)
     return results

@@ -10,7 +10,7 @@ from typing import Annotated
 from pydantic import TypeAdapter, ValidationError
 
 from tasks.config import AuditConfig, ConfigError, load_config
-from tasks.errors import UserError
+from tasks.errors import USER_ERROR_EXIT, UserError
 
 log = logging.getLogger("tasks")
 
@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code: 2 after an error the user can fix (one `error:`
-    line); any other exception is a bug and propagates with its traceback (exit 1)."""
+    line), 130 after Ctrl-C; any other exception is a bug and propagates with its traceback
+    (exit 1)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
@@ -115,5 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return USER_ERROR_EXIT
+    except KeyboardInterrupt as err:  # Ctrl-C: one line (an audit says what it kept)
+        print(f"interrupted: {err}" if str(err) else "interrupted", file=sys.stderr)
+        return 130
     return 0

@@ -331,7 +331,14 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise ConfigError(f"override {item!r} must look like key=value")
     key, raw = item.split("=", 1)
     key = key.strip()
-    value = yaml.safe_load(raw) if raw.strip() else None
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key; write key=value, e.g. seed=5")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        first = str(err).strip().splitlines()[0]
+        raise ConfigError(f"override {item!r}: the value of {key!r} is not valid YAML "
+                          f"({first}); check its brackets and quotes") from None
     if key in ("data_path", "work_uri", "results_path", "model_weights") and value is not None:
         value = raw  # paths stay strings even when they look like numbers
     return key, value
@@ -343,9 +350,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Load a YAML config (default configs/config.yaml), apply `key=value` overrides."""
     path = Path(path) if path else DEFAULT_CONFIG_PATH
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {str(path)!r} is a folder; pass a YAML file") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {err.start}); "
+                          "save it as UTF-8") from None
+    except PermissionError:
+        raise ConfigError(f"config file {str(path)!r} cannot be read (permission denied)"
+                          ) from None
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
     if not isinstance(data, dict):

@@ -9,6 +9,8 @@ Airflow-free.
 
 from __future__ import annotations
 
+USER_ERROR_EXIT = 2  # the exit code of the CLI and of a trainer after a UserError
+
 
 class UserError(Exception):
     """Something the user can fix; the message is one line naming the file, key or value

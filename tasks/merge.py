@@ -183,8 +183,10 @@ def merge_run(run: str) -> str:
     buf = io.BytesIO()
     preds.to_parquet(buf, index=False)
     storage.write_bytes(storage.join(run, "predictions.parquet"), buf.getvalue())
-    log.info("merged %d shards (%d missing): %d images, %.1f%% covered, %d flagged as label "
-             "issues; wrote %s", len(frames), len(missing), len(results), 100 * coverage,
+    log.info("merged %d shards (%d missing): %d images, %d with a prediction (%.1f%% of all "
+             "images, %.1f%% of the %d the plan holds out), %d flagged as label issues; "
+             "wrote %s", len(frames), len(missing), len(results), int(covered.sum()),
+             100 * covered.sum() / max(1, len(results)), 100 * coverage, int(planned.sum()),
              int(s["flagged"].sum()), out)
     return out
 

@@ -91,10 +91,21 @@ def load_weights(model: nn.Module, model_name: str, weights: str) -> None:
                           ) from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ConfigError(f"model_weights {weights!r}: holds a {type(state).__name__}, not a "
+                          "state dict (save model.state_dict())")
     own = model.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    usable = {k: v for k, v in state.items()
+              if k in own and isinstance(v, torch.Tensor) and own[k].shape == v.shape}
     if not usable:
         raise ConfigError(f"model_weights {weights!r}: no tensor matches {model_name}")
+    head = list(own)[-2:]  # the final layer's weight and bias: its shape follows the classes
+    unfit = [k for k in own if k not in usable and k not in head]
+    if unfit:
+        raise ConfigError(
+            f"model_weights {weights!r}: {len(unfit)} of {len(own)} tensors of {model_name} "
+            f"are missing or of another shape (first: {unfit[0]}); is it a state dict of "
+            "another architecture?")
     skipped = sorted(set(own) - set(usable))
     model.load_state_dict(usable, strict=False)
     log.info("loaded %d tensors from %s; %d left at init (%s)", len(usable), weights,

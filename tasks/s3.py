@@ -177,6 +177,7 @@ class S3Backend:
                                        multipart_chunksize=multipart_chunksize,
                                        max_concurrency=min(self.concurrency, 10))
         self._conditional_copy: bool | None = None  # unknown until the server answers
+        self._conditional_put: bool | None = None
 
     @classmethod
     def shared(cls, settings: Mapping[str, str] | None = None) -> S3Backend:
@@ -281,6 +282,30 @@ class S3Backend:
                 self.client.put_object(Bucket=bucket, Key=key, Body=data)
             else:
                 self.client.upload_fileobj(io.BytesIO(data), bucket, key, Config=self.transfer)
+
+    def create(self, uri: str, data: bytes) -> bool:
+        """A conditional PUT (If-None-Match: *); where the server does not support it, an
+        existence check and a plain PUT."""
+        bucket, key = split_uri(uri)
+        with self._errors(uri, "write"):
+            if self._conditional_put is not False:
+                try:
+                    self.client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+                    self._conditional_put = True
+                    return True
+                except ClientError as err:
+                    code = str(err.response.get("Error", {}).get("Code"))
+                    if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                        return False
+                    if code not in _NOT_SUPPORTED or self._conditional_put:
+                        raise
+                    log.info("this S3 server does not support conditional writes (%s); "
+                             "relying on the existence check", code)
+                    self._conditional_put = False
+            if self.head(uri) is not None:
+                return False
+            self.client.put_object(Bucket=bucket, Key=key, Body=data)
+            return True
 
     def exists(self, uri: str) -> bool:
         return self.head(uri) is not None

@@ -111,11 +111,19 @@ def write_sample(out: str | Path, n: int, noise: float, seed: int, kind: str = "
     and `<out>.truth.csv`; returns the truth file path."""
     if not 0 <= noise < 1:
         raise SampleError(f"--noise must be in [0, 1), got {noise}")
-    data = load_clean(source)
-    pick, true, given = draw_noisy(data, n, noise, seed, kind)
+    if seed < 0:
+        raise SampleError(f"--seed must be 0 or more, got {seed}")
     out = Path(out)
+    truth = out.with_name(out.name + ".truth.csv")
+    if out.exists() and not out.is_dir():
+        raise SampleError(f"{out} exists and is not a folder; choose another --out")
     if out.exists() and any(out.iterdir()):
         raise SampleError(f"{out} exists and is not empty; choose another --out")
+    if truth.exists():
+        raise SampleError(f"{truth} exists and would be overwritten; delete it or choose "
+                          "another --out")
+    data = load_clean(source)
+    pick, true, given = draw_noisy(data, n, noise, seed, kind)
     for c in data.classes:
         (out / c).mkdir(parents=True, exist_ok=True)
     rows = []
@@ -123,7 +131,6 @@ def write_sample(out: str | Path, n: int, noise: float, seed: int, kind: str = "
         name = f"{data.classes[given[i]]}/{data.name}-{src:05d}.png"
         Image.fromarray(data.images[src]).save(out / name, optimize=False, compress_level=1)
         rows.append((name, data.classes[true[i]], data.classes[given[i]]))
-    truth = out.with_name(out.name + ".truth.csv")
     pd.DataFrame(rows, columns=["filename", "true_label", "given_label"]).to_csv(truth, index=False)
     log.info("wrote %d %s images (%d labels changed, %s) to %s; truth in %s", n, data.name,
              int((true != given).sum()), kind, out, truth)

@@ -221,6 +221,17 @@ class LocalBackend:
             Path(tmp).unlink(missing_ok=True)
             raise
 
+    def create(self, uri: str, data: bytes) -> bool:
+        path = Path(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+
     def exists(self, uri: str) -> bool:
         return Path(uri).is_file()
 
@@ -295,6 +306,12 @@ def read_text(uri: str) -> str:
 def write_text(uri: str, text: str) -> None:
     """Write UTF-8 text atomically."""
     write_bytes(uri, text.encode("utf-8"))
+
+
+def create(uri: str, data: bytes) -> bool:
+    """Write a small file or object only if it does not exist (O_EXCL; a conditional PUT,
+    If-None-Match: *, on S3); returns False when it already existed."""
+    return _backend(uri).create(uri, data)
 
 
 def exists(uri: str) -> bool:

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks import images, runs, shards, storage
-from tasks.config import AuditConfig
-from tasks.errors import UserError
+from tasks.config import AuditConfig, ConfigError
+from tasks.errors import USER_ERROR_EXIT, StorageError, UserError
 from tasks.ffcv_data import FfcvBatches, build_beton, require_ffcv
 from tasks.index import read_manifest
 from tasks.models import IMAGENET_MEAN, IMAGENET_STD, build_model
@@ -37,6 +37,7 @@ from tasks.plan import RepeatSpec, Split, plan_repeats, split_for_repeat
 log = logging.getLogger("tasks.train")
 
 IN_MEMORY_BUDGET = 4 << 30  # decoded uint8 images up to this size are kept in RAM
+ONE_CYCLE_WARMUP = 0.25  # share of all steps spent raising the learning rate
 
 
 # --- images -----------------------------------------------------------------------------
@@ -126,7 +127,8 @@ class Augment(nn.Module):
 def pick_device(cfg: AuditConfig) -> torch.device:
     """CUDA when asked for or available under `auto`; a clear error when asked but absent."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device is 'cuda' but no CUDA GPU is visible to this process")
+        raise ConfigError("device is 'cuda' but no CUDA GPU is visible to this process; set "
+                          "device: cpu or auto, or run where a GPU is visible")
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     return torch.device("cuda" if use_cuda else "cpu")
 
@@ -167,13 +169,19 @@ def make_optimiser(model: nn.Module, cfg: AuditConfig, steps_per_epoch: int,
                    device: torch.device) -> tuple[torch.optim.Optimizer,
                                                   torch.optim.lr_scheduler.LRScheduler,
                                                   torch.amp.GradScaler]:
-    """SGD with Nesterov momentum, a one-cycle schedule over all epochs, and a grad scaler
-    (active only for float16 autocast on CUDA)."""
+    """SGD with Nesterov momentum, a one-cycle schedule over all epochs (a linear decay from
+    `learning_rate` when there are too few steps for a warm-up), and a grad scaler (active
+    only for float16 autocast on CUDA)."""
     opt = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate, momentum=0.9,
                           nesterov=True, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.learning_rate,
-                                                total_steps=cfg.num_epochs * steps_per_epoch,
-                                                pct_start=0.25)
+    total = max(1, cfg.num_epochs * steps_per_epoch)
+    sched: torch.optim.lr_scheduler.LRScheduler
+    if total * ONE_CYCLE_WARMUP >= 2:
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.learning_rate,
+                                                    total_steps=total,
+                                                    pct_start=ONE_CYCLE_WARMUP)
+    else:  # OneCycleLR needs two warm-up steps: with fewer it divides by zero or trains at 0
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / total)
     scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and
                                   not torch.cuda.is_bf16_supported())
     return opt, sched, scaler
@@ -256,13 +264,25 @@ def fit_model(cfg: AuditConfig, spec: RepeatSpec, split: Split,
 
 # --- the entrypoint -----------------------------------------------------------------------
 
+class RepeatError(UserError, ValueError):
+    """A repeat number the run does not have."""
+
+
+def check_training(cfg: AuditConfig) -> None:
+    """What a trainer would fail on at once, checked before an audit indexes or trains: the
+    device exists, and `model_weights` loads as a state dict of `model_name`."""
+    pick_device(cfg)
+    if cfg.model_weights:
+        build_model(cfg.model_name, 2, cfg.model_weights)  # the head's shape does not matter
+
+
 def run_repeat(run: str, repeat: int, force: bool = False) -> str:
     """Train repeat `repeat` of the run at `run` and write its shard; returns the shard URI."""
     cfg = runs.read_config(run)
     manifest, classes = read_manifest(run)
     specs = plan_repeats(cfg)
     if not 0 <= repeat < len(specs):
-        raise ValueError(f"repeat {repeat} is out of range: the run has 0..{len(specs) - 1}")
+        raise RepeatError(f"repeat {repeat} is out of range: the run has 0..{len(specs) - 1}")
     spec = specs[repeat]
     out = runs.shard_uri(run, repeat)
     fingerprint = shards.shard_fingerprint(cfg, manifest, spec)
@@ -331,7 +351,12 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(err, UserError):
             log.exception("repeat %d failed with an unexpected error", args.repeat)
         log.error("repeat %d failed: %s: %s", args.repeat, type(err).__name__, err)
-        return 1
+        # A storage error may pass (an outage): exit 1, and the audit says re-running helps.
+        fixed_first = isinstance(err, UserError) and not isinstance(err, StorageError)
+        return USER_ERROR_EXIT if fixed_first else 1
+    except KeyboardInterrupt:
+        log.warning("repeat %d interrupted; its shard was not written", args.repeat)
+        return 130
     return 0
 
 

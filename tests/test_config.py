@@ -224,3 +224,24 @@ def test_work_uri_beside_data_path_is_fine(tmp_path, data_path, work_uri):
     data, work = data_path.format(tmp=tmp_path), work_uri.format(tmp=tmp_path)
     cfg = load_config(overrides=[f"data_path={data}", f"work_uri={work}"])
     assert (cfg.data_path, cfg.work_uri) == (data, work)
+
+
+@pytest.mark.parametrize(("item", "message"), [
+    ("n_repeats=[", r"override 'n_repeats=\[': the value of 'n_repeats' is not valid YAML"),
+    ("seed={a", r"override 'seed=\{a': the value of 'seed' is not valid YAML"),
+    ("=5", r"override '=5' has an empty key"),
+    (" =5", r"override ' =5' has an empty key"),
+])
+def test_a_malformed_override_is_one_line_naming_it(item, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(overrides=[item])
+    assert "\n" not in str(info.value)
+
+
+def test_a_config_that_is_a_folder_or_not_utf8_names_the_file(tmp_path):
+    with pytest.raises(ConfigError, match=rf"config file '{tmp_path}' is a folder"):
+        load_config(tmp_path)
+    latin = tmp_path / "latin1.yaml"
+    latin.write_bytes("data_path: /données\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=rf"config file '{latin}' is not UTF-8 text"):
+        load_config(latin)

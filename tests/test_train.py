@@ -26,9 +26,9 @@ from tasks.config import ConfigError
 from tasks.images import decode_image
 from tasks.index import read_manifest
 from tasks.models import SmallCNN, build_model
-from tasks.plan import plan_repeats, split_for_repeat
+from tasks.plan import Split, plan_repeats, split_for_repeat
 from tasks.shards import shard_fingerprint
-from tasks.train import Augment, Batches, fit_model, run_repeat, train_epoch
+from tasks.train import Augment, Batches, fit_model, make_optimiser, run_repeat, train_epoch
 from tests.datasets import image_bytes, tiny_config, write_classes
 
 SHARD_SCHEMA = pa.schema([("id", pa.int64()), ("repeat", pa.int32()), ("given", pa.int32()),
@@ -97,11 +97,22 @@ def test_a_forced_retry_yields_the_same_predictions(tiny_run):
     assert np.allclose(np.stack(first["probs"]), np.stack(second["probs"]), atol=1e-5)
 
 
-def test_trainer_errors_are_one_line_and_exit_1(tiny_run):
+def test_trainer_user_errors_are_one_line_and_exit_2(tiny_run):
     bad = trainer("--run", tiny_run, "--repeat", "7")
-    assert bad.returncode == 1
+    assert bad.returncode == 2
     assert bad.stdout.strip().splitlines()[-1].endswith(
-        "repeat 7 failed: ValueError: repeat 7 is out of range: the run has 0..1")
+        "ERROR repeat 7 failed: RepeatError: repeat 7 is out of range: the run has 0..1")
+    assert "Traceback" not in bad.stdout + bad.stderr
+
+
+def test_an_unexpected_trainer_error_logs_its_traceback_at_error_and_exits_1(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")  # a damaged run, not a user mistake
+    bad = trainer("--run", str(tmp_path), "--repeat", "0")
+    assert bad.returncode == 1, bad.stdout
+    lines = bad.stdout.strip().splitlines()
+    assert "ERROR repeat 0 failed with an unexpected error" in bad.stdout
+    assert "Traceback (most recent call last):" in lines
+    assert " ERROR repeat 0 failed: " in lines[-1]
 
 
 @pytest.mark.slow
@@ -122,7 +133,7 @@ def test_named_weights_outside_the_hub_cache_fail_fast_without_network(tmp_path)
     env = {"TORCH_HOME": str(tmp_path / "torch-home"),
            "PYTHONPATH": os.pathsep.join([str(guard), os.environ.get("PYTHONPATH", "")])}
     proc = trainer("--run", run, "--repeat", "0", env=env)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     last = proc.stdout.strip().splitlines()[-1]
     assert "repeat 0 failed: ConfigError: model_weights 'IMAGENET1K_V1': " in last
     assert "is not in the torch hub cache and nothing is downloaded" in last
@@ -171,6 +182,12 @@ def test_a_saved_state_dict_loads_and_a_head_of_another_shape_stays_at_init(tmp_
     ("small_cnn", "{tmp}/garbage.pt", r"model_weights '.*garbage.pt': not a readable state "
                                       r"dict"),
     ("small_cnn", "{tmp}/alien.pt", r"model_weights '.*alien.pt': no tensor matches small_cnn"),
+    ("resnet18", "{tmp}/cnn.pt", r"model_weights '.*cnn.pt': no tensor matches resnet18"),
+    ("small_cnn", "{tmp}/tensor.pt", r"model_weights '.*tensor.pt': holds a Tensor, not a "
+                                     r"state dict"),
+    ("small_cnn", "{tmp}/partial.pt", r"model_weights '.*partial.pt': 1 of \d+ tensors of "
+                                      r"small_cnn are missing or of another shape \(first: "
+                                      r"0.0.weight\); is it a state dict of another"),
 ])
 def test_model_weights_errors_name_the_key_and_never_download(tmp_path, monkeypatch, model_name,
                                                               weights, message):
@@ -184,6 +201,11 @@ def test_model_weights_errors_name_the_key_and_never_download(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     (tmp_path / "garbage.pt").write_bytes(b"not a torch file")
     torch.save({"conv.weight": torch.zeros(3)}, tmp_path / "alien.pt")
+    torch.save(SmallCNN(3).state_dict(), tmp_path / "cnn.pt")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    partial = SmallCNN(3).state_dict()
+    del partial["0.0.weight"]
+    torch.save(partial, tmp_path / "partial.pt")
     with pytest.raises(ConfigError, match=message) as err:
         build_model(model_name, 3, weights.format(tmp=tmp_path))
     assert "\n" not in str(err.value)
@@ -291,3 +313,30 @@ def test_any_image_mode_decodes_to_rgb_at_the_configured_size(tmp_path, mode):
     img.save(path)
     arr = decode_image(str(path), 16)
     assert arr.shape == (16, 16, 3) and arr.dtype == np.uint8
+
+
+@pytest.mark.parametrize(("num_epochs", "batches_per_epoch"),
+                         [(1, 1), (1, 2), (1, 3), (4, 1), (2, 2), (1, 4), (1, 5), (5, 1)])
+def test_any_step_count_trains(tmp_path, num_epochs, batches_per_epoch):
+    """OneCycleLR divides by zero at 4 steps and trains at lr 0 below: 1 to 5 steps in all
+    must train, every step at a positive learning rate."""
+    n = 4 * batches_per_epoch
+    batches = tiny_batches(tmp_path, n, batch_size=4, image_size=8, num_epochs=num_epochs,
+                           track_eval=False)
+    cfg = batches.cfg
+    split = Split(train=np.arange(n), val=np.arange(0), test=np.arange(0))
+    spec = plan_repeats(cfg)[0]
+    torch.manual_seed(spec.seed)  # as fit_model does: the same initial weights
+    before = [p.detach().clone() for p in build_model(cfg.model_name, 2).parameters()]
+    model, stats = fit_model(cfg, spec, split, batches, 2)
+    assert stats["epoch"] == num_epochs and np.isfinite(stats["train_loss"])
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+    opt, sched, _ = make_optimiser(build_model(cfg.model_name, 2), cfg, batches_per_epoch,
+                                   torch.device("cpu"))
+    lrs = []
+    for _ in range(num_epochs * batches_per_epoch):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert min(lrs) > 0 and max(lrs) <= cfg.learning_rate + 1e-12
