@@ -2,8 +2,10 @@
 
 A row moves when it is flagged (`is_label_issue`), `corrected_label != label`,
 `% > sensitivity`, `suggested_quality > sensitivity / 100` and `num_preds >= min_preds`: an
-image the audit does not flag is never moved, however the votes fell. The journal (the whole
-plan) is written before anything moves.
+image the audit does not flag is never moved, however the votes fell. Or the plan comes from
+a reviewer's decisions file (tasks/decisions.py): exactly the `accept` and `other` rows move,
+whatever the thresholds say; the same safety checks apply. The journal (the whole plan, and
+where it came from) is written before anything moves.
 Each move is: copy (server-side on S3) to `<root>/<corrected_label>/<name>`, verify the
 copy's size and checksum against the source, then delete the source. An existing object
 is never overwritten: a clash gets a deterministic suffix. Every step is idempotent and its
@@ -97,6 +99,62 @@ def select_rows(results: pd.DataFrame, sensitivity: float, min_preds: int) -> pd
         raise RelabelError(f"the results lack column(s) {', '.join(missing)}; relabel reads "
                            "the results.csv of an audit (python -m tasks audit writes it)")
     return results[relabel_ceiling(results, min_preds) > sensitivity]
+
+
+@dataclass(frozen=True)
+class Decided:
+    """A validated decisions file: the rows it moves (results rows whose `corrected_label`
+    is the decided class), its URI and sha256, and how many rows took each decision."""
+
+    rows: pd.DataFrame
+    uri: str
+    sha256: str
+    counts: dict[str, int]
+
+
+def run_classes(run: str, results: pd.DataFrame) -> list[str]:
+    """The run's classes (classes.json, written by the index step); the results' given
+    labels where a run folder has none."""
+    uri = storage.join(run, "classes.json")
+    if storage.exists(uri):
+        return [str(c) for c in json.loads(storage.read_text(uri))]
+    return sorted(set(results["label"].astype(str)))
+
+
+def read_decided(decisions_uri: str, results: pd.DataFrame, classes: list[str],
+                 run_id: str | None = None) -> Decided:
+    """Read a decisions file and check it against the run (`validate_decisions`: unknown
+    files or classes, repeated rows, another run's file, a label the results no longer
+    give). Raises DecisionsError naming the row; reads only, so nothing has moved."""
+    from tasks.decisions import DECISIONS, DecisionsError, parse_decisions, validate_decisions
+
+    if not storage.exists(decisions_uri):
+        raise DecisionsError(f"decisions file {decisions_uri} does not exist")
+    data = storage.read_bytes(decisions_uri)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DecisionsError(f"{decisions_uri} is not UTF-8 text: save it again as CSV "
+                             "(UTF-8)") from None
+    decisions = parse_decisions(text, source=decisions_uri)
+    moves = validate_decisions(decisions, results, classes, run_id)
+    position = pd.Series(results.index, index=results["filename"].astype(str))
+    rows = results.loc[position[moves["filename"]].to_numpy()].copy()
+    rows["corrected_label"] = moves["new_label"].to_numpy()
+    counts = decisions["decision"].value_counts()
+    return Decided(rows=rows, uri=decisions_uri, sha256=hashlib.sha256(data).hexdigest(),
+                   counts={d: int(counts.get(d, 0)) for d in DECISIONS})
+
+
+def _check_same_decisions(header: dict, decided: Decided, journal_uri: str) -> None:
+    """Refuse to apply a decisions file over a started or complete relabel planned from
+    anything else (thresholds, or other decisions)."""
+    state = header.get("state")
+    if state in ("started", "complete") and header.get("decisions_sha256") != decided.sha256:
+        source = header.get("decisions") or "the thresholds"
+        raise RelabelError(f"{journal_uri} holds a {state} relabel planned from {source}; "
+                           f"undo it first (python -m tasks undo --journal {journal_uri}), "
+                           f"then apply {decided.uri}")
 
 
 def _target_key(src: str, corrected: str, suffix: str = "") -> str:
@@ -217,12 +275,15 @@ def _execute(root: str, moves: list[Move], reverse: bool) -> dict[str, int]:
 
 
 def relabel(results: pd.DataFrame, root: str, journal_uri: str, sensitivity: float,
-            min_preds: int, dry_run: bool = False) -> list[Move]:
-    """Relabel `root` from `results`; resumes an unfinished journal at `journal_uri`.
-    Returns the moves (planned only, with `dry_run`)."""
+            min_preds: int, dry_run: bool = False, decided: Decided | None = None) -> list[Move]:
+    """Relabel `root` from `results` (the rows `select_rows` picks, or with `decided` exactly
+    the decided rows); resumes an unfinished journal at `journal_uri`. Returns the moves
+    (planned only, with `dry_run`)."""
     journal = Journal(journal_uri)
     if storage.exists(journal_uri):
         header, moves = journal.read()
+        if decided is not None:
+            _check_same_decisions(header, decided, journal_uri)
         if header.get("state") == "started":
             log.info("resuming interrupted relabel from %s (%d moves)", journal_uri, len(moves))
             if not dry_run:
@@ -237,18 +298,26 @@ def relabel(results: pd.DataFrame, root: str, journal_uri: str, sensitivity: flo
             log.info("%s: this relabel is already complete (%d moves); undo it first to plan "
                      "again", journal_uri, len(moves))
             return moves
-    moves = plan_moves(root, select_rows(results, sensitivity, min_preds))
+    rows = select_rows(results, sensitivity, min_preds) if decided is None else decided.rows
+    moves = plan_moves(root, rows)
     for m in moves:
-        log.info("%s %s -> %s (%.0f%% of %d predictions)", "would move" if dry_run else "move",
-                 m.src, m.dst, m.pct, m.num_preds)
-    log.info("%d images %s at sensitivity %s, min_preds %d", len(moves),
-             "would move" if dry_run else "to move", sensitivity, min_preds)
+        log.info("%s %s -> %s (%s)", "would move" if dry_run else "move", m.src, m.dst,
+                 "decided" if decided else f"{m.pct:.0f}% of {m.num_preds} predictions")
+    if decided is None:
+        log.info("%d images %s at sensitivity %s, min_preds %d", len(moves),
+                 "would move" if dry_run else "to move", sensitivity, min_preds)
+        source = {"plan": "thresholds", "sensitivity": sensitivity, "min_preds": min_preds}
+    else:
+        log.info("%d images %s as decided in %s (%s)", len(moves),
+                 "would move" if dry_run else "to move", decided.uri,
+                 ", ".join(f"{n} {d}" for d, n in decided.counts.items()))
+        source = {"plan": "decisions", "decisions": decided.uri,
+                  "decisions_sha256": decided.sha256}
     if dry_run or not moves:
         return moves
     # An absolute local root, so that undo works from any working directory.
     journal_root = root if storage.is_s3(root) else os.path.abspath(root)
-    journal.write({"type": "header", "root": journal_root, "state": "started",
-                   "sensitivity": sensitivity, "min_preds": min_preds,
+    journal.write({"type": "header", "root": journal_root, "state": "started", **source,
                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, moves)
     counts = _execute(root, moves, reverse=False)
     journal.set_state("complete")
@@ -271,10 +340,11 @@ def undo(journal_uri: str) -> list[Move]:
 
 
 def write_corrected_manifest(results: pd.DataFrame, out_uri: str, sensitivity: float,
-                             min_preds: int) -> int:
-    """Non-destructive mode: a CSV of every image with the label to use; returns how many
-    labels change."""
-    rows = select_rows(results, sensitivity, min_preds)
+                             min_preds: int, rows: pd.DataFrame | None = None) -> int:
+    """Non-destructive mode: a CSV of every image with the label to use (from `rows`, e.g.
+    a decisions file's, else the rows `select_rows` picks); returns how many labels
+    change."""
+    rows = select_rows(results, sensitivity, min_preds) if rows is None else rows
     table = results[["filename", "label"]].copy()
     table["new_label"] = table["label"]
     table.loc[rows.index, "new_label"] = rows["corrected_label"]
@@ -285,13 +355,20 @@ def write_corrected_manifest(results: pd.DataFrame, out_uri: str, sensitivity: f
 
 
 def relabel_results(results_uri: str, sensitivity: float | None = None,
-                    min_preds: int | None = None, dry_run: bool = False) -> str | None:
+                    min_preds: int | None = None, dry_run: bool = False,
+                    decisions_uri: str | None = None) -> str | None:
     """Relabel from a run's results CSV with the run's relabel_mode and thresholds (or the
-    given overrides). Returns the journal URI (move) or corrected-labels.csv URI
+    given overrides), or, with `decisions_uri`, exactly as a reviewer's decisions file says
+    (validated first). Returns the journal URI (move) or corrected-labels.csv URI
     (manifest); None for a dry run, and when nothing was selected to move (no journal)."""
     from tasks import runs
     from tasks.merge import read_results
 
+    overrides = [n for n, v in (("sensitivity", sensitivity), ("min_preds", min_preds))
+                 if v is not None]
+    if decisions_uri is not None and overrides:
+        raise RelabelError(f"{' and '.join(overrides)} do not apply to a decisions file "
+                           f"({decisions_uri}): it names each image to move; drop them")
     if not storage.exists(results_uri):
         raise MissingFileError(f"results CSV {results_uri} does not exist")
     run = storage.parent(results_uri)
@@ -299,14 +376,19 @@ def relabel_results(results_uri: str, sensitivity: float | None = None,
     sensitivity = cfg.sensitivity if sensitivity is None else sensitivity
     min_preds = cfg.min_preds if min_preds is None else min_preds
     results = read_results(results_uri)
+    decided = None
+    if decisions_uri is not None:
+        decided = read_decided(decisions_uri, results, run_classes(run, results),
+                               storage.basename(run))
     if cfg.relabel_mode == "manifest":
+        rows = select_rows(results, sensitivity, min_preds) if decided is None else decided.rows
         if dry_run:
-            select = select_rows(results, sensitivity, min_preds)
-            log.info("%d labels would change in corrected-labels.csv", len(select))
+            log.info("%d labels would change in corrected-labels.csv", len(rows))
             return None
         out = storage.join(run, "corrected-labels.csv")
-        write_corrected_manifest(results, out, sensitivity, min_preds)
+        write_corrected_manifest(results, out, sensitivity, min_preds, rows=rows)
         return out
     journal = runs.journal_uri(run)
-    moves = relabel(results, cfg.data_path, journal, sensitivity, min_preds, dry_run=dry_run)
+    moves = relabel(results, cfg.data_path, journal, sensitivity, min_preds, dry_run=dry_run,
+                    decided=decided)
     return journal if moves and not dry_run else None
