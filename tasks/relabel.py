@@ -367,8 +367,9 @@ def relabel_results(results_uri: str, sensitivity: float | None = None,
     overrides = [n for n, v in (("sensitivity", sensitivity), ("min_preds", min_preds))
                  if v is not None]
     if decisions_uri is not None and overrides:
-        raise RelabelError(f"{' and '.join(overrides)} do not apply to a decisions file "
-                           f"({decisions_uri}): it names each image to move; drop them")
+        raise RelabelError(f"the thresholds ({', '.join(overrides)}) do not apply to a "
+                           f"decisions file ({decisions_uri}): it names each image to move; "
+                           "drop them")
     if not storage.exists(results_uri):
         raise MissingFileError(f"results CSV {results_uri} does not exist")
     run = storage.parent(results_uri)
