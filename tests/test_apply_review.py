@@ -20,7 +20,14 @@ from tasks.decisions import COLUMNS
 from tasks.relabel import Journal, relabel_results, undo
 from tests.datasets import snapshot, tiny_config, write_classes
 from tests.test_cli import ok, tasks_cli
-from tests.test_relabel import MIN_PREDS, SENSITIVITY, make_dataset, results_frame, tag
+from tests.test_relabel import (
+    MIN_PREDS,
+    SENSITIVITY,
+    failing_after,
+    make_dataset,
+    results_frame,
+    tag,
+)
 from tests.test_s3 import snapshot as s3_snapshot
 from tests.test_s3 import upload_folder
 
@@ -142,6 +149,30 @@ def test_decisions_over_a_threshold_relabel_are_refused_until_undone(local):
     undo(journal)
     assert relabel_results(results, decisions_uri=str(decisions)) == journal
     assert snapshot(data) == after(before)
+
+
+def test_an_interrupted_apply_is_finished_by_the_same_file_only(local, monkeypatch, tmp_path):
+    data, results, decisions = local
+    before = snapshot(data)
+    journal = runs.journal_uri(storage.parent(results))
+    with monkeypatch.context() as m:
+        failing_after(m, "delete", 2)
+        with pytest.raises(KeyboardInterrupt):
+            relabel_results(results, decisions_uri=str(decisions))
+    middle = snapshot(data)
+    assert middle not in (before, after(before))
+    # Another decisions file cannot be applied over the half-done one...
+    other = tmp_path / "other.csv"
+    other.write_text(decisions_csv(DECISIONS[:1]))
+    code, err = run_cli(["relabel", "--results", results, "--decisions", str(other)])
+    assert code == 2 and err == (
+        f"error: {journal} holds a started relabel planned from {decisions}; undo it first "
+        f"(python -m tasks undo --journal {journal}), then apply {other}")
+    assert snapshot(data) == middle
+    # ...the same file finishes it.
+    assert relabel_results(results, decisions_uri=str(decisions)) == journal
+    assert snapshot(data) == after(before)
+    assert Journal(journal).read()[0]["state"] == "complete"
 
 
 def run_cli(argv: list[str]) -> tuple[int, str]:
