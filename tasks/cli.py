@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import Annotated
 
-from tasks.config import load_config
+from pydantic import TypeAdapter, ValidationError
+
+from tasks.config import AuditConfig, ConfigError, load_config
 from tasks.errors import UserError
 
 log = logging.getLogger("tasks")
@@ -39,7 +42,24 @@ def _relabel(results_uri: str, sensitivity: float | None, min_preds: int | None,
         print(out)
 
 
+def _config_value(option: str, key: str, value: object) -> object:
+    """`value` checked against the config schema's field `key` (its type and bounds, so the
+    CLI never holds a second copy of them); a ConfigError naming the option otherwise."""
+    field = AuditConfig.model_fields[key]
+    kind = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+    try:
+        return TypeAdapter(kind).validate_python(value)
+    except ValidationError as err:
+        why = ("Input should be a number" if value != value  # NaN passes no bound
+               else "; ".join(str(e["msg"]) for e in err.errors()))
+        raise ConfigError(f"{option} {value!r}: {why} (as the config key {key})") from None
+
+
 def _cmd_relabel(args: argparse.Namespace) -> None:
+    if args.sensitivity is not None:
+        _config_value("--sensitivity", "sensitivity", args.sensitivity)
+    if args.min_preds is not None:
+        _config_value("--min-preds", "min_preds", args.min_preds)
     _relabel(args.results, args.sensitivity, args.min_preds, args.dry_run, args.decisions)
 
 

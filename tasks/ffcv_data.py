@@ -6,7 +6,8 @@ JPEG-compressed `RGBImageField`, with the label and the manifest row as `IntFiel
 sidecar `<run>/dataset.beton.json` records what it was built from; a later call with the
 same manifest and image size is a no-op, so every repeat reuses the one file.
 `tasks.audit.prepare_run` (the CLI audit's first step and the DAG's `index` task) builds it
-where FFCV is installed, so parallel trainers do not race to build it.
+where FFCV is installed, and the DAG's `build_beton` pod (`python -m tasks.ffcv_data --run
+RUN`) where it is not, so parallel trainers do not race to build it.
 
 `FfcvBatches` has the interface of `tasks.train.Batches`: it yields (uint8 Bx3xHxW,
 labels, row positions); crop, flip and normalisation happen afterwards in `Augment`, so

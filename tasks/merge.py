@@ -22,6 +22,7 @@ default.
 from __future__ import annotations
 
 import io
+import json
 import logging
 
 import numpy as np
@@ -174,8 +175,9 @@ def merge_run(run: str) -> str:
     out = runs.results_uri(run)
     csv = results.to_csv(index=False)
     storage.write_text(out, csv)
-    if cfg.results_path:
+    if cfg.results_path:  # a copy, and beside it the run it came from (relabel reads it)
         storage.write_text(cfg.results_path, csv)
+        storage.write_text(run_sidecar_uri(cfg.results_path), json.dumps({"run": run}) + "\n")
     preds = results.assign(mean_probs=list(agg["mean_probs"][results["id"].to_numpy()]
                                           .astype(np.float32)))
     buf = io.BytesIO()
@@ -195,10 +197,88 @@ def sort_most_suspicious(results: pd.DataFrame) -> pd.DataFrame:
             .drop(columns=["_flag", "_q"]).reset_index(drop=True))
 
 
+class ResultsError(UserError, ValueError):
+    """A results CSV that cannot be read; the message names the file, and the row and column
+    of a bad value."""
+
+
+# Column -> how it is parsed: "bool" (true/false, 1/0, yes/no, any case), "int" (a count),
+# or the (low, high) range of a number (empty is missing).
+_TYPED_COLUMNS: dict[str, str | tuple[float, float]] = {
+    "is_label_issue": "bool", "num_preds": "int", "%": (0, 100), "label_quality": (0, 1),
+    "suggested_quality": (0, 1)}
+_TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
+
+
+def _parse_column(frame: pd.DataFrame, column: str, kind: str | tuple[float, float],
+                  uri: str) -> pd.Series:
+    """One typed column, strictly: the first bad value is an error naming its line (the header
+    is line 1) and filename."""
+    text = frame[column].astype(str).str.strip()
+    if kind == "bool":
+        lower = text.str.lower()
+        bad = ~lower.isin(_TRUE | _FALSE)
+        value = lower.isin(_TRUE)
+        expected = "true or false (or 1/0, yes/no)"
+    else:
+        number = pd.to_numeric(text.where(text != "", None), errors="coerce")
+        if kind == "int":
+            bad = number.isna() | ~np.isfinite(number) | (number < 0) | (number % 1 != 0)
+            value = number.where(~bad, 0).astype(np.int64)
+            expected = "a whole number of at least 0"
+        else:
+            low, high = kind
+            bad = ((number.isna() & ~text.str.lower().isin(["", "nan"]))
+                   | (number < low) | (number > high))
+            value = number.astype(np.float64)
+            expected = f"a number from {low} to {high} (or empty)"
+    if bad.any():
+        pos = int(np.flatnonzero(bad.to_numpy())[0])
+        name = frame["filename"].iloc[pos] if "filename" in frame.columns else ""
+        raise ResultsError(f"{uri} line {pos + 2} ({name or 'no filename'}): {column} "
+                           f"{frame[column].iloc[pos]!r} is not {expected}; fix that cell")
+    return value
+
+
 def read_results(uri: str) -> pd.DataFrame:
-    """A results CSV as written by `merge_run`."""
+    """A results CSV as written by `merge_run` (or edited by hand): `is_label_issue`,
+    `num_preds`, `%`, `label_quality` and `suggested_quality` are parsed strictly, and a
+    value that is not of its column's kind is a ResultsError naming its line."""
     if not storage.exists(uri):
         raise MissingFileError(f"results CSV {uri} does not exist")
-    return pd.read_csv(io.BytesIO(storage.read_bytes(uri)), keep_default_na=False,
-                       na_values={"%": [""], "label_quality": [""], "suggested_quality": [""]},
-                       dtype={"filename": str, "label": str, "corrected_label": str})
+    try:
+        frame = pd.read_csv(io.BytesIO(storage.read_bytes(uri)), keep_default_na=False,
+                            dtype=str, encoding="utf-8")
+    except (ValueError, pd.errors.ParserError) as err:  # UnicodeDecodeError is a ValueError
+        raise ResultsError(f"{uri} is not a results CSV ({type(err).__name__}); pass the "
+                           "results.csv of an audit") from None
+    if "filename" not in frame.columns:
+        raise ResultsError(f"{uri} is not a results CSV (no filename column); pass the "
+                           "results.csv of an audit")
+    for column, kind in _TYPED_COLUMNS.items():
+        if column in frame.columns:
+            frame[column] = _parse_column(frame, column, kind, uri)
+    if "id" in frame.columns:
+        frame["id"] = _parse_column(frame, "id", "int", uri)
+    frame.attrs["source"] = uri  # how later checks name this file
+    return frame
+
+
+def run_sidecar_uri(results_copy: str) -> str:
+    """Where a results copy (`results_path`) records the run it came from."""
+    return f"{results_copy}.run.json"
+
+
+def read_run_sidecar(results_copy: str) -> str | None:
+    """The run URI recorded beside a results copy, or None when there is no record."""
+    uri = run_sidecar_uri(results_copy)
+    if not storage.exists(uri):
+        return None
+    try:
+        run = json.loads(storage.read_text(uri))["run"]
+    except (ValueError, TypeError, KeyError):
+        run = None
+    if not isinstance(run, str) or not run:
+        raise ResultsError(f"{uri} does not name a run (expected {{\"run\": \"<folder>\"}}); "
+                           "delete it and pass the results.csv inside the run folder")
+    return run

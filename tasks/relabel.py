@@ -10,7 +10,11 @@ Each move is: copy (server-side on S3) to `<root>/<corrected_label>/<name>`, ver
 copy's size and checksum against the source, then delete the source. An existing object
 is never overwritten: a clash gets a deterministic suffix. Every step is idempotent and its
 state is read back from the store, so re-running an interrupted relabel finishes it, and
-`undo` reverses a journal the same way.
+`undo` reverses a journal the same way; a moved file that was deleted by hand since is
+reported (where it was, where it came from) and recorded in the journal, and undo restores
+everything else. The results are validated before planning (one row per file, suggestions
+that are classes of the run), and the next relabel or undo removes the temporary files a
+killed one left in the class folders.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Collection
+from dataclasses import asdict, dataclass, fields
 from pathlib import PurePosixPath
 
 import numpy as np
@@ -35,6 +40,13 @@ log = logging.getLogger(__name__)
 
 class RelabelError(UserError, RuntimeError):
     """A move cannot be done safely; nothing was deleted."""
+
+
+class GoneError(RelabelError):
+    """A move whose file is at neither end (deleted by hand since), or changed there."""
+
+
+JOURNAL_STATES = ("started", "complete", "undoing", "undone")
 
 
 @dataclass(frozen=True)
@@ -101,6 +113,52 @@ def select_rows(results: pd.DataFrame, sensitivity: float, min_preds: int) -> pd
     return results[relabel_ceiling(results, min_preds) > sensitivity]
 
 
+def _where(root: str) -> str:
+    """How messages name the dataset root: a bucket or a folder."""
+    return "bucket" if storage.is_s3(root) else "folder"
+
+
+def validate_results(results: pd.DataFrame, classes: Collection[str]) -> None:
+    """Refuse results that would make an unfinishable or harmful plan, naming the first bad
+    row (its line in the CSV, the header being line 1): a file listed twice, an unsafe
+    filename, a label that is not the file's class folder, or a `corrected_label` that is
+    hidden, unsafe or not one of `classes` (a hidden folder would drop the image from the
+    next audit)."""
+    source = results.attrs.get("source", "the results")
+    known = set(classes)
+    seen: dict[str, int] = {}
+    for pos, (name, label, corrected) in enumerate(zip(
+            results["filename"].astype(str), results["label"].astype(str),
+            results["corrected_label"].astype(str), strict=True)):
+        line = pos + 2
+        if name in seen:
+            why = f"a second row for this file (the first is line {seen[name]}); keep one"
+        elif reason := unsafe_key_reason(name):
+            why = f"unsafe filename: {reason}"
+        elif name.split("/")[0] != label:
+            why = f"label {label!r} is not the file's class folder {name.split('/')[0]!r}"
+        elif corrected.startswith(".") or unsafe_key_reason(corrected) or "/" in corrected:
+            why = (f"corrected_label {corrected!r} is not a usable class folder name (hidden "
+                   "or unsafe); write one of the run's classes")
+        elif corrected not in known:
+            why = (f"corrected_label {corrected!r} is not a class of this run "
+                   f"({', '.join(sorted(known))})")
+        else:
+            seen[name] = line
+            continue
+        raise RelabelError(f"{source} line {line} ({name}): {why}; nothing was moved")
+
+
+def _fit_name(stem: str, suffix: str, ext: str) -> str:
+    """`stem + suffix + ext` with the stem cut so that the name fits storage.NAME_MAX bytes
+    (and the extension dropped into the cut part when even an empty stem does not fit)."""
+    room = storage.NAME_MAX - len(os.fsencode(suffix + ext))
+    if room < 1:
+        stem, ext = stem + ext, ""
+        room = storage.NAME_MAX - len(os.fsencode(suffix))
+    return storage.cut_name(stem, room) + suffix + ext
+
+
 @dataclass(frozen=True)
 class Decided:
     """A validated decisions file: the rows it moves (results rows whose `corrected_label`
@@ -110,15 +168,6 @@ class Decided:
     uri: str
     sha256: str
     counts: dict[str, int]
-
-
-def run_classes(run: str, results: pd.DataFrame) -> list[str]:
-    """The run's classes (classes.json, written by the index step); the results' given
-    labels where a run folder has none."""
-    uri = storage.join(run, "classes.json")
-    if storage.exists(uri):
-        return [str(c) for c in json.loads(storage.read_text(uri))]
-    return sorted(set(results["label"].astype(str)))
 
 
 def read_decided(decisions_uri: str, results: pd.DataFrame, classes: list[str],
@@ -161,7 +210,7 @@ def _target_key(src: str, corrected: str, suffix: str = "") -> str:
     parts = src.split("/")
     name = PurePosixPath(parts[-1])
     if suffix:
-        name = name.with_name(f"{name.stem}{suffix}{name.suffix}")
+        name = PurePosixPath(_fit_name(name.stem, suffix, name.suffix))
     return "/".join([corrected, *parts[1:-1], str(name)])
 
 
@@ -217,11 +266,12 @@ def _move_one(root: str, move: Move, src_key: str, dst_key: str) -> str:
     if src is None and _same(dst, dst_uri, move):
         return "already done"
     if src is None:
-        raise RelabelError(f"{src_uri} and {dst_uri} are both missing or changed; "
-                           "nothing was deleted by this tool - check the bucket")
+        raise GoneError(f"{src_uri} and {dst_uri} are both missing or changed; this tool "
+                        f"deleted neither copy: check the {_where(root)} (undo restores every "
+                        "other file)")
     if not _same(src, src_uri, move):
-        raise RelabelError(f"{src_uri} changed since the plan (size/checksum differ); skipping "
-                           "is unsafe, re-audit instead")
+        raise GoneError(f"{src_uri} changed since the plan (size/checksum differ); skipping "
+                        "is unsafe, re-audit instead")
     if dst is None:
         storage.copy(src_uri, dst_uri)
         dst = storage.head(dst_uri)
@@ -230,6 +280,10 @@ def _move_one(root: str, move: Move, src_key: str, dst_key: str) -> str:
                            "source kept")
     storage.delete(src_uri)
     return "moved"
+
+
+_MOVE_TYPES = {f.name: (int, float) if f.type == "float" else
+               {"int": int, "str": str}[str(f.type)] for f in fields(Move)}
 
 
 class Journal:
@@ -242,62 +296,139 @@ class Journal:
         lines = [json.dumps(header)] + [json.dumps({"type": "move", **asdict(m)}) for m in moves]
         storage.write_text(self.uri, "\n".join(lines) + "\n")
 
+    def _bad(self, what: str) -> RelabelError:
+        return RelabelError(f"{self.uri} is not a relabel journal ({what}); pass the "
+                            "relabel-journal.jsonl of a run")
+
     def read(self) -> tuple[dict, list[Move]]:
+        """The header and the moves; anything this tool would not have written (not JSON
+        lines, no header fields, a move with missing or mistyped fields or an unsafe key)
+        is a RelabelError naming the file and line."""
         if not storage.exists(self.uri):
             raise MissingFileError(f"journal {self.uri} does not exist")
         try:
-            lines = [json.loads(x) for x in storage.read_text(self.uri).splitlines() if x.strip()]
-            header = lines[0]
-            moves = [Move(**{k: v for k, v in x.items() if k != "type"}) for x in lines[1:]]
-        except (ValueError, TypeError, AttributeError, IndexError) as err:
-            raise RelabelError(f"{self.uri} is not a relabel journal ({type(err).__name__}); "
-                               "pass the relabel-journal.jsonl of a run") from None
-        if not isinstance(header, dict) or header.get("type") != "header" or "root" not in header:
-            raise RelabelError(f"{self.uri} is not a relabel journal (no header line); pass "
-                               "the relabel-journal.jsonl of a run")
-        return header, moves
+            text = storage.read_text(self.uri)
+        except UnicodeDecodeError:
+            raise self._bad("UnicodeDecodeError") from None
+        numbered = [(n, x) for n, x in enumerate(text.splitlines(), 1) if x.strip()]
+        if not numbered:
+            raise self._bad("the file is empty")
+        records = []
+        for n, line in numbered:
+            try:
+                records.append((n, json.loads(line)))
+            except ValueError as err:  # line 1: not JSON lines at all; later: a damaged line
+                raise self._bad(type(err).__name__ if n == numbered[0][0]
+                                else f"{type(err).__name__} at line {n}") from None
+        header = records[0][1]
+        if (not isinstance(header, dict) or header.get("type") != "header"
+                or not isinstance(header.get("root"), str) or not header["root"]
+                or header.get("state", "started") not in JOURNAL_STATES):
+            raise self._bad("no header line with type, root and state")
+        return header, [self._move(n, x) for n, x in records[1:]]
 
-    def set_state(self, state: str) -> None:
+    def _move(self, line: int, record: object) -> Move:
+        if not isinstance(record, dict) or record.get("type") != "move":
+            raise self._bad(f"line {line} is not a move")
+        values = {k: v for k, v in record.items() if k != "type"}
+        bad = [k for k, kind in _MOVE_TYPES.items()
+               if (k in values or k != "md5")
+               and (not isinstance(values.get(k), kind) or isinstance(values.get(k), bool))]
+        bad += [k for k in values if k not in _MOVE_TYPES]
+        if bad:
+            raise self._bad(f"line {line}: field(s) {', '.join(bad)} missing or mistyped")
+        for key in (values["src"], values["dst"]):
+            if reason := unsafe_key_reason(key):
+                raise self._bad(f"line {line}: unsafe key {key!r}: {reason}")
+        return Move(**values)
+
+    def set_state(self, state: str, **extra: object) -> None:
+        """Record a new state (and any `extra` header fields) in the header."""
         header, moves = self.read()
-        header.update(state=state, updated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        header.update(state=state, updated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                      **extra)
         self.write(header, moves)
 
 
-def _execute(root: str, moves: list[Move], reverse: bool) -> dict[str, int]:
+def _distinct(moves: list[Move]) -> list[Move]:
+    """The moves a relabel can have made: the first per source and per destination (a journal
+    written from results that listed a file twice holds a second move of the same source,
+    which never ran)."""
+    srcs: set[str] = set()
+    dsts: set[str] = set()
+    out = []
+    for m in moves:
+        if m.src in srcs or m.dst in dsts:
+            log.warning("journal: skipping a second move of %s -> %s (it never ran)", m.src,
+                        m.dst)
+            continue
+        srcs.add(m.src)
+        dsts.add(m.dst)
+        out.append(m)
+    return out
+
+
+def _clean_temporaries(root: str, moves: list[Move]) -> None:
+    """Remove the temporary files a killed relabel or undo left beside its targets."""
+    targets = [storage.join(root, key) for m in moves for key in (m.src, m.dst)]
+    removed = storage.remove_temp_files(targets)
+    if removed:
+        log.info("removed %d temporary file(s) left by an interrupted relabel or undo", removed)
+
+
+def _execute(root: str, moves: list[Move], reverse: bool) -> tuple[dict[str, int], list[dict]]:
+    """Bring every move to its end state (its start state with `reverse`). A relabel stops at
+    the first problem; an undo goes on past files that are gone or changed and returns them
+    (`src`: where the file belongs, `dst`: where it was moved, `reason`)."""
     counts: dict[str, int] = {}
+    gone: list[dict] = []
     for i, m in enumerate(moves, 1):
         src, dst = (m.dst, m.src) if reverse else (m.src, m.dst)
-        done = _move_one(root, m, src, dst)
+        try:
+            done = _move_one(root, m, src, dst)
+        except GoneError as err:
+            if not reverse:
+                raise
+            log.warning("cannot restore %s: %s", m.src, err)
+            gone.append({"src": m.src, "dst": m.dst, "reason": str(err)})
+            done = "not restored"
         counts[done] = counts.get(done, 0) + 1
         if i % 500 == 0 or i == len(moves):
             log.info("%s %d/%d", "undo" if reverse else "relabel", i, len(moves))
-    return counts
-
-
+    return counts, gone
 def relabel(results: pd.DataFrame, root: str, journal_uri: str, sensitivity: float,
-            min_preds: int, dry_run: bool = False, decided: Decided | None = None) -> list[Move]:
+            min_preds: int, dry_run: bool = False,
+            classes: Collection[str] | None = None,
+            decided: Decided | None = None) -> list[Move]:
     """Relabel `root` from `results` (the rows `select_rows` picks, or with `decided` exactly
-    the decided rows); resumes an unfinished journal at `journal_uri`. Returns the moves
+    the decided rows); resumes an unfinished journal at `journal_uri`. `classes` are the
+    run's (default: the results' given labels, as every class folder has images); the results
+    are validated against them before planning. Returns the moves
     (planned only, with `dry_run`)."""
     journal = Journal(journal_uri)
     if storage.exists(journal_uri):
         header, moves = journal.read()
         if decided is not None:
             _check_same_decisions(header, decided, journal_uri)
-        if header.get("state") == "started":
+        state = header.get("state", "started")
+        if state == "started":
             log.info("resuming interrupted relabel from %s (%d moves)", journal_uri, len(moves))
             if not dry_run:
-                counts = _execute(header["root"], moves, reverse=False)
+                _clean_temporaries(header["root"], moves)
+                counts, _ = _execute(header["root"], _distinct(moves), reverse=False)
                 journal.set_state("complete")
                 log.info("relabel finished: %s", counts)
             return moves
-        if header.get("state") == "undoing":
+        if state == "undoing":
             raise RelabelError(f"{journal_uri}: an undo was interrupted; run undo again to "
                                "finish it before relabelling")
-        if header.get("state") == "complete":
+        if state == "complete":
             log.info("%s: this relabel is already complete (%d moves); undo it first to plan "
                      "again", journal_uri, len(moves))
             return moves
+    select_rows(results, sensitivity, min_preds)  # names missing columns first
+    validate_results(results, sorted(set(results["label"].astype(str)))
+                     if classes is None else classes)
     rows = select_rows(results, sensitivity, min_preds) if decided is None else decided.rows
     moves = plan_moves(root, rows)
     for m in moves:
@@ -319,23 +450,41 @@ def relabel(results: pd.DataFrame, root: str, journal_uri: str, sensitivity: flo
     journal_root = root if storage.is_s3(root) else os.path.abspath(root)
     journal.write({"type": "header", "root": journal_root, "state": "started", **source,
                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, moves)
-    counts = _execute(root, moves, reverse=False)
+    counts, _ = _execute(root, moves, reverse=False)
     journal.set_state("complete")
     log.info("relabel finished: %s; journal %s", counts, journal_uri)
     return moves
 
 
 def undo(journal_uri: str) -> list[Move]:
-    """Reverse every move of a journal (finishing an interrupted relabel or undo first)."""
+    """Reverse every move of a journal (finishing an interrupted relabel or undo first).
+    Files that are gone or changed since are skipped, listed in the header
+    (`not_restored`) and reported in one RelabelError after everything else is restored;
+    undo again retries just those."""
     journal = Journal(journal_uri)
     header, moves = journal.read()
+    root = header["root"]
+    todo = _distinct(moves)
     if header.get("state") == "undone":
-        log.info("%s was already undone", journal_uri)
-        return moves
+        left = {(x.get("src"), x.get("dst")) for x in header.get("not_restored") or []
+                if isinstance(x, dict)}
+        if not left:
+            log.info("%s was already undone", journal_uri)
+            return moves
+        todo = [m for m in todo if (m.src, m.dst) in left]
+        log.info("%s was undone except %d file(s); trying those again", journal_uri, len(todo))
     journal.set_state("undoing")
-    counts = _execute(header["root"], list(reversed(moves)), reverse=True)
-    journal.set_state("undone")
+    _clean_temporaries(root, todo)
+    counts, gone = _execute(root, list(reversed(todo)), reverse=True)
+    journal.set_state("undone", not_restored=gone)
     log.info("undo finished: %s", counts)
+    if gone:
+        shown = "; ".join(f"{x['src']} (moved to {x['dst']})" for x in gone[:3])
+        more = f" and {len(gone) - 3} more" if len(gone) > 3 else ""
+        raise RelabelError(
+            f"undo restored all but {len(gone)} of {len(todo)} file(s), which are gone or "
+            f"changed in the {_where(root)} {root}: {shown}{more}; they are listed in "
+            f"{journal_uri} (not_restored), and undo again retries them")
     return moves
 
 
@@ -354,13 +503,46 @@ def write_corrected_manifest(results: pd.DataFrame, out_uri: str, sensitivity: f
     return int(table["changed"].sum())
 
 
+def find_run(results_uri: str) -> str:
+    """The run folder of a results CSV: the folder holding it (`<run>/results.csv`), or the
+    run recorded beside a copy at `results_path` (`<copy>.run.json`, written by merge)."""
+    from tasks.merge import read_run_sidecar, run_sidecar_uri
+
+    folder = storage.parent(results_uri)
+    if storage.exists(storage.join(folder, "config.json")):
+        return folder
+    run = read_run_sidecar(results_uri)
+    if run is None:
+        raise RelabelError(
+            f"{results_uri} is not in a run folder and {run_sidecar_uri(results_uri)} (which "
+            "merge writes beside a results_path copy) does not exist: pass the results.csv "
+            "in the audit's run folder, <work_uri>/runs/<run_id>/results.csv")
+    if not storage.exists(storage.join(run, "config.json")):
+        raise RelabelError(f"{run_sidecar_uri(results_uri)} names the run {run}, which has no "
+                           "config.json: pass the results.csv in the audit's run folder")
+    return run
+
+
+def run_classes(run: str) -> list[str]:
+    """The classes of a run (its classes.json, written by the index step)."""
+    uri = storage.join(run, "classes.json")
+    if not storage.exists(uri):
+        raise MissingFileError(f"{uri} does not exist: the run's index step did not finish; "
+                               "re-run the audit")
+    classes = json.loads(storage.read_text(uri))
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise RelabelError(f"{uri} is not a list of class names; re-run the audit")
+    return classes
+
+
 def relabel_results(results_uri: str, sensitivity: float | None = None,
                     min_preds: int | None = None, dry_run: bool = False,
                     decisions_uri: str | None = None) -> str | None:
-    """Relabel from a run's results CSV with the run's relabel_mode and thresholds (or the
-    given overrides), or, with `decisions_uri`, exactly as a reviewer's decisions file says
-    (validated first). Returns the journal URI (move) or corrected-labels.csv URI
-    (manifest); None for a dry run, and when nothing was selected to move (no journal)."""
+    """Relabel from a run's results CSV (or its copy at `results_path`) with the run's
+    relabel_mode and thresholds (or the given overrides), or, with `decisions_uri`, exactly
+    as a reviewer's decisions file says (validated first). Returns the journal URI (move) or
+    corrected-labels.csv URI (manifest); None for a dry run, and when nothing was selected to
+    move (no journal)."""
     from tasks import runs
     from tasks.merge import read_results
 
@@ -372,16 +554,18 @@ def relabel_results(results_uri: str, sensitivity: float | None = None,
                            "drop them")
     if not storage.exists(results_uri):
         raise MissingFileError(f"results CSV {results_uri} does not exist")
-    run = storage.parent(results_uri)
+    run = find_run(results_uri)
     cfg = runs.read_config(run)
     sensitivity = cfg.sensitivity if sensitivity is None else sensitivity
     min_preds = cfg.min_preds if min_preds is None else min_preds
     results = read_results(results_uri)
+    classes = run_classes(run)
     decided = None
     if decisions_uri is not None:
-        decided = read_decided(decisions_uri, results, run_classes(run, results),
-                               storage.basename(run))
+        decided = read_decided(decisions_uri, results, classes, storage.basename(run))
     if cfg.relabel_mode == "manifest":
+        select_rows(results, sensitivity, min_preds)  # names missing columns first
+        validate_results(results, classes)
         rows = select_rows(results, sensitivity, min_preds) if decided is None else decided.rows
         if dry_run:
             log.info("%d labels would change in corrected-labels.csv", len(rows))
@@ -391,5 +575,5 @@ def relabel_results(results_uri: str, sensitivity: float | None = None,
         return out
     journal = runs.journal_uri(run)
     moves = relabel(results, cfg.data_path, journal, sensitivity, min_preds, dry_run=dry_run,
-                    decided=decided)
+                    classes=classes, decided=decided)
     return journal if moves and not dry_run else None

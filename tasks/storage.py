@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -16,6 +17,12 @@ from pathlib import Path
 from tasks.errors import StorageError as StorageError
 from tasks.keys import ObjectInfo as ObjectInfo
 from tasks.keys import unsafe_key_reason as unsafe_key_reason
+
+# The longest file name (in bytes) on Linux file systems; names this layer makes stay within it.
+NAME_MAX = 255
+# Temporary files of atomic writes and copies: `.<name, cut to fit>.<8 random>.acl.tmp`.
+TEMP_SUFFIX = ".acl.tmp"
+_TEMP_RANDOM = r"[a-z0-9_]{8}"  # what tempfile.mkstemp puts between prefix and suffix
 
 # boto3 client settings handed over by `configure_s3`, and the standard AWS variable of each.
 _S3_SETTINGS: dict[str, str] = {}
@@ -65,6 +72,52 @@ def basename(uri: str) -> str:
     return uri.rstrip("/").rsplit("/", 1)[-1]
 
 
+def cut_name(name: str, max_bytes: int) -> str:
+    """`name` cut to at most `max_bytes` bytes as the file system stores it (UTF-8, or the
+    raw bytes of a non-UTF-8 name), at a character boundary where the name is UTF-8."""
+    raw = os.fsencode(name)[:max(0, max_bytes)]
+    for drop in range(min(3, len(raw)) + 1):
+        try:
+            (raw[:len(raw) - drop]).decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        return os.fsdecode(raw[:len(raw) - drop])
+    return os.fsdecode(raw)
+
+
+def _temp_prefix(name: str) -> str:
+    """The temporary-name prefix for a file called `name`: `.<name>.`, the name cut so that
+    the whole temporary name fits NAME_MAX bytes whatever the name's length."""
+    room = NAME_MAX - len(b"..") - 8 - len(TEMP_SUFFIX)
+    return f".{cut_name(name, room)}."
+
+
+def temp_files_for(uri: str) -> list[str]:
+    """Leftover temporary files of writes or copies to the local file `uri` (a killed
+    process leaves them): only names of this layer's own pattern for that target."""
+    path = Path(uri)
+    pattern = re.compile(re.escape(_temp_prefix(path.name)) + _TEMP_RANDOM
+                         + re.escape(TEMP_SUFFIX))
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return []
+    return [str(path.parent / n) for n in sorted(names) if pattern.fullmatch(n)]
+
+
+def remove_temp_files(uris: list[str]) -> int:
+    """Delete the leftover temporary files (see `temp_files_for`) of local targets; S3 URIs
+    have none (copies there are server-side, writes single requests). Returns how many."""
+    removed = 0
+    for uri in uris:
+        if is_s3(uri):
+            continue
+        for tmp in temp_files_for(uri):
+            Path(tmp).unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 def _file_etag(path: Path) -> str:
     """MD5 of a local file's bytes (what S3 reports as ETag for single-part uploads)."""
     h = hashlib.md5(usedforsecurity=False)
@@ -101,7 +154,8 @@ class LocalBackend:
     def write_bytes(self, uri: str, data: bytes) -> None:
         path = Path(uri)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path.name),
+                                   suffix=TEMP_SUFFIX)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -140,7 +194,8 @@ class LocalBackend:
     def copy(self, src: str, dst: str) -> None:
         dst_path = Path(dst)
         dst_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dst_path.parent, prefix=f".{dst_path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=dst_path.parent, prefix=_temp_prefix(dst_path.name),
+                                   suffix=TEMP_SUFFIX)
         os.close(fd)
         try:
             shutil.copyfile(src, tmp)

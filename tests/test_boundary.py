@@ -51,6 +51,35 @@ def test_no_module_but_the_adapter_names_airflow_in_an_import(module: str) -> No
     assert [n for n in names if n.split(".")[0] == "airflow"] == []
 
 
+def _tasks_imports(module: str) -> set[str]:
+    """The tasks modules `module` imports anywhere in its file (also inside functions)."""
+    path = Path(tasks.__file__).parent / f"{module}.py"
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module == "tasks":
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tasks."):
+            found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("tasks.")}
+    return found - {module}
+
+
+def test_no_import_cycle_among_the_modules() -> None:
+    """Counting imports inside functions too: a module never needs itself, however lazily."""
+    modules = {m.name for m in pkgutil.iter_modules(tasks.__path__)}
+    graph = {m: _tasks_imports(m) & modules for m in modules}
+    assert graph["merge"] and graph["storage"]  # the walk found imports
+    for start in graph:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            m = todo.pop()
+            assert m != start, f"tasks.{start} imports itself through tasks.{m}"
+            if m not in seen:
+                seen.add(m)
+                todo.extend(graph[m])
+
+
 def test_domain_errors_are_user_errors_and_keep_their_old_bases() -> None:
     from tasks.airflow_adapter import AuditFileError
     from tasks.audit import TrainerError

@@ -12,14 +12,16 @@ import subprocess
 import sys
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from tasks import runs, storage
+from tasks import cli, runs, storage
 from tasks.config import AuditConfig
+from tasks.merge import read_results
 from tasks.relabel import (
     Journal,
     RelabelError,
@@ -49,16 +51,18 @@ ROWS = [
     ("dog/img-001.png", "dog", 100.0, 4, None),  # agrees with its label
     ("dog/img-002.png", "owl", 100.0, 4, None),  # not flagged as a label issue
     ("owl/img-002.png", "dog", 100.0, 4, None),  # pooled probability below the sensitivity
-    ("cat/new one.png", "bird", 75.0, 4, "bird/new one.png"),  # a class folder to create
+    ("cat/new one.png", "bird", 75.0, 4, "bird/new one.png"),
+    ("bird/img-000.png", "bird", 100.0, 4, None),  # agrees with its label
     ("cat/img-003.png", "bird", 90.0, 4, "bird/img-003.png"),
     ("dog/img-003.png", "bird", 90.0, 4, f"bird/img-003.relabel-{tag('dog/img-003.png')}.png"),
 ]
 MOVED = {src: dst for src, _, _, _, dst in ROWS if dst}
+CLASSES = ["bird", "cat", "dog", "owl"]
 
 
 def make_dataset(root: Path) -> Path:
     data = root / "data"
-    write_classes(data, {"cat": 4, "dog": 4, "owl": 4})
+    write_classes(data, {"cat": 4, "dog": 4, "owl": 4, "bird": 1})
     (data / "cat" / "new one.png").write_bytes(b"\x89PNG not decoded here")
     (data / "cat" / "img-000.png").chmod(0o640)  # modes survive the round trip too
     return data
@@ -203,7 +207,7 @@ def test_relabel_moves_without_overwriting_and_undo_restores_every_byte(case):
     assert Journal(journal).read()[0]["state"] == "undone"
     undo(journal)  # a second undo is a no-op
     assert snapshot(data) == before
-    assert not (data / "bird").exists() or not any((data / "bird").iterdir())
+    assert sorted(p.name for p in (data / "bird").iterdir()) == ["img-000.png"]
 
 
 def test_undo_works_from_another_working_directory(tmp_path, monkeypatch):
@@ -381,6 +385,7 @@ def run_with_results(tmp_path: Path, data: Path, **cfg) -> str:
     runs.write_config(run, AuditConfig(data_path=str(data), work_uri=str(tmp_path / "work"),
                                        sensitivity=SENSITIVITY, min_preds=MIN_PREDS, **cfg))
     storage.write_text(runs.results_uri(run), results_frame().to_csv(index=False))
+    storage.write_text(storage.join(run, "classes.json"), json.dumps(CLASSES))
     return runs.results_uri(run)
 
 
@@ -410,3 +415,321 @@ def test_manifest_mode_writes_corrected_labels_and_moves_nothing(tmp_path):
     changed = table[table["changed"]]
     assert dict(zip(changed["filename"], changed["new_label"], strict=True)) == {
         src: dst.split("/")[0] for src, dst in MOVED.items()}
+
+
+# --- hardening (issue 13): hand-edited results, long names, gone files, bad journals -----
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in "\n".join(err), err
+    return errors[0]
+
+
+def edited_run(tmp_path: Path, edit: Callable[[pd.DataFrame], pd.DataFrame]) -> str:
+    """A run folder whose results CSV went through `edit` (a frame of strings, as a person
+    editing the file sees it)."""
+    results = run_with_results(tmp_path, tmp_path / "data")
+    frame = pd.read_csv(results, dtype=str, keep_default_na=False)
+    Path(results).write_text(edit(frame).to_csv(index=False))
+    return results
+
+
+def test_booleans_in_hand_edited_results_are_parsed_strictly(tmp_path):
+    data = make_dataset(tmp_path)
+
+    def stop_one(frame: pd.DataFrame) -> pd.DataFrame:
+        words = ["TRUE", "yes", "1", "True", "Yes", "true", "True", "true", "YES", "1", "1", "1"]
+        frame["is_label_issue"] = words[:len(frame)]
+        frame.loc[frame["filename"] == "cat/img-000.png", "is_label_issue"] = "no"
+        frame.loc[frame["filename"] == NOT_FLAGGED, "is_label_issue"] = "0"
+        return frame
+
+    results = edited_run(tmp_path, stop_one)
+    moves = relabel(read_results(results), str(data), str(tmp_path / "j.jsonl"), SENSITIVITY,
+                    MIN_PREDS, dry_run=True)
+    assert {m.src for m in moves} == set(MOVED) - {"cat/img-000.png"}
+
+
+@pytest.mark.parametrize(("column", "value", "expected"), [
+    ("is_label_issue", "maybe", "is not true or false (or 1/0, yes/no)"),
+    ("is_label_issue", "", "is not true or false"),
+    ("num_preds", "three", "is not a whole number of at least 0"),
+    ("num_preds", "2.5", "is not a whole number"),
+    ("%", "high", "is not a number from 0 to 100"),
+    ("%", "250", "is not a number from 0 to 100"),
+    ("suggested_quality", "n/a", "is not a number from 0 to 1"),
+    ("label_quality", "0,4", "is not a number from 0 to 1"),
+])
+def test_a_bad_cell_is_one_line_naming_file_line_and_column(tmp_path, capsys, column, value,
+                                                             expected):
+    data = make_dataset(tmp_path)
+    before = snapshot(data)
+
+    def spoil(frame: pd.DataFrame) -> pd.DataFrame:
+        frame.loc[3, column] = value
+        return frame
+
+    results = edited_run(tmp_path, spoil)
+    assert cli.main(["relabel", "--results", results]) == 2
+    line = one_error_line(capsys)
+    assert line.startswith(f"error: {results} line 5 ({ROWS[3][0]}): {column} {value!r} "
+                           f"{expected}"), line
+    assert snapshot(data) == before
+
+
+@pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n\xff\xfe\x00 binary", b"a,b\n1,2,3,4\n",
+                                     b"just a line of text\n", b""])
+def test_a_results_file_that_is_not_a_csv_is_one_line(tmp_path, capsys, content):
+    results = run_with_results(tmp_path, make_dataset(tmp_path))
+    Path(results).write_bytes(content)
+    assert cli.main(["relabel", "--results", results]) == 2
+    assert one_error_line(capsys).startswith(f"error: {results} is not a results CSV")
+
+
+LONG = "x" * 246 + ".png"  # 250 characters
+WIDE = "é" * 125 + ".png"  # 129 characters, 254 bytes
+
+
+@pytest.mark.parametrize("name", [LONG, WIDE, "z" * 251 + ".png"])
+def test_names_up_to_255_bytes_relabel_and_undo(tmp_path, name):
+    data = tmp_path / "data"
+    write_classes(data, {"cat": 1, "dog": 1})
+    for cls in ("cat", "dog"):  # the same name in both folders: the move needs a suffix
+        (data / cls / name).write_bytes(f"{cls} long".encode())
+    before = snapshot(data)
+    results = pd.DataFrame({"filename": [f"cat/{name}", "cat/img-000.png", "dog/img-000.png"],
+                            "label": ["cat", "cat", "dog"], "corrected_label": ["dog"] * 3,
+                            "%": 100.0, "num_preds": 4, "label_quality": 0.1,
+                            "is_label_issue": True, "suggested_quality": 1.0})
+    journal = str(tmp_path / "journal.jsonl")
+    moves = relabel(results, str(data), journal, SENSITIVITY, MIN_PREDS)
+    [move] = [m for m in moves if m.src == f"cat/{name}"]
+    dst = move.dst.split("/")[-1]
+    assert len(dst.encode()) <= 255 and dst.endswith(f".relabel-{tag(move.src)}.png")
+    assert Path(data / move.dst).read_bytes() == b"cat long"
+    after = snapshot(data)
+    assert all(len(p.split("/")[-1].encode()) <= 255 for p in after)
+    assert not [p for p in after if p.split("/")[-1].startswith(".")]  # no temporaries left
+    assert Journal(journal).read()[0]["state"] == "complete"
+    undo(journal)
+    assert snapshot(data) == before
+
+
+def test_temporary_names_fit_whatever_the_target_name(tmp_path):
+    for name in (LONG, WIDE, "z" * 255, "ü" * 127, "a"):
+        target = tmp_path / "out" / name
+        storage.write_bytes(str(target), b"data")
+        storage.copy(str(target), str(tmp_path / "copy" / name))
+        assert (tmp_path / "copy" / name).read_bytes() == b"data"
+    assert storage.cut_name("é" * 10, 5) == "éé"  # never half a character
+    assert len(storage.cut_name(LONG, 237).encode()) == 237
+
+
+def test_undo_restores_everything_it_can_when_a_moved_file_was_deleted(case, capsys):
+    data, journal = case
+    before = snapshot(data)
+    do_relabel(data, journal)
+    gone_src = "cat/new one.png"
+    (data / MOVED[gone_src]).unlink()
+    assert cli.main(["undo", "--journal", journal]) == 2
+    line = one_error_line(capsys)
+    assert f"restored all but 1 of {len(MOVED)} file(s)" in line
+    assert f"{gone_src} (moved to {MOVED[gone_src]})" in line
+    assert "folder" in line and "bucket" not in line
+    expected = {k: v for k, v in before.items() if k != gone_src}
+    assert snapshot(data) == expected  # every other file is back
+    header, _ = Journal(journal).read()
+    assert header["state"] == "undone"
+    assert [(x["src"], x["dst"]) for x in header["not_restored"]] == [
+        (gone_src, MOVED[gone_src])]
+    # Undo again retries the one file; once it is back, undo completes.
+    with pytest.raises(RelabelError, match="restored all but 1 of 1"):
+        undo(journal)
+    (data / MOVED[gone_src]).parent.mkdir(exist_ok=True)
+    (data / MOVED[gone_src]).write_bytes(b"\x89PNG not decoded here")  # put back by hand
+    undo(journal)
+    assert snapshot(data) == before
+    assert Journal(journal).read()[0]["not_restored"] == []
+    # A relabel plans again after an undo that finished.
+    assert {m.src for m in do_relabel(data, journal)} == set(MOVED)
+
+
+@pytest.mark.parametrize(("edit", "expected"), [
+    (lambda f: pd.concat([f, f.iloc[[2]]], ignore_index=True),
+     f"line {len(ROWS) + 2} ({ROWS[2][0]}): a second row for this file (the first is line 4)"),
+    (lambda f: f.assign(corrected_label=f["corrected_label"].mask(f.index == 0, ".trash")),
+     f"line 2 ({ROWS[0][0]}): corrected_label '.trash' is not a usable class folder name"),
+    (lambda f: f.assign(corrected_label=f["corrected_label"].mask(f.index == 1, "cat/sub")),
+     f"line 3 ({ROWS[1][0]}): corrected_label 'cat/sub' is not a usable class folder name"),
+    (lambda f: f.assign(corrected_label=f["corrected_label"].mask(f.index == 6, "horse")),
+     f"line 8 ({ROWS[6][0]}): corrected_label 'horse' is not a class of this run "
+     "(bird, cat, dog, owl)"),
+    (lambda f: f.assign(label=f["label"].mask(f.index == 4, "dog")),
+     f"line 6 ({ROWS[4][0]}): label 'dog' is not the file's class folder 'owl'"),
+])
+def test_results_that_would_make_a_bad_plan_are_refused_by_row(tmp_path, capsys, edit,
+                                                                 expected):
+    data = make_dataset(tmp_path)
+    before = snapshot(data)
+    results = edited_run(tmp_path, edit)
+    for argv in (["relabel", "--results", results, "--dry-run"],
+                 ["relabel", "--results", results]):
+        assert cli.main(argv) == 2
+        line = one_error_line(capsys)
+        assert line.startswith(f"error: {results} {expected}"), line
+        assert line.endswith("nothing was moved")
+    assert snapshot(data) == before
+    assert not Path(runs.journal_uri(storage.parent(results))).exists()
+
+
+def test_undo_reverses_a_journal_with_two_moves_of_one_file(case):
+    """A journal written before the results were validated: a duplicated row planned a second
+    move of the same source (which could never run), and two moves to one destination."""
+    data, journal = case
+    before = snapshot(data)
+    do_relabel(data, journal)
+    header, moves = Journal(journal).read()
+    first = moves[0]
+    twin = replace(first, dst=first.dst.replace(".png", ".second.png"))
+    clash = replace(moves[1], src="owl/img-000.png")
+    Journal(journal).write({**header, "state": "started"}, [first, twin, *moves[1:], clash])
+    do_relabel(data, journal)  # finishing it skips the moves that never ran
+    assert Journal(journal).read()[0]["state"] == "complete"
+    undo(journal)
+    assert snapshot(data) == before
+
+
+@pytest.mark.parametrize(("content", "why"), [
+    ("", "the file is empty"),
+    ("\n\n", "the file is empty"),
+    ('{"type": "header", "state": "complete"}\n', "no header line with type, root and state"),
+    ('{"type": "header", "root": 7}\n', "no header line"),
+    ('{"type": "header", "root": "/data", "state": "sideways"}\n', "no header line"),
+    ('[1, 2]\n', "no header line"),
+    ('{"type": "header", "root": "/data", "state": "complete"}\nnot json\n',
+     "JSONDecodeError at line 2"),
+    ('{"type": "header", "root": "/data", "state": "complete"}\n{"type": "move", "src": 1}\n',
+     "line 2: field(s)"),
+    ('{"type": "header", "root": "/data", "state": "complete"}\n'
+     '{"type": "move", "src": "../../etc/passwd", "dst": "cat/a.png", "label": "dog", '
+     '"corrected_label": "cat", "pct": 100, "num_preds": 2, "size": 1, "etag": "x"}\n',
+     "line 2: unsafe key '../../etc/passwd'"),
+])
+def test_a_bad_journal_is_one_line_and_is_left_as_it_was(tmp_path, capsys, content, why):
+    journal = tmp_path / "relabel-journal.jsonl"
+    journal.write_text(content)
+    assert cli.main(["undo", "--journal", str(journal)]) == 2
+    line = one_error_line(capsys)
+    assert line.startswith(f"error: {journal} is not a relabel journal ({why}"), line
+    assert journal.read_text() == content  # not rewritten to 'undoing'
+
+
+def test_a_non_utf8_journal_is_one_line(tmp_path, capsys):
+    journal = tmp_path / "relabel-journal.jsonl"
+    journal.write_bytes(b"\xff\xfe\x00garbage")
+    assert cli.main(["undo", "--journal", str(journal)]) == 2
+    assert one_error_line(capsys).startswith(f"error: {journal} is not a relabel journal")
+
+
+@pytest.mark.parametrize(("option", "value", "expected"), [
+    ("--sensitivity", "-10", "greater than or equal to 0"),
+    ("--sensitivity", "150", "less than or equal to 100"),
+    ("--sensitivity", "nan", "--sensitivity nan: Input should be a number"),
+    ("--min-preds", "-5", "greater than or equal to 1"),
+    ("--min-preds", "0", "greater than or equal to 1"),
+])
+def test_relabel_thresholds_are_checked_like_the_config(tmp_path, capsys, option, value,
+                                                          expected):
+    data = make_dataset(tmp_path)
+    before = snapshot(data)
+    results = run_with_results(tmp_path, data)
+    assert cli.main(["relabel", "--results", results, option, value]) == 2
+    line = one_error_line(capsys)
+    assert line.startswith(f"error: {option} ") and expected in line, line
+    assert "config key" in line
+    assert snapshot(data) == before
+
+
+KILL_IN_COPY = """
+import os, shutil, signal, sys
+import pandas as pd
+from tasks import relabel, storage
+
+data, journal, nth = sys.argv[1], sys.argv[2], int(sys.argv[3])
+real_copyfile, calls = shutil.copyfile, []
+
+def copyfile(src, dst, **kwargs):
+    real_copyfile(src, dst, **kwargs)
+    calls.append(dst)
+    if len(calls) == nth:  # the temporary file is written, not yet linked to its name
+        os.kill(os.getpid(), signal.SIGKILL)
+
+storage.shutil.copyfile = copyfile
+results = pd.read_json(sys.stdin)
+relabel.relabel(results, data, journal, 60.0, 2)
+"""
+
+
+@pytest.mark.parametrize("command", ["relabel", "undo"])
+def test_temporaries_of_a_killed_relabel_are_removed_by_the_next_run(case, command):
+    data, journal = case
+    before = snapshot(data)
+    child = subprocess.run([sys.executable, "-c", KILL_IN_COPY, str(data), journal, "3"],
+                           input=results_frame().to_json(), capture_output=True, text=True,
+                           timeout=120)
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    hidden = [k for k in snapshot(data) if k.split("/")[-1].startswith(".")]
+    assert len(hidden) == 1 and hidden[0].endswith(storage.TEMP_SUFFIX), hidden
+    # Hidden files of the user's, even ones that look alike, are not touched.
+    mine = {"bird/.keep": b"", "cat/.img-003.png.abcdefgh.tmp": b"user",
+            f"{hidden[0].rsplit('/', 1)[0]}/.notes{storage.TEMP_SUFFIX}": b"user"}
+    for key, content in mine.items():
+        (data / key).parent.mkdir(exist_ok=True)
+        (data / key).write_bytes(content)
+    if command == "relabel":
+        do_relabel(data, journal)
+        expected = expected_after(before)
+    else:
+        undo(journal)
+        expected = before
+    after = snapshot(data)
+    assert {k: v for k, v in after.items() if k not in mine} == expected
+    assert set(mine) <= set(after)
+
+
+def test_relabel_from_the_results_copy_finds_its_run(tmp_path, capsys):
+    from tasks.merge import merge_run, run_sidecar_uri
+    from tests.test_merge import make_run, scripted, write_shards
+
+    copy = tmp_path / "exports" / "latest.csv"
+    run = make_run(tmp_path, results_path=str(copy), sensitivity=60, min_preds=2)
+    write_shards(run, scripted)
+    merge_run(run)
+    data = tmp_path / "data"
+    before = snapshot(data)
+    assert json.loads(Path(run_sidecar_uri(str(copy))).read_text()) == {"run": run}
+
+    assert cli.main(["relabel", "--results", str(copy), "--dry-run"]) == 0
+    assert snapshot(data) == before
+    assert cli.main(["relabel", "--results", str(copy)]) == 0
+    journal = runs.journal_uri(run)
+    assert capsys.readouterr().out.strip() == journal  # the run's journal, not the copy's
+    moved = {m.src: m.dst for m in Journal(journal).read()[1]}
+    assert moved["cat/img-000.png"] == "dog/img-000.relabel-" + tag("cat/img-000.png") + ".png"
+    assert cli.main(["undo", "--journal", journal]) == 0
+    assert snapshot(data) == before
+
+    # A copy that nothing ties to a run: one line naming the run folder to pass instead.
+    stray = tmp_path / "elsewhere" / "results.csv"
+    stray.parent.mkdir()
+    stray.write_bytes(copy.read_bytes())
+    assert cli.main(["relabel", "--results", str(stray)]) == 2
+    line = one_error_line(capsys)
+    assert line == (f"error: {stray} is not in a run folder and {stray}.run.json (which merge "
+                    "writes beside a results_path copy) does not exist: pass the results.csv "
+                    "in the audit's run folder, <work_uri>/runs/<run_id>/results.csv")
+    Path(f"{stray}.run.json").write_text('{"run": 5}')
+    assert cli.main(["relabel", "--results", str(stray)]) == 2
+    assert one_error_line(capsys).startswith(f"error: {stray}.run.json does not name a run")
+    assert snapshot(data) == before

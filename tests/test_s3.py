@@ -405,6 +405,7 @@ def relabel_case(s3, relabel_mode: str = "move") -> tuple[str, str]:
                                        work_uri=f"{s3.root}/work", sensitivity=60,
                                        min_preds=2, relabel_mode=relabel_mode))
     storage.write_text(runs.results_uri(run), results.to_csv(index=False))
+    storage.write_text(storage.join(run, "classes.json"), json.dumps(["bird", "cat", "dog"]))
     return prefix + "/", runs.results_uri(run)
 
 
@@ -459,6 +460,44 @@ def test_relabel_manifest_mode_leaves_the_bucket_alone(s3, capsys):
     table = pd.read_csv(io.BytesIO(storage.read_bytes(out)))
     changed = table[table["changed"]]
     assert dict(zip(changed["filename"], changed["new_label"], strict=True)) == MOVES
+    assert snapshot(s3, prefix) == before
+
+
+def test_undo_in_the_bucket_restores_all_but_a_deleted_object(s3, capsys):
+    from tasks import cli
+    from tasks.relabel import Journal
+
+    prefix, results = relabel_case(s3)
+    journal = results.replace("results.csv", "relabel-journal.jsonl")
+    before = snapshot(s3, prefix)
+    assert cli.main(["relabel", "--results", results]) == 0
+    moves = {m.src: m.dst for m in Journal(journal).read()[1]}
+    s3.server.client().delete_object(Bucket=s3.bucket, Key=prefix + moves["dog/dog-3.png"])
+    assert cli.main(["undo", "--journal", journal]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert len(err) == 1 and f"restored all but 1 of {len(MOVES)} file(s)" in err[0], err
+    assert "in the bucket s3://" in err[0] and "folder" not in err[0]
+    assert f"dog/dog-3.png (moved to {moves['dog/dog-3.png']})" in err[0]
+    assert snapshot(s3, prefix) == {k: v for k, v in before.items() if k != "dog/dog-3.png"}
+    assert Journal(journal).read()[0]["state"] == "undone"
+
+
+def test_relabel_from_a_results_copy_in_the_bucket(s3, capsys):
+    from tasks import cli
+    from tasks.merge import run_sidecar_uri
+
+    prefix, results = relabel_case(s3)
+    before = snapshot(s3, prefix)
+    run = storage.parent(results)
+    copy = f"{s3.root}/exports/latest.csv"
+    storage.write_bytes(copy, storage.read_bytes(results))
+    assert cli.main(["relabel", "--results", copy]) == 2  # nothing ties it to its run yet
+    assert "<work_uri>/runs/<run_id>/results.csv" in capsys.readouterr().err
+    storage.write_text(run_sidecar_uri(copy), json.dumps({"run": run}))  # as merge writes it
+    assert cli.main(["relabel", "--results", copy]) == 0
+    journal = capsys.readouterr().out.strip()
+    assert journal == f"{run}/relabel-journal.jsonl"
+    assert cli.main(["undo", "--journal", journal]) == 0
     assert snapshot(s3, prefix) == before
 
 
