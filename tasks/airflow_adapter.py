@@ -411,6 +411,41 @@ def relabel_run(results: str) -> str | None:
     return relabel_results(results)
 
 
+def review_params() -> dict[str, Any]:
+    """The apply_review DAG's Params: the audited run and the reviewer's decisions file."""
+    from airflow.sdk import Param
+
+    return {
+        "results": Param("", type="string", minLength=1, title="Run or results CSV",
+                         description_md="The audited run's `results.csv` (or its run folder, "
+                         "`<work_uri>/runs/<run id>`): a local path or an `s3://` URI."),
+        "decisions": Param("", type="string", minLength=1, title="Decisions file",
+                           description_md="The reviewer's `decisions.csv` (exported from "
+                           "`report.html`, or by `python -m tasks labelstudio import`): a "
+                           "local path or an `s3://` URI."),
+        "dry_run": Param(False, type="boolean", title="Dry run",
+                         description_md="Log the plan (what would move where) and change "
+                         "nothing."),
+    }
+
+
+def apply_review(results: str, decisions: str, dry_run: bool = False) -> str | None:
+    """Relabel a run exactly as its decisions file says (`relabel_results` with
+    `decisions_uri`, the run's relabel_mode); `results` is the results CSV or the run
+    folder. A bad decisions file fails the task at once, naming the row; nothing moves.
+    Returns the journal or corrected-labels CSV URI (None for a dry run)."""
+    from tasks.relabel import relabel_results
+
+    use_aws_connection()
+    results = results.strip()
+    if not results.endswith(".csv"):
+        results = runs.results_uri(results.rstrip("/"))
+    try:
+        return relabel_results(results, dry_run=dry_run, decisions_uri=decisions.strip())
+    except UserError as err:
+        raise _fail(err) from None
+
+
 # --- Kubernetes runner ---------------------------------------------------------------------
 
 def pod_tolerations(dep: Deployment) -> list[dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""Command line: python -m tasks {sample,audit,relabel,undo}."""
+"""Command line: python -m tasks {sample,audit,relabel,undo,labelstudio}."""
 
 from __future__ import annotations
 
@@ -33,10 +33,11 @@ def _cmd_audit(args: argparse.Namespace) -> None:
 
 
 def _relabel(results_uri: str, sensitivity: float | None, min_preds: int | None,
-             dry_run: bool) -> None:
+             dry_run: bool, decisions_uri: str | None = None) -> None:
     from tasks.relabel import relabel_results
 
-    out = relabel_results(results_uri, sensitivity, min_preds, dry_run=dry_run)
+    out = relabel_results(results_uri, sensitivity, min_preds, dry_run=dry_run,
+                          decisions_uri=decisions_uri)
     if out:
         print(out)
 
@@ -59,13 +60,28 @@ def _cmd_relabel(args: argparse.Namespace) -> None:
         _config_value("--sensitivity", "sensitivity", args.sensitivity)
     if args.min_preds is not None:
         _config_value("--min-preds", "min_preds", args.min_preds)
-    _relabel(args.results, args.sensitivity, args.min_preds, args.dry_run)
+    _relabel(args.results, args.sensitivity, args.min_preds, args.dry_run, args.decisions)
 
 
 def _cmd_undo(args: argparse.Namespace) -> None:
     from tasks.relabel import undo
 
     undo(args.journal)
+
+
+def _cmd_labelstudio_export(args: argparse.Namespace) -> None:
+    from tasks.labelstudio import export_tasks
+
+    written = export_tasks(args.results, args.out, args.image_root, top_n=args.top_n)
+    print(written["tasks"])
+
+
+def _cmd_labelstudio_import(args: argparse.Namespace) -> None:
+    from tasks.decisions import write_decisions
+    from tasks.labelstudio import import_export
+
+    write_decisions(import_export(args.export, args.results), args.out)
+    print(args.out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,8 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--relabel", action="store_true", help="relabel afterwards (as autocorrect)")
     a.set_defaults(func=_cmd_audit)
 
-    r = sub.add_parser("relabel", help="move images whose suggestion clears the thresholds")
+    r = sub.add_parser("relabel", help="move images whose suggestion clears the thresholds, "
+                       "or exactly as a reviewer's decisions file says")
     r.add_argument("--results", required=True, help="results.csv inside a run folder")
+    r.add_argument("--decisions", help="decisions.csv (from report.html or labelstudio "
+                   "import): move only its accept and other rows, ignoring the thresholds")
     r.add_argument("--sensitivity", type=float, help="override the run's sensitivity (0-100)")
     r.add_argument("--min-preds", type=int, help="override the run's min_preds")
     r.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
@@ -102,6 +121,24 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("undo", help="reverse a relabel journal")
     u.add_argument("--journal", required=True, help="relabel-journal.jsonl of a run")
     u.set_defaults(func=_cmd_undo)
+
+    ls = sub.add_parser("labelstudio", help="review suspects in Label Studio and read the "
+                        "result back as decisions")
+    ls_sub = ls.add_subparsers(dest="labelstudio_command", required=True)
+    e = ls_sub.add_parser("export", help="write a Label Studio import file (and its labeling "
+                          "config beside it) for a run's suspects; prints the file")
+    e.add_argument("--results", required=True, help="results.csv inside a run folder")
+    e.add_argument("--out", required=True, help="the tasks JSON file to write")
+    e.add_argument("--image-root", required=True, help="where Label Studio finds the images: "
+                   "a folder (served as local files), an s3:// URI or an http(s):// prefix")
+    e.add_argument("--top-n", type=int, help="only the N most suspicious images")
+    e.set_defaults(func=_cmd_labelstudio_export)
+    i = ls_sub.add_parser("import", help="turn a Label Studio JSON export into decisions.csv "
+                          "(checked against the run); prints the file")
+    i.add_argument("--export", required=True, help="the project's export, JSON format")
+    i.add_argument("--results", required=True, help="results.csv of the run it reviewed")
+    i.add_argument("--out", required=True, help="the decisions CSV to write")
+    i.set_defaults(func=_cmd_labelstudio_import)
     return p
 
 

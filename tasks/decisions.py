@@ -23,6 +23,7 @@ import io
 import pandas as pd
 
 from tasks import storage
+from tasks.errors import UserError
 
 COLUMNS = ["filename", "label", "decision", "new_label", "reviewer", "decided_at"]
 OPTIONAL_COLUMNS = ["run_id"]
@@ -31,7 +32,7 @@ MOVES = ("accept", "other")
 MOVE_COLUMNS = ["filename", "label", "new_label", "decision"]
 
 
-class DecisionsError(ValueError):
+class DecisionsError(UserError, ValueError):
     """A decisions file that cannot be applied; the message is one line naming the row."""
 
 

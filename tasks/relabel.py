@@ -2,8 +2,10 @@
 
 A row moves when it is flagged (`is_label_issue`), `corrected_label != label`,
 `% > sensitivity`, `suggested_quality > sensitivity / 100` and `num_preds >= min_preds`: an
-image the audit does not flag is never moved, however the votes fell. The journal (the whole
-plan) is written before anything moves.
+image the audit does not flag is never moved, however the votes fell. Or the plan comes from
+a reviewer's decisions file (tasks/decisions.py): exactly the `accept` and `other` rows move,
+whatever the thresholds say; the same safety checks apply. The journal (the whole plan, and
+where it came from) is written before anything moves.
 Each move is: copy (server-side on S3) to `<root>/<corrected_label>/<name>`, verify the
 copy's size and checksum against the source, then delete the source. An existing object
 is never overwritten: a clash gets a deterministic suffix. Every step is idempotent and its
@@ -155,6 +157,53 @@ def _fit_name(stem: str, suffix: str, ext: str) -> str:
         stem, ext = stem + ext, ""
         room = storage.NAME_MAX - len(os.fsencode(suffix))
     return storage.cut_name(stem, room) + suffix + ext
+
+
+@dataclass(frozen=True)
+class Decided:
+    """A validated decisions file: the rows it moves (results rows whose `corrected_label`
+    is the decided class), its URI and sha256, and how many rows took each decision."""
+
+    rows: pd.DataFrame
+    uri: str
+    sha256: str
+    counts: dict[str, int]
+
+
+def read_decided(decisions_uri: str, results: pd.DataFrame, classes: list[str],
+                 run_id: str | None = None) -> Decided:
+    """Read a decisions file and check it against the run (`validate_decisions`: unknown
+    files or classes, repeated rows, another run's file, a label the results no longer
+    give). Raises DecisionsError naming the row; reads only, so nothing has moved."""
+    from tasks.decisions import DECISIONS, DecisionsError, parse_decisions, validate_decisions
+
+    if not storage.exists(decisions_uri):
+        raise DecisionsError(f"decisions file {decisions_uri} does not exist")
+    data = storage.read_bytes(decisions_uri)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DecisionsError(f"{decisions_uri} is not UTF-8 text: save it again as CSV "
+                             "(UTF-8)") from None
+    decisions = parse_decisions(text, source=decisions_uri)
+    moves = validate_decisions(decisions, results, classes, run_id)
+    position = pd.Series(results.index, index=results["filename"].astype(str))
+    rows = results.loc[position[moves["filename"]].to_numpy()].copy()
+    rows["corrected_label"] = moves["new_label"].to_numpy()
+    counts = decisions["decision"].value_counts()
+    return Decided(rows=rows, uri=decisions_uri, sha256=hashlib.sha256(data).hexdigest(),
+                   counts={d: int(counts.get(d, 0)) for d in DECISIONS})
+
+
+def _check_same_decisions(header: dict, decided: Decided, journal_uri: str) -> None:
+    """Refuse to apply a decisions file over a started or complete relabel planned from
+    anything else (thresholds, or other decisions)."""
+    state = header.get("state")
+    if state in ("started", "complete") and header.get("decisions_sha256") != decided.sha256:
+        source = header.get("decisions") or "the thresholds"
+        raise RelabelError(f"{journal_uri} holds a {state} relabel planned from {source}; "
+                           f"undo it first (python -m tasks undo --journal {journal_uri}), "
+                           f"then apply {decided.uri}")
 
 
 def _target_key(src: str, corrected: str, suffix: str = "") -> str:
@@ -349,14 +398,18 @@ def _execute(root: str, moves: list[Move], reverse: bool) -> tuple[dict[str, int
     return counts, gone
 def relabel(results: pd.DataFrame, root: str, journal_uri: str, sensitivity: float,
             min_preds: int, dry_run: bool = False,
-            classes: Collection[str] | None = None) -> list[Move]:
-    """Relabel `root` from `results`; resumes an unfinished journal at `journal_uri`.
-    `classes` are the run's (default: the results' given labels, as every class folder has
-    images); the results are validated against them before planning. Returns the moves
+            classes: Collection[str] | None = None,
+            decided: Decided | None = None) -> list[Move]:
+    """Relabel `root` from `results` (the rows `select_rows` picks, or with `decided` exactly
+    the decided rows); resumes an unfinished journal at `journal_uri`. `classes` are the
+    run's (default: the results' given labels, as every class folder has images); the results
+    are validated against them before planning. Returns the moves
     (planned only, with `dry_run`)."""
     journal = Journal(journal_uri)
     if storage.exists(journal_uri):
         header, moves = journal.read()
+        if decided is not None:
+            _check_same_decisions(header, decided, journal_uri)
         state = header.get("state", "started")
         if state == "started":
             log.info("resuming interrupted relabel from %s (%d moves)", journal_uri, len(moves))
@@ -376,18 +429,26 @@ def relabel(results: pd.DataFrame, root: str, journal_uri: str, sensitivity: flo
     select_rows(results, sensitivity, min_preds)  # names missing columns first
     validate_results(results, sorted(set(results["label"].astype(str)))
                      if classes is None else classes)
-    moves = plan_moves(root, select_rows(results, sensitivity, min_preds))
+    rows = select_rows(results, sensitivity, min_preds) if decided is None else decided.rows
+    moves = plan_moves(root, rows)
     for m in moves:
-        log.info("%s %s -> %s (%.0f%% of %d predictions)", "would move" if dry_run else "move",
-                 m.src, m.dst, m.pct, m.num_preds)
-    log.info("%d images %s at sensitivity %s, min_preds %d", len(moves),
-             "would move" if dry_run else "to move", sensitivity, min_preds)
+        log.info("%s %s -> %s (%s)", "would move" if dry_run else "move", m.src, m.dst,
+                 "decided" if decided else f"{m.pct:.0f}% of {m.num_preds} predictions")
+    if decided is None:
+        log.info("%d images %s at sensitivity %s, min_preds %d", len(moves),
+                 "would move" if dry_run else "to move", sensitivity, min_preds)
+        source = {"plan": "thresholds", "sensitivity": sensitivity, "min_preds": min_preds}
+    else:
+        log.info("%d images %s as decided in %s (%s)", len(moves),
+                 "would move" if dry_run else "to move", decided.uri,
+                 ", ".join(f"{n} {d}" for d, n in decided.counts.items()))
+        source = {"plan": "decisions", "decisions": decided.uri,
+                  "decisions_sha256": decided.sha256}
     if dry_run or not moves:
         return moves
     # An absolute local root, so that undo works from any working directory.
     journal_root = root if storage.is_s3(root) else os.path.abspath(root)
-    journal.write({"type": "header", "root": journal_root, "state": "started",
-                   "sensitivity": sensitivity, "min_preds": min_preds,
+    journal.write({"type": "header", "root": journal_root, "state": "started", **source,
                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, moves)
     counts, _ = _execute(root, moves, reverse=False)
     journal.set_state("complete")
@@ -428,10 +489,11 @@ def undo(journal_uri: str) -> list[Move]:
 
 
 def write_corrected_manifest(results: pd.DataFrame, out_uri: str, sensitivity: float,
-                             min_preds: int) -> int:
-    """Non-destructive mode: a CSV of every image with the label to use; returns how many
-    labels change."""
-    rows = select_rows(results, sensitivity, min_preds)
+                             min_preds: int, rows: pd.DataFrame | None = None) -> int:
+    """Non-destructive mode: a CSV of every image with the label to use (from `rows`, e.g.
+    a decisions file's, else the rows `select_rows` picks); returns how many labels
+    change."""
+    rows = select_rows(results, sensitivity, min_preds) if rows is None else rows
     table = results[["filename", "label"]].copy()
     table["new_label"] = table["label"]
     table.loc[rows.index, "new_label"] = rows["corrected_label"]
@@ -474,14 +536,22 @@ def run_classes(run: str) -> list[str]:
 
 
 def relabel_results(results_uri: str, sensitivity: float | None = None,
-                    min_preds: int | None = None, dry_run: bool = False) -> str | None:
+                    min_preds: int | None = None, dry_run: bool = False,
+                    decisions_uri: str | None = None) -> str | None:
     """Relabel from a run's results CSV (or its copy at `results_path`) with the run's
-    relabel_mode and thresholds (or the given overrides). Returns the journal URI (move) or
+    relabel_mode and thresholds (or the given overrides), or, with `decisions_uri`, exactly
+    as a reviewer's decisions file says (validated first). Returns the journal URI (move) or
     corrected-labels.csv URI (manifest); None for a dry run, and when nothing was selected to
     move (no journal)."""
     from tasks import runs
     from tasks.merge import read_results
 
+    overrides = [n for n, v in (("sensitivity", sensitivity), ("min_preds", min_preds))
+                 if v is not None]
+    if decisions_uri is not None and overrides:
+        raise RelabelError(f"the thresholds ({', '.join(overrides)}) do not apply to a "
+                           f"decisions file ({decisions_uri}): it names each image to move; "
+                           "drop them")
     if not storage.exists(results_uri):
         raise MissingFileError(f"results CSV {results_uri} does not exist")
     run = find_run(results_uri)
@@ -490,17 +560,20 @@ def relabel_results(results_uri: str, sensitivity: float | None = None,
     min_preds = cfg.min_preds if min_preds is None else min_preds
     results = read_results(results_uri)
     classes = run_classes(run)
+    decided = None
+    if decisions_uri is not None:
+        decided = read_decided(decisions_uri, results, classes, storage.basename(run))
     if cfg.relabel_mode == "manifest":
         select_rows(results, sensitivity, min_preds)  # names missing columns first
         validate_results(results, classes)
+        rows = select_rows(results, sensitivity, min_preds) if decided is None else decided.rows
         if dry_run:
-            select = select_rows(results, sensitivity, min_preds)
-            log.info("%d labels would change in corrected-labels.csv", len(select))
+            log.info("%d labels would change in corrected-labels.csv", len(rows))
             return None
         out = storage.join(run, "corrected-labels.csv")
-        write_corrected_manifest(results, out, sensitivity, min_preds)
+        write_corrected_manifest(results, out, sensitivity, min_preds, rows=rows)
         return out
     journal = runs.journal_uri(run)
     moves = relabel(results, cfg.data_path, journal, sensitivity, min_preds, dry_run=dry_run,
-                    classes=classes)
+                    classes=classes, decided=decided)
     return journal if moves and not dry_run else None
