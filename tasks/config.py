@@ -70,14 +70,15 @@ class AuditConfig(BaseModel):
         "data/sample",
         min_length=1,
         description="Dataset root: a local folder or s3://bucket/prefix/ laid out as "
-        "<root>/<class>/<image>.",
+        "`<root>/<class>/<image>`.",
         json_schema_extra=_section("Data"),
     )
     work_uri: str = Field(
         "work",
         min_length=1,
         description="Where run artefacts go (manifest, shards, results, report, journal): "
-        "a local folder or s3://bucket/prefix/. Each run lives in <work_uri>/runs/<run_id>/.",
+        "a local folder or s3://bucket/prefix/. Each run lives in "
+        "`<work_uri>/runs/<run_id>/`.",
         json_schema_extra=_section("Data"),
     )
     results_path: str | None = Field(

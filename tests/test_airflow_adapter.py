@@ -94,7 +94,7 @@ def test_form_descriptions_render_as_markdown_without_raw_html(params: dict) -> 
     for key, param in params.items():
         assert raw_html(param.schema["description_md"]) == [], key
     data_path = render_markdown(params["data_path"].schema["description_md"])
-    assert "laid out as &lt;root&gt;/&lt;class&gt;/&lt;image&gt;." in data_path
+    assert "laid out as <code>&lt;root&gt;/&lt;class&gt;/&lt;image&gt;</code>." in data_path
     assert "after <code>patience</code> epochs" in render_markdown(
         params["track_eval"].schema["description_md"])
     # code spans stay as they are: escaping inside them would show "&lt;" literally
