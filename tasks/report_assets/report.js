@@ -8,6 +8,7 @@
 // FileReader).
 (() => {
   const $ = (id) => document.getElementById(id);
+  const num = (n) => n.toLocaleString('en-US');  // 5,000 as the rest of the page writes it
 
   const grid = $('grid');
   const RUN_ID = grid.dataset.runId;
@@ -199,6 +200,7 @@
     item.el.querySelector('.fname').title = item.name;  // the whole name where it is cut
     const bar = document.createElement('div');
     bar.className = 'actions';
+    item.buttons = [];
     for (const [act, key, text] of ACTIONS) {
       if (act === 'accept' && item.label === item.suggested) continue;  // that is keep
       const button = document.createElement('button');
@@ -206,8 +208,9 @@
       button.dataset.act = act;
       button.title = text + ' (' + key + ')';
       button.textContent = text;
-      bar.append(button);
+      item.buttons.push(button);
     }
+    bar.append(...item.buttons);
     item.el.append(bar);
   }
 
@@ -220,30 +223,41 @@
       && d.decision === name);
     item.el.dataset.decision = d ? d.decision : '';
     item.badge.textContent = !d ? '' : SHOWN[d.decision] + (d.newLabel ? ' → ' + d.newLabel : '');
-    for (const button of item.el.querySelectorAll('.actions button')) {
+    for (const button of item.buttons) {
       button.classList.toggle('on', Boolean(d) && d.decision === button.dataset.act);
     }
   }
 
+  let inGrid = {order: null, count: 0};  // the grid holds the first `count` cards of `order`
+
+  // Show the first `limit` cards of `order`: only the new ones when the list is the same.
   function fillGrid() {
-    const shown = order.slice(0, limit);
-    for (const item of shown) {
+    const count = Math.min(limit, order.length);
+    const from = inGrid.order === order && count >= inGrid.count ? inGrid.count : 0;
+    const added = document.createDocumentFragment();
+    for (const item of order.slice(from, count)) {
       decorate(item);
       showVerdict(item);
       showDecision(item);
+      added.append(item.el);
     }
-    grid.replaceChildren(...shown.map((item) => item.el));
-    const rest = order.length - shown.length;
+    if (from) grid.append(added);
+    else grid.replaceChildren(added);
+    inGrid = {order, count};
+    const rest = order.length - count;
     $('more').hidden = rest <= 0;
-    $('more-button').textContent = 'show ' + Math.min(rest, PAGE) + ' more (' + rest
+    $('more-button').textContent = 'show ' + num(Math.min(rest, PAGE)) + ' more (' + num(rest)
       + ' not shown yet)';
-    if (cursor && !shown.includes(cursor)) setCursor(null);
+    const at = cursor ? order.indexOf(cursor) : -1;
+    if (cursor && (at < 0 || at >= count)) setCursor(null);
   }
+
+  let relabelled = 0;  // cards that would be relabelled at the slider's sensitivity
 
   function update() {
     const f = readFilters();
     $('sens-value').textContent = f.sensitivity + '%';
-    let relabelled = 0;
+    relabelled = 0;
     for (const item of items) {
       item.relabel = wouldRelabel(item, f.sensitivity);
       if (item.relabel) relabelled++;
@@ -251,8 +265,12 @@
     order = items.filter((item) => matches(item, f))
       .sort(SORTERS[controls.sort.value] || SORTERS.rank);
     fillGrid();
-    $('shown').textContent = 'showing ' + order.length + ' of ' + items.length + ' · '
-      + relabelled + ' would be relabelled at > ' + f.sensitivity + '%';
+    showCounts(f);
+  }
+
+  function showCounts(f) {
+    $('shown').textContent = 'showing ' + num(order.length) + ' of ' + num(items.length)
+      + ' · ' + num(relabelled) + ' would be relabelled at > ' + f.sensitivity + '%';
     progress();
   }
 
@@ -265,18 +283,30 @@
   function progress() {
     const n = {accept: 0, keep: 0, other: 0, skip: 0};
     for (const d of decisions.values()) n[d.decision]++;
-    $('progress').textContent = 'reviewed ' + decisions.size + ' of ' + items.length + ', '
-      + n.accept + ' accepted, ' + n.keep + ' kept, ' + n.other + ' other, ' + n.skip
-      + ' skipped' + (saveFailed ? ' (not saved in this browser: export them)' : '');
+    $('progress').textContent = 'reviewed ' + num(decisions.size) + ' of ' + num(items.length)
+      + ', ' + num(n.accept) + ' accepted, ' + num(n.keep) + ' kept, ' + num(n.other)
+      + ' other, ' + num(n.skip) + ' skipped'
+      + (saveFailed ? ' (not saved in this browser: export them)' : '');
   }
 
   // After decisions changed: show them, and put the cursor on `target` where it is listed.
   function afterChange(target, changed) {
-    if (controls.review.value) {
-      update();  // the review filter may now hide or show cards
+    const f = readFilters();
+    const listed = new Set(order);
+    if (changed.some((item) => matches(item, f) && !listed.has(item))) {
+      update();  // the review filter shows a card again (an undo): list them anew
     } else {
-      for (const item of changed) showDecision(item);
-      progress();
+      for (const item of changed) {
+        if (matches(item, f)) showDecision(item);
+        else if (listed.has(item)) {  // the review filter hides it now: take it out
+          const at = order.indexOf(item);
+          order.splice(at, 1);
+          if (at < inGrid.count) inGrid.count--;
+          item.el.remove();
+        }
+      }
+      fillGrid();  // the same list: tops the grid up to `limit`
+      showCounts(f);
     }
     const at = order.indexOf(target);
     if (at >= 0) focusAt(at);
