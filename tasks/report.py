@@ -4,7 +4,10 @@ The page is a single file: thumbnails are embedded as small data: URIs (read thr
 `tasks.storage`, so a dataset on s3:// works), CSS and JS are inline, and a
 Content-Security-Policy forbids every external load, so it opens the same from a run folder
 on disk or from an object-store download and never contacts anything. Only the top
-`report_top_n` rows of results.csv are rendered, so the page stays small for any dataset.
+`report_top_n` rows of results.csv are rendered, so the page stays small for any dataset;
+cards after the first `THUMB_FULL_N` get smaller thumbnails, and cards after the first
+`PAGE_CARDS` wait in an inert <template> until the reviewer scrolls to them, so a report of
+thousands of cards stays a few MB and opens fast.
 
 The presentation lives in tasks/report_assets: the page template `report.html.j2` (Jinja2,
 autoescaped) with its pieces in `parts.html.j2`, `report.css` and `report.js`; this module
@@ -13,7 +16,10 @@ computes the data they show. The page's script reads everything from data-* attr
 Sections: a summary, per-class flagged share (the estimated noise rate), a given x suggested
 matrix of the flagged images, the review grid (filter by class and by whether the image
 would be relabelled at a sensitivity chosen with a slider; sort by rank, vote share, label
-quality or name) and the skipped files with their reasons.
+quality or name), where the reviewer decides each card (accept the suggestion, keep the
+label, pick another class, skip; by keyboard), decisions kept in the browser's
+localStorage and exported as the decisions file of `tasks.decisions`, and the skipped files
+with their reasons.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from markupsafe import Markup
 from PIL import Image
 
 from tasks import images, runs, storage
+from tasks.decisions import COLUMNS, OPTIONAL_COLUMNS
 from tasks.index import read_manifest
 from tasks.merge import read_results, too_few_predictions
 from tasks.relabel import relabel_ceiling, select_rows
@@ -43,6 +50,9 @@ from tasks.relabel import relabel_ceiling, select_rows
 log = logging.getLogger(__name__)
 
 THUMB_PX = 96  # longest side of an embedded thumbnail; the page shows it in a 128 px box
+THUMB_FULL_N = 500  # cards with THUMB_PX thumbnails; the later ones get SMALL_THUMB_PX WebP
+SMALL_THUMB_PX = 64
+PAGE_CARDS = 200  # cards in the grid when the page opens; the script adds more as it scrolls
 THUMB_WORKERS = 16  # parallel image reads (latency-bound on S3)
 SKIPPED_MAX = 1000  # skipped files listed on the page; the rest stay in skipped.csv
 MATRIX_MAX_CLASSES = 25  # above this many classes the matrix becomes a list of top pairs
@@ -59,10 +69,16 @@ class Thumb:
     pixelated: bool
 
 
-def thumbnail(data: bytes, px: int = THUMB_PX) -> Thumb:
+LOSSY = {  # format -> (MIME type, Pillow save options)
+    "JPEG": ("image/jpeg", {"quality": 80, "optimize": True}),
+    "WEBP": ("image/webp", {"quality": 60, "method": 6}),
+}
+
+
+def thumbnail(data: bytes, px: int = THUMB_PX, lossy: str = "JPEG") -> Thumb:
     """A small data: URI of an image: longest side at most `px`. Small images stay lossless
-    PNG (and are drawn with sharp pixels); larger ones are scaled down and saved as JPEG.
-    Raises ValueError when the bytes do not decode."""
+    PNG (and are drawn with sharp pixels); larger ones are scaled down and saved as `lossy`
+    (JPEG or WEBP). Raises ValueError when the bytes do not decode."""
     try:
         img = images.open_rgb(data)  # the pixels the trainer sees
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
@@ -74,20 +90,22 @@ def thumbnail(data: bytes, px: int = THUMB_PX) -> Thumb:
         mime = "image/png"
     else:
         img.thumbnail((px, px), Image.Resampling.LANCZOS)
-        img.save(buf, "JPEG", quality=80, optimize=True)
-        mime = "image/jpeg"
+        mime, options = LOSSY[lossy]
+        img.save(buf, lossy, **options)
     uri = f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
     return Thumb(uri=uri, width=img.width, height=img.height, pixelated=small)
 
 
-def fetch_thumbnails(root: str, keys: list[str],
-                     workers: int = THUMB_WORKERS) -> list[Thumb | str]:
-    """A Thumb per key under the dataset root, or the reason it is unavailable."""
+def fetch_thumbnails(root: str, keys: list[str], workers: int = THUMB_WORKERS,
+                     full: int = THUMB_FULL_N) -> list[Thumb | str]:
+    """A Thumb per key under the dataset root, or the reason it is unavailable: the first
+    `full` THUMB_PX JPEG, the rest SMALL_THUMB_PX WebP (a third of the bytes)."""
 
-    def one(key: str) -> Thumb | str:
+    def one(at: int, key: str) -> Thumb | str:
         uri = storage.join(root, key)
         try:
-            return thumbnail(storage.read_bytes(uri))
+            data = storage.read_bytes(uri)
+            return thumbnail(data) if at < full else thumbnail(data, SMALL_THUMB_PX, "WEBP")
         except (storage.StorageError, FileNotFoundError):
             return "image not found (moved or deleted since the audit?)"
         except ValueError as err:
@@ -97,7 +115,7 @@ def fetch_thumbnails(root: str, keys: list[str],
             return f"image unreadable ({type(err).__name__})"
 
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(keys)))) as pool:
-        thumbs = list(pool.map(one, keys))
+        thumbs = list(pool.map(one, range(len(keys)), keys))
     failed = [(k, t) for k, t in zip(keys, thumbs, strict=True) if not isinstance(t, Thumb)]
     if failed:
         log.warning("%d of %d thumbnails unavailable, e.g. %s: %s", len(failed), len(keys),
@@ -341,7 +359,9 @@ def render_page(*, cfg, run: str, results: pd.DataFrame, classes: list[str], top
         n_missing=sum(not isinstance(t, Thumb) for t in thumbs),
         given_options=_options(top["label"]), suggested_options=_options(top["corrected_label"]),
         sensitivity=f"{cfg.sensitivity:g}", min_preds=cfg.min_preds, cards=cards,
-        n_skipped=len(skipped), skipped=_skipped(skipped))
+        page_cards=PAGE_CARDS, run_id=storage.basename(run), classes=classes,
+        decision_columns=",".join(COLUMNS + OPTIONAL_COLUMNS), n_skipped=len(skipped),
+        skipped=_skipped(skipped))
 
 
 def write_report(run: str, seconds: float | None = None) -> str:

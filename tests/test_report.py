@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
-import json
 import os
 import re
 import shutil
@@ -23,14 +22,18 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tasks import runs
+from tasks import report, runs
 from tasks.config import AuditConfig
 from tasks.index import DatasetIndex, read_manifest, write_index
 from tasks.merge import merge_run, read_results
 from tasks.plan import plan_repeats, split_for_repeat
 from tasks.relabel import select_rows
-from tasks.report import _matrix, duration, flag_matrix, thumbnail, write_report
+from tasks.report import _matrix, duration, fetch_thumbnails, flag_matrix, thumbnail, write_report
 from tasks.sample import write_sample
+from tests.browser import HAVE_CHROMIUM, NEEDS_CHROMIUM
+from tests.browser import chrome as _chrome
+from tests.browser import network as _network
+from tests.browser import urls as _urls
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
@@ -297,6 +300,41 @@ def test_large_images_are_scaled_down_to_jpeg():
         thumbnail(b"GIF89a broken")
 
 
+def test_later_cards_get_smaller_webp_thumbnails(tmp_path):
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 200), (10, 120, 200)).save(buf, "PNG")
+    for name in ("a.png", "b.png", "c.png"):
+        (tmp_path / name).write_bytes(buf.getvalue())
+    first, *later = fetch_thumbnails(str(tmp_path), ["a.png", "b.png", "c.png"], full=1)
+    assert first.uri.startswith("data:image/jpeg;base64,")
+    assert (first.width, first.height) == (96, 64)
+    for t in later:
+        img = Image.open(io.BytesIO(base64.b64decode(t.uri.split(",", 1)[1])))
+        assert t.uri.startswith("data:image/webp;base64,") and img.format == "WEBP"
+        assert img.size == (t.width, t.height) == (64, 43)
+        assert len(t.uri) < len(first.uri)
+
+
+def test_cards_after_the_first_page_wait_in_a_template(tmp_path, monkeypatch):
+    """The grid holds the first page; the later cards, in rank order, sit in an inert
+    <template> that the script shows as the reviewer scrolls."""
+    run, _ = make_run(tmp_path, n=60, top_n=60)
+    monkeypatch.setattr(report, "PAGE_CARDS", 25)
+    text = Path(write_report(run)).read_text()
+    grid, rest = text.split('<template id="more-cards">')
+    later, _ = rest.split("</template>", 1)
+    assert grid.count('<article class="card') == 25
+    assert later.count('<article class="card') == 60 - 25  # report_top_n 60
+    assert [c["data-name"] for c in Page(text).cards] == flagged_of(run)["filename"][:60].tolist()
+    p = Page(text)
+    grid_attrs = next(a for t, a in p.tags if a.get("id") == "grid")
+    assert grid_attrs["data-page"] == "25" and grid_attrs["data-run-id"] == "oracle"
+    assert grid_attrs["data-columns"] == ("filename,label,decision,new_label,reviewer,"
+                                          "decided_at,run_id")
+    picker = [a["data-class"] for t, a in p.tags if t == "button" and "data-class" in a]
+    assert picker == read_manifest(run)[1]
+
+
 def test_names_and_reasons_are_escaped(page):
     assert HOSTILE not in page and "a<b>" not in page
     assert "a&lt;b&gt;&amp;&quot;c&#x27;.png" in page
@@ -355,40 +393,7 @@ def test_large_run_renders_only_top_n_and_stays_small(tmp_path):
 
 # --- in a browser ----------------------------------------------------------------------------
 
-def _chrome():
-    """Headless Chromium through the Debian chromedriver, with the network logged and every
-    host name unresolvable (belt and braces: nothing may leave this machine)."""
-    os.environ.setdefault("SE_AVOID_STATS", "true")  # Selenium Manager: no usage stats
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = shutil.which("chromium") or ""
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1366,900", "--hide-scrollbars", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--disable-default-apps", "--disable-extensions",
-                "--host-resolver-rules=MAP * ~NOTFOUND"):
-        opts.add_argument(arg)
-    opts.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
-    return webdriver.Chrome(options=opts, service=Service(shutil.which("chromedriver")))
-
-
-def _network(driver) -> list[tuple[str, dict]]:
-    """The Network.* DevTools events logged since the last call: (method, params)."""
-    msgs = [json.loads(e["message"])["message"] for e in driver.get_log("performance")]
-    return [(m["method"], m["params"]) for m in msgs if m["method"].startswith("Network.")]
-
-
-def _urls(events: list[tuple[str, dict]]) -> dict[str, str]:
-    """requestId -> URL of every request the page started."""
-    return {p["requestId"]: p["request"]["url"] for m, p in events
-            if m == "Network.requestWillBeSent"}
-
-
-@pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
-                    reason="needs Debian packages chromium and chromium-driver "
-                           "(bash scripts/setup.sh dev installs them)")
+@pytest.mark.skipif(not HAVE_CHROMIUM, reason=NEEDS_CHROMIUM)
 def test_report_in_headless_chromium(oracle, page):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
