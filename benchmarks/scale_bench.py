@@ -187,6 +187,8 @@ def bucketed_budget(case: Case, buckets: int = 4) -> float:
     from tasks import merge
 
     per_image = case.classes * merge.BUCKET_CELL_BYTES + merge.BUCKET_IMAGE_BYTES
+    if case.classes > merge.FULL_PROBS_MAX_CLASSES:
+        per_image += merge.TOPK_IMAGE_BYTES
     need = (merge.BASE_BYTES + case.n * (merge.IMAGE_BYTES + 30)
             + case.n / buckets * per_image)
     return need / (1 << 30)

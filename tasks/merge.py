@@ -18,21 +18,28 @@ found about 0.8 of the wrong labels although they ranked first (AUROC 0.9995). A
 `max_label_quality` of 0.1 cut recall to about a third on asymmetric noise, hence off by
 default.
 
-Memory (`merge_memory_gb`): the shards are streamed, each read once. Images are pooled in
-buckets of consecutive ids, each in a dense images x classes workspace (vote counts and
-probability sums) sized so that a bucket fits the budget; between buckets only a few
-numbers per image are kept (label, prediction count, the given label's pooled probability,
-flags, sort keys). When all images fit in one bucket the merge runs in memory and cleanlab's
-`find_label_issues` runs as it is. Otherwise each shard's rows are spilled to local Arrow
-files per bucket, and cleanlab's filter runs in two passes over the buckets (`_batched_filter`:
-class thresholds from every image's self-confidence first, then the confident joint's
-off-diagonal count bucket by bucket, then the same ranking); it repeats cleanlab's
-arithmetic on the same numbers, so the flags are the same as in memory, and a test checks that
-the bucketed and in-memory merges write byte-identical results.
+Memory (`merge_memory_gb`): the shards are streamed, each read once (one download on S3), and
+the manifest is hashed once for their fingerprints. Images are pooled in buckets of
+consecutive ids, each in a dense images x classes workspace (vote counts and probability
+sums) sized so that a bucket fits the budget (`bucket_size`); between buckets only a few
+numbers per image are kept (label, prediction count, label quality, flags, sort keys). With
+one bucket everything stays in memory; with more, each shard's rows are spilled to local
+Arrow files per bucket (read back once per pass), and the results are routed to parts of
+the output order, each sorted and written in turn.
+
+cleanlab's part runs in passes over the buckets (`_BatchedFilter`): per class the mean
+self-confidence as threshold, then per image whether the confident joint counts it as an
+issue, then the lowest self-confidences overall, as many as counted. That is what
+`find_label_issues(filter_by="low_self_confidence")` computes (cleanlab 2.9; its
+`experimental.label_issues_batched` is not: it approximates the count and drops images whose
+prediction is the given label), with the same arithmetic on the same numbers, so the flags are
+exact at any size: tests check it against `find_label_issues` itself (ties, classes without
+images), the whole merge against the dense in-memory merge it replaced, and the bucketed
+merge against the in-memory one (byte-identical results.csv).
 Nothing is approximated beyond what the shards hold: beyond `FULL_PROBS_MAX_CLASSES` classes a
 shard keeps each prediction's top `TOP_K` classes and its given label, the other classes count
 as 0 (as before), and predictions.parquet keeps each image's top `TOP_K` pooled classes
-(`topk_idx`, `topk_prob`) instead of all of them (`mean_probs`).
+(`topk_idx`, `topk_prob`, highest first) instead of all of them (`mean_probs`).
 
 Results are written by streaming, in row groups: results.csv (the bytes pandas' `to_csv` wrote
 for the same rows) and predictions.parquet, both sorted most suspicious first.
@@ -77,12 +84,18 @@ RESULT_COLUMNS = ["filename", "label", "corrected_label", "num_preds", "%", "lab
 FILTER_BY = "low_self_confidence"
 # Mean probability above which a unanimous vote for another class flags an image by itself.
 CONFIDENT_VOTE = 0.7
+# cleanlab 2.9's constants (cleanlab.internal.constants; a test checks them), here so that a
+# merge does not import cleanlab (and scipy, scikit-learn): FLOATING_POINT_COMPARISON and
+# CONFIDENT_THRESHOLDS_LOWER_BOUND.
+_CL_EPSILON = 1e-6
+_CL_THRESHOLD_FLOOR = 2 * _CL_EPSILON
 
 # Memory model of the merge (bytes), checked with benchmarks/scale_bench.py.
 BASE_BYTES = 350 << 20  # Python, numpy, pandas, pyarrow and cleanlab
 IMAGE_BYTES = 96  # per image, kept for the whole merge (labels, counts, flags, sort keys)
-BUCKET_IMAGE_BYTES = 400  # per image of a bucket (its result row, text columns)
-BUCKET_CELL_BYTES = 24  # per image x class of a bucket: workspace and mean probabilities
+BUCKET_IMAGE_BYTES = 700  # per image of a bucket: its result row, sorted and written
+BUCKET_CELL_BYTES = 16  # per image x class of a bucket: workspace, mean probabilities written
+TOPK_IMAGE_BYTES = 800  # per image beyond FULL_PROBS_MAX_CLASSES: its top-k classes written
 MAX_BUCKETS = 256
 CHUNK_CELLS = 1 << 21  # images x classes scored at a time
 WRITE_ROWS = 1 << 17  # rows per CSV write and Parquet row group
@@ -258,19 +271,15 @@ class _BatchedFilter:
     def set_thresholds(self, labels: np.ndarray, self_conf: np.ndarray) -> None:
         """cleanlab's confident thresholds: per class the mean self-confidence (every image's,
         in image order), clipped from below."""
-        from cleanlab.internal.constants import CONFIDENT_THRESHOLDS_LOWER_BOUND
-
         lab = self.remap[labels]
         order = np.argsort(lab, kind="stable")
         bounds = np.searchsorted(lab[order], np.arange(len(self.present) + 1))
         means = [np.mean(self_conf[order[a:b]]) for a, b in itertools.pairwise(bounds)]
-        self.thresholds = np.clip(means, a_min=CONFIDENT_THRESHOLDS_LOWER_BOUND, a_max=None)
+        self.thresholds = np.clip(means, a_min=_CL_THRESHOLD_FLOOR, a_max=None)
 
     def count(self, labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
         """Per image: counted by cleanlab's `num_label_issues` (an off-diagonal entry of the
         confident joint, and the prediction not within a hair of the given label)."""
-        from cleanlab.internal.constants import FLOATING_POINT_COMPARISON
-
         assert self.thresholds is not None
         sub = self.scaled(probs)
         lab = self.remap[labels]
@@ -279,7 +288,7 @@ class _BatchedFilter:
         guess = np.where(n_confident > 1, sub.argmax(axis=1), confident.argmax(axis=1))
         off_diagonal = (n_confident > 0) & (guess != lab)
         rows = np.arange(len(lab))
-        sub[rows, lab] += FLOATING_POINT_COMPARISON  # sub is this call's own array
+        sub[rows, lab] += _CL_EPSILON  # sub is this call's own array
         return off_diagonal & (sub.argmax(axis=1) != lab)
 
     @staticmethod
@@ -451,6 +460,8 @@ def bucket_size(n_images: int, num_classes: int, memory_gb: float,
     names and labels, held throughout): at least one, at most `MAX_BUCKETS` buckets."""
     room = memory_gb * (1 << 30) - BASE_BYTES - n_images * IMAGE_BYTES - key_bytes
     per_image = num_classes * BUCKET_CELL_BYTES + BUCKET_IMAGE_BYTES
+    if num_classes > FULL_PROBS_MAX_CLASSES:
+        per_image += TOPK_IMAGE_BYTES
     size = max(1, int(room // per_image), math.ceil(n_images / MAX_BUCKETS))
     return min(size, max(1, n_images))
 
@@ -713,7 +724,8 @@ def merge_run(run: str) -> str:
                           for b in range(len(m.buckets)))
             cleanlab[predicted] = filt.flags(conf_all, counted)
         del conf_all, self_conf
-        m.in_memory_pool = None
+        m.in_memory_pool = m._workspace = None
+        pa.default_memory_pool().release_unused()  # Arrow keeps freed memory otherwise
         shards.close()
         flags = (cleanlab | m.vote_flag) & m.disagree
         writer = _ResultsWriter(Path(tmp))
@@ -751,12 +763,18 @@ def _write_sorted(m: _Merge, results: _Spill, flags: np.ndarray, folder: Path,
     parts = _Spill(len(m.buckets), folder)
     for b in range(len(m.buckets)):
         for table in results.read(b):
-            pos = position[table.column("id").to_numpy()]
-            parts.route(with_flags(table).append_column("_pos", pa.array(pos)), pos // m.size)
+            for start in range(0, table.num_rows, WRITE_ROWS):
+                chunk = with_flags(table.slice(start, WRITE_ROWS))
+                pos = position[chunk.column("id").to_numpy()]
+                parts.route(chunk.append_column("_pos", pa.array(pos)), pos // m.size)
     for part in range(len(m.buckets)):
-        table = pa.concat_tables(list(parts.read(part)))
-        pos = table.column("_pos").to_numpy()
-        writer.write(table.drop_columns(["_pos"]).take(pa.array(np.argsort(pos))))
+        table = pa.concat_tables(list(parts.read(part))).combine_chunks()
+        rows = np.argsort(table.column("_pos").to_numpy())
+        table = table.drop_columns(["_pos"])
+        for start in range(0, len(rows), WRITE_ROWS):
+            writer.write(table.take(pa.array(rows[start:start + WRITE_ROWS])))
+        del table
+        pa.default_memory_pool().release_unused()
 
 
 def sort_most_suspicious(results: pd.DataFrame) -> pd.DataFrame:

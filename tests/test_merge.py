@@ -486,7 +486,10 @@ def test_the_batched_filter_is_cleanlabs_filter():
     `_confident_learning`) on the same probabilities: ties, classes without images, and
     batches of any size."""
     from cleanlab.filter import find_label_issues
+    from cleanlab.internal import constants
 
+    assert merge._CL_EPSILON == constants.FLOATING_POINT_COMPARISON
+    assert merge._CL_THRESHOLD_FLOOR == constants.CONFIDENT_THRESHOLDS_LOWER_BOUND
     rng = np.random.default_rng(3)
     for n, k, batch in [(500, 4, 7), (2000, 12, 300), (800, 40, 800), (300, 3, 1)]:
         labels = rng.integers(0, k, n)
