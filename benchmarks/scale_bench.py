@@ -11,8 +11,9 @@ its own child process and records wall time, CPU time (user + system) and peak R
 process (`os.wait4`):
 
 - merge: `tasks.merge.merge_run` within the case's memory budget (`merge_memory_gb`);
-- merge_bucketed: the same merge forced into about 4 buckets, whose results.csv must be
-  byte-identical to the merge's (the benchmark fails otherwise);
+- merge_bucketed: the same merge with a smaller budget, so about twice the buckets (at least
+  4), whose results.csv must be byte-identical to the merge's (the benchmark fails
+  otherwise);
 - report: `tasks.report.write_report` (the dataset holds no images: thumbnails are
   placeholders, so this is the cost of reading the results and rendering).
 
@@ -182,15 +183,18 @@ def _merge(run: str, memory_gb: float) -> dict:
             "sha256": hashlib.sha256(out.read_bytes()).hexdigest()}
 
 
-def bucketed_budget(case: Case, buckets: int = 4) -> float:
-    """A `merge_memory_gb` that makes the merge of `case` use about `buckets` buckets."""
+def bucketed_budget(case: Case) -> float:
+    """A `merge_memory_gb` that makes the merge of `case` use about twice the buckets of the
+    merge within the case's budget, and at least 4."""
     from tasks import merge
 
+    n_keys = case.n * 30  # bytes of file names and labels, about
+    buckets = -(-case.n // merge.bucket_size(case.n, case.classes, case.memory_gb, n_keys))
     per_image = case.classes * merge.BUCKET_CELL_BYTES + merge.BUCKET_IMAGE_BYTES
     if case.classes > merge.FULL_PROBS_MAX_CLASSES:
         per_image += merge.TOPK_IMAGE_BYTES
-    need = (merge.BASE_BYTES + case.n * (merge.IMAGE_BYTES + 30)
-            + case.n / buckets * per_image)
+    need = (merge.BASE_BYTES + case.n * merge.IMAGE_BYTES + n_keys
+            + case.n / max(4, 2 * buckets) * per_image)
     return need / (1 << 30)
 
 
