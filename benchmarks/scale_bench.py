@@ -46,8 +46,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SIZES = "100kx10,1mx10,5mx10,100kx1000,1mx1000"
 PREDS_PER_IMAGE = 5
@@ -103,6 +101,7 @@ def parse_sizes(text: str, memory_gb: float | None = None) -> list[Case]:
 
 def build_run(work: Path, case: Case, seed: int = 0) -> str:
     """A run folder for `case`, written through the project's own writers."""
+    import numpy as np
     import pandas as pd
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -173,13 +172,14 @@ class _Buckets(logging.Handler):
 def _merge(run: str, memory_gb: float) -> dict:
     from tasks import merge
 
+
     _set_budget(run, memory_gb)
     seen = _Buckets()
     logging.getLogger("tasks.merge").addHandler(seen)
     out = Path(merge.merge_run(run))
     with out.open("rb") as f:
         rows = sum(1 for _ in f) - 1
-    return {"rows": rows, "buckets": seen.buckets,
+    return {"rows": rows, "buckets": seen.buckets, "memory_gb": memory_gb,
             "sha256": hashlib.sha256(out.read_bytes()).hexdigest()}
 
 
@@ -206,6 +206,11 @@ def stage_merge_bucketed(run: str, case: Case) -> dict:
     return _merge(run, bucketed_budget(case))
 
 
+def stage_build(run: str, case: Case) -> dict:
+    """Not measured: writes the run folder of `case` under `run` (a work folder)."""
+    return {"run": build_run(Path(run), case)}
+
+
 def stage_report(run: str, case: Case) -> dict:
     from tasks.report import write_report
 
@@ -215,6 +220,7 @@ def stage_report(run: str, case: Case) -> dict:
 
 STAGES = [Stage("merge", stage_merge), Stage("merge_bucketed", stage_merge_bucketed),
           Stage("report", stage_report)]
+BUILD = Stage("build", stage_build)
 
 
 # --- measuring ------------------------------------------------------------------------------
@@ -230,7 +236,9 @@ class Measure:
 
 
 def measure(stage: Stage, run: str, case: Case) -> Measure:
-    """Run one stage in a child process; its wall time, CPU time and peak RSS."""
+    """Run one stage in a child process; its wall time, CPU time and peak RSS. (Linux counts
+    the memory a child had before exec in its peak RSS: this process stays small, building
+    the run folders in children too, and imports nothing heavy.)"""
     cmd = [sys.executable, "-m", "benchmarks.scale_bench", "--child", stage.name, "--run", run,
            "--sizes", f"{case.n}x{case.classes}", "--memory-gb", str(case.memory_gb)]
     with tempfile.TemporaryFile() as out:
@@ -251,7 +259,7 @@ def measure(stage: Stage, run: str, case: Case) -> Measure:
 
 def child(stage_name: str, run: str, case: Case) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    stage = next(s for s in STAGES if s.name == stage_name)
+    stage = next(s for s in [*STAGES, BUILD] if s.name == stage_name)
     print(json.dumps(stage.run(run, case)))
 
 
@@ -266,7 +274,7 @@ TARGETS = [
 
 def write_results(path: Path, rows: list[Measure], argv: list[str], built_s: dict) -> str:
     """The markdown results file; returns its text."""
-    import pyarrow
+    from importlib.metadata import version
 
     lines = [
         "# Scale benchmark: merge and report at millions of images",
@@ -276,7 +284,7 @@ def write_results(path: Path, rows: list[Measure], argv: list[str], built_s: dic
         "",
         f"Command: `python -m benchmarks.scale_bench {shlex.join(argv)}`".rstrip() + "  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python "
-        f"{platform.python_version()}, numpy {np.__version__}, pyarrow {pyarrow.__version__}; "
+        f"{platform.python_version()}, numpy {version('numpy')}, pyarrow {version('pyarrow')}; "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         "",
         "| images x classes | stage | memory budget | buckets | wall s | CPU s | peak RSS GB |"
@@ -291,8 +299,7 @@ def write_results(path: Path, rows: list[Measure], argv: list[str], built_s: dic
             notes = "results.csv identical to merge's" if same else "RESULTS DIFFER"
         elif m.stage == "merge":
             notes = f"{m.facts['rows']:,} rows; run folder built in {built_s[m.case]:.0f} s"
-        budget = (f"{bucketed_budget(m.case):.2f} GB" if m.stage == "merge_bucketed"
-                  else f"{m.case.memory_gb:g} GB" if m.stage == "merge" else "")
+        budget = f"{m.facts['memory_gb']:.3g} GB" if "memory_gb" in m.facts else ""
         buckets = str(m.facts.get("buckets", ""))
         lines.append(f"| {m.case.name} | {m.stage} | {budget} | {buckets} | {m.wall_s:.1f} | "
                      f"{m.cpu_s:.1f} | {m.peak_rss_gb:.2f} | {notes} |")
@@ -361,9 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     built: dict[Case, float] = {}
     try:
         for case in cases:
-            t0 = time.perf_counter()
-            run = build_run(work / f"{case.n}x{case.classes}", case)
-            built[case] = time.perf_counter() - t0
+            built_in = measure(BUILD, str(work / f"{case.n}x{case.classes}"), case)
+            run, built[case] = built_in.facts["run"], built_in.wall_s
             print(f"{case.name}: run folder built in {built[case]:.0f} s", flush=True)
             for stage in stages:
                 m = measure(stage, run, case)
