@@ -264,9 +264,10 @@ class _BatchedFilter:
         sub = probs if self.all_present else probs[:, self.present]
         return sub / sub.sum(1, keepdims=True).clip(min=1e-12)
 
-    def self_confidence(self, labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
-        """Per image, the scaled probability of its given label (cleanlab's score)."""
-        return self.scaled(probs)[np.arange(len(labels)), self.remap[labels]]
+    def self_confidence(self, labels: np.ndarray, sub: np.ndarray) -> np.ndarray:
+        """Per image, the probability of its given label in `sub` (from `scaled`): cleanlab's
+        score."""
+        return sub[np.arange(len(labels)), self.remap[labels]]
 
     def set_thresholds(self, labels: np.ndarray, self_conf: np.ndarray) -> None:
         """cleanlab's confident thresholds: per class the mean self-confidence (every image's,
@@ -277,18 +278,18 @@ class _BatchedFilter:
         means = [np.mean(self_conf[order[a:b]]) for a, b in itertools.pairwise(bounds)]
         self.thresholds = np.clip(means, a_min=_CL_THRESHOLD_FLOOR, a_max=None)
 
-    def count(self, labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
-        """Per image: counted by cleanlab's `num_label_issues` (an off-diagonal entry of the
-        confident joint, and the prediction not within a hair of the given label)."""
+    def count(self, labels: np.ndarray, sub: np.ndarray) -> np.ndarray:
+        """Per image of `sub` (from `scaled`; changed here): counted by cleanlab's
+        `num_label_issues` (an off-diagonal entry of the confident joint, and the prediction
+        not within a hair of the given label)."""
         assert self.thresholds is not None
-        sub = self.scaled(probs)
         lab = self.remap[labels]
         confident = sub >= self.thresholds - 1e-6
         n_confident = confident.sum(axis=1)
         guess = np.where(n_confident > 1, sub.argmax(axis=1), confident.argmax(axis=1))
         off_diagonal = (n_confident > 0) & (guess != lab)
         rows = np.arange(len(lab))
-        sub[rows, lab] += _CL_EPSILON  # sub is this call's own array
+        sub[rows, lab] += _CL_EPSILON
         return off_diagonal & (sub.argmax(axis=1) != lab)
 
     @staticmethod
@@ -579,10 +580,12 @@ class _Merge:
         pool.means = True
 
     # pass 1 ---------------------------------------------------------------------------
-    def score_bucket(self, pool: _Pool, filt: _BatchedFilter) -> tuple[pa.Table, np.ndarray]:
+    def score_bucket(self, pool: _Pool, filt: _BatchedFilter,
+                     keep: Path | None) -> tuple[pa.Table, np.ndarray]:
         """The result columns (all but `is_label_issue`) of one bucket's images and the
         self-confidences of its predicted images (for cleanlab's filter); sets the bucket's
-        parts of the per-image flags."""
+        parts of the per-image flags. `keep`: a file for the probabilities cleanlab's filter
+        reads in pass 2."""
         lo, hi = pool.lo, pool.hi
         lab, npred = self.labels[lo:hi], self.num_preds[lo:hi]
         predicted = npred > 0
@@ -604,9 +607,12 @@ class _Merge:
                                            npred[a:b]).items():
                 s[key][a:b] = value
             p = predicted[a:b]
-            scaled = _scaled(means[p])
-            self_conf[done:done + len(scaled)] = filt.self_confidence(lab[a:b][p], scaled)
-            done += len(scaled)
+            sub = filt.scaled(_scaled(means[p]))
+            self_conf[done:done + len(sub)] = filt.self_confidence(lab[a:b][p], sub)
+            done += len(sub)
+            if keep is not None:
+                with keep.open("ab") as f:
+                    f.write(sub.tobytes())
         self.vote_flag[lo:hi], self.disagree[lo:hi] = _flag_parts(
             s, lab, npred, self.cfg.max_label_quality)
         quality = np.round(s["quality"], 5)
@@ -629,13 +635,28 @@ class _Merge:
         return pa.table(columns), self_conf
 
     # pass 2 (bucketed) ----------------------------------------------------------------
-    def count_bucket(self, pool: _Pool, filt: _BatchedFilter) -> int:
-        """How many of a bucket's images cleanlab's `num_label_issues` counts."""
-        lab, npred = self.labels[pool.lo:pool.hi], self.num_preds[pool.lo:pool.hi]
+    def count_bucket(self, spill: _Spill, b: int, filt: _BatchedFilter,
+                     kept: Path | None) -> int:
+        """How many of bucket `b`'s images cleanlab's `num_label_issues` counts, from the
+        probabilities pass 1 kept, or from the workspace."""
+        lo, hi = self.buckets[b]
+        lab, npred = self.labels[lo:hi], self.num_preds[lo:hi]
         counted = 0
-        for a, b, means in self._chunks(pool):
-            p = npred[a:b] > 0
-            counted += int(filt.count(lab[a:b][p], _scaled(means[p])).sum())
+        if kept is None:
+            pool = self.pool(spill, b)
+            for a, z, means in self._chunks(pool):
+                p = npred[a:z] > 0
+                counted += int(filt.count(lab[a:z][p], filt.scaled(_scaled(means[p]))).sum())
+            return counted
+        lab = lab[npred > 0]
+        width = len(filt.present)
+        step = max(1, CHUNK_CELLS // width)
+        with kept.open("rb") as f:
+            for a in range(0, len(lab), step):
+                rows = lab[a:a + step]
+                sub = np.fromfile(f, count=len(rows) * width).reshape(len(rows), width)
+                counted += int(filt.count(rows, sub).sum())
+        kept.unlink()
         return counted
 
     def order(self, flags: np.ndarray) -> np.ndarray:
@@ -711,16 +732,22 @@ def merge_run(run: str) -> str:
         predicted = m.num_preds > 0
         results = _Spill(len(m.buckets), Path(tmp, "results"))
         filt = _BatchedFilter(np.unique(m.labels[predicted]), m.k)
+        # Bucketed, pass 2 reads what pass 1 kept of each bucket, unless rebuilding the
+        # bucket reads less (top-k shards against the dense probabilities of many classes).
+        kept = [None if m.in_memory or m.k > FULL_PROBS_MAX_CLASSES else Path(tmp, f"{b}.f64")
+                for b in range(len(m.buckets))]
         self_conf = []
         for b in range(len(m.buckets)):
-            table, conf = m.score_bucket(m.pool(shards, b), filt)
+            table, conf = m.score_bucket(m.pool(shards, b), filt, kept[b])
             results.add(b, table)
             self_conf.append(conf)
         conf_all = np.concatenate(self_conf)
+        if all(k is not None for k in kept):
+            m._workspace = None  # pass 2 reads the kept probabilities only
         cleanlab = np.zeros(m.n, dtype=bool)
         if len(filt.present) >= 2:
             filt.set_thresholds(m.labels[predicted], conf_all)
-            counted = sum(m.count_bucket(m.pool(shards, b), filt)
+            counted = sum(m.count_bucket(shards, b, filt, kept[b])
                           for b in range(len(m.buckets)))
             cleanlab[predicted] = filt.flags(conf_all, counted)
         del conf_all, self_conf

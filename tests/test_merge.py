@@ -501,9 +501,10 @@ def test_the_batched_filter_is_cleanlabs_filter():
         want = merge._confident_learning(find_label_issues, labels, probs)
         filt = merge._BatchedFilter(np.unique(labels), k)
         parts = [slice(a, a + batch) for a in range(0, n, batch)]
-        conf = np.concatenate([filt.self_confidence(labels[s], probs[s]) for s in parts])
+        conf = np.concatenate([filt.self_confidence(labels[s], filt.scaled(probs[s]))
+                               for s in parts])
         filt.set_thresholds(labels, conf)
-        counted = sum(int(filt.count(labels[s], probs[s].copy()).sum()) for s in parts)
+        counted = sum(int(filt.count(labels[s], filt.scaled(probs[s])).sum()) for s in parts)
         got = filt.flags(conf, counted)
         assert want.sum() > 0
         assert np.array_equal(got, want), (n, k, batch)
