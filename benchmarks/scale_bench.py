@@ -282,7 +282,7 @@ def write_results(path: Path, rows: list[Measure], argv: list[str], built_s: dic
         "Written by `benchmarks/scale_bench.py` (see its docstring for what each stage does); "
         "synthetic run folders, 5 predictions per image, no training.",
         "",
-        f"Command: `python -m benchmarks.scale_bench {shlex.join(argv)}`".rstrip() + "  ",
+        f"Command: `{shlex.join(['python', '-m', 'benchmarks.scale_bench', *argv])}`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python "
         f"{platform.python_version()}, numpy {version('numpy')}, pyarrow {version('pyarrow')}; "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
