@@ -200,6 +200,13 @@ class AuditConfig(BaseModel):
         "the images the plan predicts has at least one out-of-sample prediction.",
         json_schema_extra=_section("Scoring"),
     )
+    merge_memory_gb: float = Field(
+        2.0, gt=0, le=4096,
+        description="Memory the merge may use, in GB. Beyond it the merge pools the images in "
+        "buckets, spilling each shard's rows to local temporary files per bucket; the results "
+        "are the same either way.",
+        json_schema_extra=_section("Scoring"),
+    )
     sensitivity: float = Field(
         60.0, ge=0, le=100,
         description="Relabel a flagged image when more than this % of its predictions chose "

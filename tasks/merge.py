@@ -17,23 +17,67 @@ because cleanlab's count falls short when the models are accurate: on scikit-lea
 found about 0.8 of the wrong labels although they ranked first (AUROC 0.9995). A
 `max_label_quality` of 0.1 cut recall to about a third on asymmetric noise, hence off by
 default.
+
+Memory (`merge_memory_gb`): the shards are streamed, each read once (one download on S3), and
+the manifest is hashed once for their fingerprints. Images are pooled in buckets of
+consecutive ids, each in a dense images x classes workspace (vote counts and probability
+sums) sized so that a bucket fits the budget (`bucket_size`); between buckets only a few
+numbers per image are kept (label, prediction count, label quality, flags, sort keys). With
+one bucket everything stays in memory; with more, each shard's rows are spilled to local
+Arrow files per bucket (read back once per pass), and the results are routed to parts of
+the output order, each sorted and written in turn.
+
+cleanlab's part runs in passes over the buckets (`_BatchedFilter`): per class the mean
+self-confidence as threshold, then per image whether the confident joint counts it as an
+issue, then the lowest self-confidences overall, as many as counted. That is what
+`find_label_issues(filter_by="low_self_confidence")` computes (cleanlab 2.9; its
+`experimental.label_issues_batched` is not: it approximates the count and drops images whose
+prediction is the given label), with the same arithmetic on the same numbers, so the flags are
+exact at any size: tests check it against `find_label_issues` itself (ties, classes without
+images), the whole merge against the dense in-memory merge it replaced, and the bucketed
+merge against the in-memory one (byte-identical results.csv).
+Nothing is approximated beyond what the shards hold: beyond `FULL_PROBS_MAX_CLASSES` classes a
+shard keeps each prediction's top `TOP_K` classes and its given label, the other classes count
+as 0 (as before), and predictions.parquet keeps each image's top `TOP_K` pooled classes
+(`topk_idx`, `topk_prob`, highest first) instead of all of them (`mean_probs`).
+
+Results are written by streaming, in row groups: results.csv (the bytes pandas' `to_csv` wrote
+for the same rows) and predictions.parquet, both sorted most suspicious first.
 """
 
 from __future__ import annotations
 
+import csv
 import io
+import itertools
 import json
 import logging
+import math
+import re
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from tasks import runs, storage
 from tasks.config import AuditConfig
 from tasks.errors import MissingFileError, UserError
-from tasks.index import read_manifest
-from tasks.plan import plan_repeats, split_for_repeat
-from tasks.shards import read_shards
+from tasks.index import DatasetError
+from tasks.plan import plan_repeats, planned_test
+from tasks.shards import (
+    FINGERPRINT_COLUMNS,
+    FULL_PROBS_MAX_CLASSES,
+    TOP_K,
+    fingerprint_base,
+    read_shards,
+    shard_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +86,21 @@ RESULT_COLUMNS = ["filename", "label", "corrected_label", "num_preds", "%", "lab
 FILTER_BY = "low_self_confidence"
 # Mean probability above which a unanimous vote for another class flags an image by itself.
 CONFIDENT_VOTE = 0.7
+# cleanlab 2.9's constants (cleanlab.internal.constants; a test checks them), here so that a
+# merge does not import cleanlab (and scipy, scikit-learn): FLOATING_POINT_COMPARISON and
+# CONFIDENT_THRESHOLDS_LOWER_BOUND.
+_CL_EPSILON = 1e-6
+_CL_THRESHOLD_FLOOR = 2 * _CL_EPSILON
+
+# Memory model of the merge (bytes), checked with benchmarks/scale_bench.py.
+BASE_BYTES = 350 << 20  # Python, numpy, pandas, pyarrow and cleanlab
+IMAGE_BYTES = 96  # per image, kept for the whole merge (labels, counts, flags, sort keys)
+BUCKET_IMAGE_BYTES = 700  # per image of a bucket: its result row, sorted and written
+BUCKET_CELL_BYTES = 16  # per image x class of a bucket: workspace, mean probabilities written
+TOPK_IMAGE_BYTES = 800  # per image beyond FULL_PROBS_MAX_CLASSES: its top-k classes written
+MAX_BUCKETS = 256
+CHUNK_CELLS = 1 << 21  # images x classes scored at a time
+WRITE_ROWS = 1 << 17  # rows per CSV write and Parquet row group
 
 
 class MissingShardsError(UserError, RuntimeError):
@@ -52,43 +111,112 @@ class MissingShardsError(UserError, RuntimeError):
         self.missing = missing
 
 
-def aggregate(n_images: int, labels: np.ndarray, frames: list[pd.DataFrame],
+# --- pooling ------------------------------------------------------------------------------
+
+class _Pool:
+    """Vote counts and probability sums of the images with ids lo..hi-1 (a dense workspace)."""
+
+    def __init__(self, lo: int, hi: int, num_classes: int,
+                 reuse: _Pool | None = None) -> None:
+        """`reuse`: a pool at least as large whose memory to reuse (the pages of a new array
+        are faulted in on first touch, which costs more than zeroing used ones)."""
+        self.lo, self.hi = lo, hi
+        self.means = False  # prob_sum holds sums; True once `_Merge._chunks` made them means
+        if reuse is None:
+            self.prob_sum = np.zeros((hi - lo, num_classes))
+            self.votes = np.zeros((hi - lo, num_classes), dtype=np.uint16)
+        else:
+            self.prob_sum, self.votes = reuse.prob_sum[:hi - lo], reuse.votes[:hi - lo]
+            self.prob_sum.fill(0.0)
+            self.votes.fill(0)
+
+    def add(self, ids: np.ndarray, pred: np.ndarray, probs: np.ndarray,
+            topk_idx: np.ndarray | None = None, given: np.ndarray | None = None,
+            p_given: np.ndarray | None = None) -> None:
+        """Add one shard's rows: `probs` of every class, or of the classes in `topk_idx`
+        plus the given label's probability (the other classes count as 0)."""
+        li = ids - self.lo
+        # A shard holds each image once (its ids ascending): plain fancy-index adds suffice.
+        once = len(li) < 2 or bool((np.diff(li) > 0).all())
+        if topk_idx is None:
+            if once:
+                rows = np.take(self.prob_sum, li, axis=0)
+                rows += probs
+                self.prob_sum[li] = rows
+            else:
+                np.add.at(self.prob_sum, li, probs)
+        else:
+            assert given is not None and p_given is not None
+            width = self.prob_sum.shape[1]
+            hit = topk_idx == given[:, None]  # the given label's slot holds p_given
+            values = np.where(hit, p_given[:, None], probs).reshape(-1)
+            flat = (li[:, None] * width + topk_idx).reshape(-1)
+            miss = ~hit.any(axis=1)
+            flat_given = li[miss] * width + given[miss]
+            cells = self.prob_sum.reshape(-1)
+            if once:  # a class named twice in a row counts once, as in a dense row
+                cells[flat] += values
+                cells[flat_given] += p_given[miss]
+            else:
+                np.add.at(cells, flat, values)
+                np.add.at(cells, flat_given, p_given[miss])
+        if once:
+            self.votes[li, pred] += 1
+        else:
+            np.add.at(self.votes, (li, pred), 1)
+
+
+def aggregate(n_images: int, labels: np.ndarray, frames: Iterable[pd.DataFrame],
               num_classes: int) -> dict[str, np.ndarray]:
-    """Per-image vote counts, mean probabilities and prediction counts."""
-    votes = np.zeros((n_images, num_classes), dtype=np.int32)
-    prob_sum = np.zeros((n_images, num_classes), dtype=np.float64)
+    """Per-image vote counts, mean probabilities and prediction counts of in-memory frames
+    (`id`, `pred`, `probs` of every class), all images at once."""
+    pool = _Pool(0, n_images, num_classes)
     for df in frames:
-        ids = df["id"].to_numpy()
-        np.add.at(votes, (ids, df["pred"].to_numpy()), 1)
-        np.add.at(prob_sum, ids, np.stack(df["probs"].to_numpy()))
-    num_preds = votes.sum(1)
+        pool.add(df["id"].to_numpy(), df["pred"].to_numpy(), np.stack(df["probs"].to_numpy()))
+    num_preds = pool.votes.sum(1, dtype=np.int64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean_probs = prob_sum / num_preds[:, None]
-    return {"votes": votes, "mean_probs": mean_probs, "num_preds": num_preds}
+        mean_probs = pool.prob_sum / num_preds[:, None]
+    return {"votes": pool.votes, "mean_probs": mean_probs, "num_preds": num_preds}
+
+
+# --- scoring ------------------------------------------------------------------------------
+
+def _vote_scores(labels: np.ndarray, votes: np.ndarray, safe_probs: np.ndarray,
+                 num_preds: np.ndarray) -> dict[str, np.ndarray]:
+    """Row by row: corrected label, vote share, label quality and the suggested label's
+    probability, from vote counts and mean probabilities (0 where there is no prediction)."""
+    n = len(labels)
+    predicted = num_preds > 0
+    # Majority vote; ties broken by the mean probability (tiny weight, below one vote).
+    corrected = np.argmax(votes + safe_probs * 1e-3, axis=1)
+    corrected[~predicted] = labels[~predicted]
+    rows = np.arange(n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pct = np.where(predicted, votes[rows, corrected] / num_preds * 100, np.nan)
+    quality = np.where(predicted, safe_probs[rows, labels], np.nan)
+    suggested_quality = np.where(predicted, safe_probs[rows, corrected], np.nan)
+    return {"corrected": corrected, "pct": pct, "quality": quality,
+            "suggested_quality": suggested_quality}
+
+
+def _scaled(probs: np.ndarray) -> np.ndarray:
+    """Rows scaled to sum to 1."""
+    return probs / probs.sum(1, keepdims=True).clip(min=1e-12)
 
 
 def score(labels: np.ndarray, votes: np.ndarray, mean_probs: np.ndarray,
           num_preds: np.ndarray, max_label_quality: float = 1.0) -> dict[str, np.ndarray]:
-    """corrected label, vote share, label quality and the label-issue flag per image."""
-    n = len(labels)
+    """corrected label, vote share, label quality and the label-issue flag per image (every
+    image at once, in memory)."""
     predicted = num_preds > 0
-    # Majority vote; ties broken by the mean probability (tiny weight, below one vote).
     safe_probs = np.nan_to_num(mean_probs, nan=0.0)
-    corrected = np.argmax(votes + safe_probs * 1e-3, axis=1)
-    corrected[~predicted] = labels[~predicted]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        pct = np.where(predicted, votes[np.arange(n), corrected] / num_preds * 100, np.nan)
-    quality = np.where(predicted, safe_probs[np.arange(n), labels], np.nan)
-    suggested_quality = np.where(predicted, safe_probs[np.arange(n), corrected], np.nan)
-    flagged = np.zeros(n, dtype=bool)
+    s = _vote_scores(labels, votes, safe_probs, num_preds)
+    flagged = np.zeros(len(labels), dtype=bool)
     if predicted.sum() > 0:
-        sub_labels, sub_probs = labels[predicted], safe_probs[predicted]
-        sub_probs = sub_probs / sub_probs.sum(1, keepdims=True).clip(min=1e-12)
-        flagged[predicted] = cleanlab_filter(sub_labels, sub_probs)
-    flagged |= confident_vote(pct, num_preds, suggested_quality)
-    flagged &= (corrected != labels) & (np.nan_to_num(quality, nan=1.0) < max_label_quality)
-    return {"corrected": corrected, "pct": pct, "quality": quality,
-            "suggested_quality": suggested_quality, "flagged": flagged}
+        flagged[predicted] = _cleanlab_flags(labels[predicted], _scaled(safe_probs[predicted]))
+    vote, disagree = _flag_parts(s, labels, num_preds, max_label_quality)
+    s["flagged"] = (flagged | vote) & disagree
+    return s
 
 
 def confident_vote(pct: np.ndarray, num_preds: np.ndarray,
@@ -97,6 +225,13 @@ def confident_vote(pct: np.ndarray, num_preds: np.ndarray,
     a mean probability above `CONFIDENT_VOTE`."""
     return ((np.nan_to_num(pct, nan=0.0) == 100) & (num_preds >= 2)
             & (np.nan_to_num(suggested_quality, nan=0.0) > CONFIDENT_VOTE))
+
+
+def _cleanlab_flags(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """cleanlab's filter on predicted images; none flagged with fewer than two classes."""
+    if len(np.unique(labels)) < 2:
+        return np.zeros(len(labels), dtype=bool)
+    return cleanlab_filter(labels, probs)
 
 
 def cleanlab_filter(labels: np.ndarray, probs: np.ndarray,
@@ -111,12 +246,6 @@ def cleanlab_filter(labels: np.ndarray, probs: np.ndarray,
     sub = probs[:, present]
     sub = sub / sub.sum(1, keepdims=True).clip(min=1e-12)
     return find_label_issues(remap[labels], sub, filter_by=filter_by, n_jobs=1)
-
-
-def _votes_text(row_votes: np.ndarray, classes: list[str]) -> str:
-    nz = np.flatnonzero(row_votes)
-    order = nz[np.argsort(-row_votes[nz], kind="stable")]
-    return ";".join(f"{classes[i]}:{row_votes[i]}" for i in order)
 
 
 def too_few_predictions(num_preds: np.ndarray, cfg: AuditConfig) -> str | None:
@@ -134,61 +263,570 @@ def too_few_predictions(num_preds: np.ndarray, cfg: AuditConfig) -> str | None:
             f"raise {more} or lower min_preds")
 
 
+class _BatchedFilter:
+    """`_confident_learning` (cleanlab's `find_label_issues(filter_by="low_self_confidence")`
+    over the present classes) in passes over batches of images, with cleanlab's arithmetic on
+    the same numbers, so the flags are the same: per class the mean self-confidence as the
+    threshold (pass 1, `self_confidence`), then per image whether cleanlab's
+    `num_label_issues` counts it (pass 2, `count`), then the lowest self-confidences overall,
+    as many as counted (`flags`)."""
+
+    def __init__(self, present: np.ndarray, num_classes: int) -> None:
+        self.present = present
+        self.all_present = len(present) == num_classes
+        self.remap = np.full(num_classes, -1)
+        self.remap[present] = np.arange(len(present))
+        self.thresholds: np.ndarray | None = None
+
+    def scaled(self, probs: np.ndarray) -> np.ndarray:
+        """`_confident_learning`'s input: over the present classes, rows scaled to sum 1."""
+        sub = probs if self.all_present else probs[:, self.present]
+        return sub / sub.sum(1, keepdims=True).clip(min=1e-12)
+
+    def self_confidence(self, labels: np.ndarray, sub: np.ndarray) -> np.ndarray:
+        """Per image, the probability of its given label in `sub` (from `scaled`): cleanlab's
+        score."""
+        return sub[np.arange(len(labels)), self.remap[labels]]
+
+    def set_thresholds(self, labels: np.ndarray, self_conf: np.ndarray) -> None:
+        """cleanlab's confident thresholds: per class the mean self-confidence (every image's,
+        in image order), clipped from below."""
+        lab = self.remap[labels]
+        order = np.argsort(lab, kind="stable")
+        bounds = np.searchsorted(lab[order], np.arange(len(self.present) + 1))
+        means = [np.mean(self_conf[order[a:b]]) for a, b in itertools.pairwise(bounds)]
+        self.thresholds = np.clip(means, a_min=_CL_THRESHOLD_FLOOR, a_max=None)
+
+    def count(self, labels: np.ndarray, sub: np.ndarray) -> np.ndarray:
+        """Per image of `sub` (from `scaled`; changed here): counted by cleanlab's
+        `num_label_issues` (an off-diagonal entry of the confident joint, and the prediction
+        not within a hair of the given label)."""
+        assert self.thresholds is not None
+        lab = self.remap[labels]
+        confident = sub >= self.thresholds - 1e-6
+        n_confident = confident.sum(axis=1)
+        guess = np.where(n_confident > 1, sub.argmax(axis=1), confident.argmax(axis=1))
+        off_diagonal = (n_confident > 0) & (guess != lab)
+        rows = np.arange(len(lab))
+        sub[rows, lab] += _CL_EPSILON
+        return off_diagonal & (sub.argmax(axis=1) != lab)
+
+    @staticmethod
+    def flags(self_conf: np.ndarray, counted: int) -> np.ndarray:
+        """The `counted` lowest self-confidences (cleanlab's ranking, ties as cleanlab's)."""
+        flags = np.zeros(len(self_conf), dtype=bool)
+        flags[np.argsort(self_conf)[:counted]] = True
+        return flags
+
+
+# --- text columns -------------------------------------------------------------------------
+
+def _votes_text(votes: np.ndarray, classes: pa.Array) -> pa.Array:
+    """Per image (row of vote counts): `class:count` for each class voted for, most votes
+    first (ties in class order), joined by `;`; empty without votes."""
+    rows, cols = np.nonzero(votes)
+    counts = votes[rows, cols].astype(np.int64)
+    order = np.lexsort((cols, -counts, rows))
+    rows, cols, counts = rows[order], cols[order], counts[order]
+    tokens = pc.binary_join_element_wise(classes.take(pa.array(cols)),
+                                         pc.cast(pa.array(counts), pa.string()), ":")
+    offsets = np.zeros(len(votes) + 1, dtype=np.int32)
+    np.cumsum(np.bincount(rows, minlength=len(votes)), out=offsets[1:])
+    return pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets), tokens), ";")
+
+
+def _csv_quote(value: str) -> str:
+    """One field as Python's csv writer (pandas' `to_csv`) writes it."""
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow([value])
+    return buf.getvalue()[:-1]
+
+
+_CSV_SPECIAL = re.compile(rb'[,"\r\n]')
+
+
+def _csv_strings(arr: pa.Array) -> pa.Array:
+    """A string column as CSV fields: quoted where the csv module quotes (rare rows)."""
+    data = arr.buffers()[2]
+    if data is None or not _CSV_SPECIAL.search(memoryview(data)):
+        return arr  # no byte anywhere that could need quoting
+    special = pc.match_substring_regex(arr, r'[,"\r\n]')
+    if not pc.any(special).as_py():
+        return arr
+    quoted = [_csv_quote(v) for v in pc.filter(arr, special).to_pylist()]
+    return pc.replace_with_mask(arr, special, pa.array(quoted, arr.type))
+
+
+def _csv_floats(x: np.ndarray) -> pa.Array:
+    """Floats as pandas' `to_csv` writes them (numpy's repr; empty for NaN): Arrow's
+    shortest round-trip text where the two agree (0 and 1e-4 <= |x| < 1e6, with `.0` on
+    whole numbers), numpy's own for the rest."""
+    text = pc.cast(pa.array(x), pa.string())
+    ax = np.abs(x)
+    plain = (x == 0) | ((ax >= 1e-4) & (ax < 1e6))
+    whole = plain & (np.floor(x) == x)
+    if whole.any():
+        text = pc.if_else(pa.array(whole), pc.binary_join_element_wise(text, ".0", ""), text)
+    other = ~plain & ~np.isnan(x)
+    if other.any():
+        text = pc.replace_with_mask(text, pa.array(other),
+                                    pa.array(x[other].astype(str).tolist(), pa.string()))
+    nan = np.isnan(x)
+    if nan.any():
+        text = pc.if_else(pa.array(nan), "", text)
+    return text
+
+
+def _csv_bytes(table: pa.Table) -> memoryview:
+    """The CSV lines (no header) of a results table, as pandas' `to_csv` writes them."""
+    fields = []
+    for name in RESULT_COLUMNS:
+        col = table.column(name).combine_chunks()
+        if pa.types.is_floating(col.type):
+            fields.append(_csv_floats(col.to_numpy(zero_copy_only=False)))
+        elif pa.types.is_boolean(col.type):
+            fields.append(pc.if_else(col, "True", "False"))
+        elif pa.types.is_integer(col.type):
+            fields.append(pc.cast(col, pa.string()))
+        else:
+            fields.append(_csv_strings(col))
+    fields = [f.cast(pa.large_string()) for f in fields]
+    comma, empty, newline = (pa.scalar(t, pa.large_string()) for t in (",", "", "\n"))
+    lines = pc.binary_join_element_wise(pc.binary_join_element_wise(*fields, comma), empty,
+                                        newline)
+    offsets = np.frombuffer(lines.buffers()[1], dtype=np.int64)
+    start, end = offsets[lines.offset], offsets[lines.offset + len(lines)]
+    return memoryview(lines.buffers()[2])[start:end]
+
+
+# --- spilling -----------------------------------------------------------------------------
+
+class _Spill:
+    """Arrow tables routed to numbered parts and read back per part in the order added: kept
+    in memory for a single part, written to Arrow IPC files under `folder` otherwise."""
+
+    def __init__(self, parts: int, folder: Path) -> None:
+        self.parts, self.folder = parts, folder
+        self._memory: list[pa.Table] = []
+        self._writers: dict[int, Any] = {}
+
+    def add(self, part: int, table: pa.Table) -> None:
+        if self.parts == 1:
+            self._memory.append(table)
+            return
+        if part not in self._writers:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._writers[part] = pa.ipc.new_stream(str(self.folder / f"{part}.arrow"),
+                                                    table.schema)
+        self._writers[part].write_table(table)
+
+    def route(self, table: pa.Table, part_of: np.ndarray) -> None:
+        """Add each row of `table` to part `part_of[row]`."""
+        if self.parts == 1:
+            self.add(0, table)
+            return
+        order = None if np.all(part_of[:-1] <= part_of[1:]) else np.argsort(part_of,
+                                                                             kind="stable")
+        if order is not None:
+            table, part_of = table.take(pa.array(order)), part_of[order]
+        bounds = np.searchsorted(part_of, np.arange(self.parts + 1))
+        for part in np.flatnonzero(np.diff(bounds)):
+            self.add(int(part), table.slice(bounds[part], bounds[part + 1] - bounds[part]))
+
+    def read(self, part: int, keep: bool = False) -> Iterator[pa.Table]:
+        """The tables of one part, in the order added; its file is removed after reading
+        unless `keep`."""
+        if self.parts == 1:
+            yield from self._memory
+            if not keep:
+                self._memory = []
+            return
+        writer = self._writers.pop(part, None)
+        if writer is not None:
+            writer.close()
+        path = self.folder / f"{part}.arrow"
+        if not path.exists():
+            return
+        with pa.OSFile(str(path)) as f:
+            for batch in pa.ipc.open_stream(f):
+                yield pa.Table.from_batches([batch])
+        if not keep:
+            path.unlink()
+
+    def close(self) -> None:
+        for writer in self._writers.values():
+            writer.close()
+        self._writers.clear()
+
+
+# --- the merge ----------------------------------------------------------------------------
+
+def _read_manifest(run: str) -> tuple[pq.ParquetFile, list[str]]:
+    """The run's manifest (read lazily, by columns) and class names."""
+    uri = storage.join(run, "manifest.parquet")
+    if not storage.exists(uri):
+        raise DatasetError(f"no manifest at {uri}; run the index step first")
+    classes = json.loads(storage.read_text(storage.join(run, "classes.json")))
+    return pq.ParquetFile(storage.local_path(uri)), classes
+
+
+def _hash_batches(manifest: pq.ParquetFile) -> Iterator[pa.RecordBatch]:
+    return manifest.iter_batches(batch_size=1 << 18, columns=FINGERPRINT_COLUMNS)
+
+
+def bucket_size(n_images: int, num_classes: int, memory_gb: float,
+                key_bytes: int = 0) -> int:
+    """Images per bucket for a merge within `memory_gb` (`key_bytes`: the manifest's file
+    names and labels, held throughout): at least one, at most `MAX_BUCKETS` buckets."""
+    room = memory_gb * (1 << 30) - BASE_BYTES - n_images * IMAGE_BYTES - key_bytes
+    per_image = num_classes * BUCKET_CELL_BYTES + BUCKET_IMAGE_BYTES
+    if num_classes > FULL_PROBS_MAX_CLASSES:
+        per_image += TOPK_IMAGE_BYTES
+    size = max(1, int(room // per_image), math.ceil(n_images / MAX_BUCKETS))
+    return min(size, max(1, n_images))
+
+
+class _ResultsWriter:
+    """results.csv and predictions.parquet under `folder`, written chunk by chunk in order."""
+
+    def __init__(self, folder: Path) -> None:
+        self.csv_path = folder / "results.csv"
+        self.parquet_path = folder / "predictions.parquet"
+        self._csv = self.csv_path.open("wb")
+        self._csv.write((",".join(RESULT_COLUMNS) + "\n").encode())
+        self._parquet: pq.ParquetWriter | None = None
+
+    def write(self, table: pa.Table) -> None:
+        if self._parquet is None:
+            self._parquet = pq.ParquetWriter(str(self.parquet_path), table.schema,
+                                             use_dictionary=["label", "corrected_label"])
+        for start in range(0, table.num_rows, WRITE_ROWS):
+            part = table.slice(start, WRITE_ROWS)
+            self._csv.write(_csv_bytes(part))
+            self._parquet.write_table(part)
+
+    def close(self) -> None:
+        self._csv.close()
+        if self._parquet is not None:
+            self._parquet.close()
+
+
+class _Merge:
+    """The state of one merge: the manifest's columns, the bucket layout and what is kept
+    per image between the passes."""
+
+    def __init__(self, run: str) -> None:
+        self.run = run
+        self.cfg = runs.read_config(run)
+        manifest, self.classes = _read_manifest(run)
+        self.base = fingerprint_base(self.cfg, _hash_batches(manifest))  # once per merge
+        table = manifest.read(columns=["id", "key", "label", "label_idx"])
+        self.n, self.k = table.num_rows, len(self.classes)
+        if not np.array_equal(table.column("id").to_numpy(), np.arange(self.n)):
+            raise DatasetError(f"{run}: manifest ids are not 0..{self.n - 1} in order; "
+                               "re-run the index step")
+        self.keys = table.column("key").combine_chunks()
+        self.label_names = table.column("label").combine_chunks()
+        self.labels = table.column("label_idx").to_numpy().astype(np.int64)
+        del table
+        self.class_names = pa.array(self.classes, pa.string())
+        self.size = bucket_size(self.n, self.k, self.cfg.merge_memory_gb,
+                                self.keys.nbytes + self.label_names.nbytes)
+        starts = list(range(0, self.n, self.size))
+        self.buckets = list(zip(starts, [*starts[1:], self.n], strict=True))
+        self.dense_out = self.k <= FULL_PROBS_MAX_CLASSES
+        self.num_preds = np.zeros(self.n, dtype=np.int64)
+        self.found, self.missing = 0, []
+        self._workspace: _Pool | None = None
+        self.in_memory_pool: _Pool | None = None
+        # Per image, set bucket by bucket: what the flags and the sort order need.
+        self.quality = np.full(self.n, np.nan)
+        self.vote_flag = np.zeros(self.n, dtype=bool)
+        self.disagree = np.zeros(self.n, dtype=bool)
+
+    @property
+    def in_memory(self) -> bool:
+        return len(self.buckets) == 1
+
+    # pass 0 ---------------------------------------------------------------------------
+    def read_shards(self, spill: _Spill) -> None:
+        """Stream the shards once: count predictions per image and pool every row (in
+        memory) or spill it to its bucket."""
+        pool = self.in_memory_pool = _Pool(0, self.n, self.k) if self.in_memory else None
+        for spec, table in read_shards(self.run, plan_repeats(self.cfg), self.base):
+            if table is None:
+                self.missing.append(spec.repeat)
+                continue
+            table = table.select([c for c in table.column_names if c != "repeat"])
+            rows = shard_rows(table, self.k, self.n, runs.shard_uri(self.run, spec.repeat))
+            self.num_preds += np.bincount(rows.ids, minlength=self.n)
+            if pool is not None:
+                pool.add(rows.ids, rows.pred, rows.probs, rows.topk_idx, rows.given,
+                         rows.p_given)
+            else:
+                spill.route(table.replace_schema_metadata(None), rows.ids // self.size)
+            self.found += 1
+
+    def pool(self, spill: _Spill, b: int) -> _Pool:
+        """The workspace of bucket `b`: in memory the one pooled while reading (it serves
+        every pass), else rebuilt from the bucket's spilled shard rows."""
+        if self.in_memory_pool is not None:
+            return self.in_memory_pool
+        lo, hi = self.buckets[b]
+        if self._workspace is None:
+            self._workspace = _Pool(0, self.size, self.k)
+        pool = _Pool(lo, hi, self.k, reuse=self._workspace)
+        for table in spill.read(b, keep=True):
+            rows = shard_rows(table, self.k, self.n, f"spill of bucket {b}")
+            pool.add(rows.ids, rows.pred, rows.probs, rows.topk_idx, rows.given, rows.p_given)
+        return pool
+
+    def _chunks(self, pool: _Pool) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(a, b, means) for row chunks a..b of a workspace, whose probability sums are turned
+        into means in place on the first pass: `prob_sum / num_preds`, NaN where there is
+        no prediction (seen by the caller first), then 0."""
+        step = max(1, CHUNK_CELLS // self.k)
+        npred = self.num_preds[pool.lo:pool.hi]
+        for a in range(0, pool.hi - pool.lo, step):
+            b = min(a + step, pool.hi - pool.lo)
+            means = pool.prob_sum[a:b]
+            if not pool.means:
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    np.divide(means, npred[a:b, None], out=means)
+            yield a, b, means
+            if not pool.means:
+                _zero_nan(means)
+        pool.means = True
+
+    # pass 1 ---------------------------------------------------------------------------
+    def score_bucket(self, pool: _Pool, filt: _BatchedFilter,
+                     keep: Path | None) -> tuple[pa.Table, np.ndarray]:
+        """The result columns (all but `is_label_issue`) of one bucket's images and the
+        self-confidences of its predicted images (for cleanlab's filter); sets the bucket's
+        parts of the per-image flags. `keep`: a file for the probabilities cleanlab's filter
+        reads in pass 2."""
+        lo, hi = pool.lo, pool.hi
+        lab, npred = self.labels[lo:hi], self.num_preds[lo:hi]
+        predicted = npred > 0
+        s = {key: np.empty(hi - lo) for key in ("pct", "quality", "suggested_quality")}
+        s["corrected"] = np.empty(hi - lo, dtype=np.int64)
+        if self.dense_out:
+            out = np.empty((hi - lo, self.k), dtype=np.float32)
+        else:
+            out_idx = np.empty((hi - lo, TOP_K), dtype=np.int32)
+            out = np.empty((hi - lo, TOP_K), dtype=np.float32)
+        self_conf = np.empty(int(predicted.sum()))
+        done = 0
+        for a, b, means in self._chunks(pool):
+            if self.dense_out:
+                out[a:b] = means  # NaN rows where there is no prediction
+            if not self.dense_out:
+                out_idx[a:b], out[a:b] = _top_classes(means, npred[a:b] > 0)
+            for key, value in _vote_scores(lab[a:b], pool.votes[a:b], means,
+                                           npred[a:b]).items():
+                s[key][a:b] = value
+            p = predicted[a:b]
+            sub = filt.scaled(_scaled(means[p]))
+            self_conf[done:done + len(sub)] = filt.self_confidence(lab[a:b][p], sub)
+            done += len(sub)
+            if keep is not None:
+                with keep.open("ab") as f:
+                    f.write(sub.tobytes())
+        self.vote_flag[lo:hi], self.disagree[lo:hi] = _flag_parts(
+            s, lab, npred, self.cfg.max_label_quality)
+        quality = np.round(s["quality"], 5)
+        self.quality[lo:hi] = quality
+        columns = {
+            "filename": self.keys.slice(lo, hi - lo),
+            "label": self.label_names.slice(lo, hi - lo),
+            "corrected_label": self.class_names.take(pa.array(s["corrected"])),
+            "num_preds": pa.array(npred),
+            "%": pa.array(np.round(s["pct"], 2)),
+            "label_quality": pa.array(quality),
+            "suggested_quality": pa.array(np.round(s["suggested_quality"], 5)),
+            "votes": _votes_text(pool.votes, self.class_names),
+            "id": pa.array(np.arange(lo, hi)),
+        }
+        if self.dense_out:
+            columns["mean_probs"] = _list_array(out)
+        else:
+            columns["topk_idx"], columns["topk_prob"] = _list_array(out_idx), _list_array(out)
+        return pa.table(columns), self_conf
+
+    # pass 2 (bucketed) ----------------------------------------------------------------
+    def count_bucket(self, spill: _Spill, b: int, filt: _BatchedFilter,
+                     kept: Path | None) -> int:
+        """How many of bucket `b`'s images cleanlab's `num_label_issues` counts, from the
+        probabilities pass 1 kept, or from the workspace."""
+        lo, hi = self.buckets[b]
+        lab, npred = self.labels[lo:hi], self.num_preds[lo:hi]
+        counted = 0
+        if kept is None:
+            pool = self.pool(spill, b)
+            for a, z, means in self._chunks(pool):
+                p = npred[a:z] > 0
+                counted += int(filt.count(lab[a:z][p], filt.scaled(_scaled(means[p]))).sum())
+            return counted
+        lab = lab[npred > 0]
+        width = len(filt.present)
+        step = max(1, CHUNK_CELLS // width)
+        with kept.open("rb") as f:
+            for a in range(0, len(lab), step):
+                rows = lab[a:a + step]
+                sub = np.fromfile(f, count=len(rows) * width).reshape(len(rows), width)
+                counted += int(filt.count(rows, sub).sum())
+        kept.unlink()
+        return counted
+
+    def order(self, flags: np.ndarray) -> np.ndarray:
+        """Row order of the results: `sort_most_suspicious` on the per-image keys."""
+        keys = self.keys
+        if len(keys) > 1 and not pc.all(pc.less(keys.slice(0, len(keys) - 1),
+                                               keys.slice(1))).as_py():
+            rank = np.empty(self.n, dtype=np.int64)
+            rank[pc.sort_indices(keys).to_numpy()] = np.arange(self.n)
+        else:
+            rank = np.arange(self.n)  # the index writes the manifest sorted by key
+        return np.lexsort((rank, np.where(np.isnan(self.quality), 2.0, self.quality), ~flags))
+
+
+def _zero_nan(means: np.ndarray) -> None:
+    """NaN (no prediction) to 0, in place: `np.nan_to_num` for probabilities."""
+    np.copyto(means, 0.0, where=np.isnan(means))
+
+
+def _top_classes(means: np.ndarray, predicted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row the `TOP_K` classes of highest mean probability, highest first (NaN
+    probabilities where there is no prediction)."""
+    part = np.argpartition(-means, TOP_K - 1, axis=1)[:, :TOP_K]
+    order = np.argsort(-np.take_along_axis(means, part, 1), axis=1, kind="stable")
+    idx = np.take_along_axis(part, order, 1)
+    probs = np.take_along_axis(means, idx, 1).astype(np.float32)
+    probs[~predicted] = np.nan
+    return idx, probs
+
+
+def _list_array(matrix: np.ndarray) -> pa.Array:
+    """A rows x width matrix as an Arrow list column."""
+    offsets = np.arange(0, matrix.size + 1, max(1, matrix.shape[1]), dtype=np.int64)
+    if matrix.shape[1] == 0:
+        offsets = np.zeros(len(matrix) + 1, dtype=np.int64)
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)),
+                                    pa.array(matrix.reshape(-1)))
+
+
+def _flag_parts(s: dict[str, np.ndarray], labels: np.ndarray, num_preds: np.ndarray,
+                max_label_quality: float) -> tuple[np.ndarray, np.ndarray]:
+    """Row by row: (a confident vote, a vote for another class with low enough quality); an
+    image is flagged when (cleanlab's flag OR the first) AND the second."""
+    return (confident_vote(s["pct"], num_preds, s["suggested_quality"]),
+            (s["corrected"] != labels)
+            & (np.nan_to_num(s["quality"], nan=1.0) < max_label_quality))
+
+
 def merge_run(run: str) -> str:
     """Merge the shards of a run into predictions.parquet and results.csv; returns the
     results URI. Raises MissingShardsError when coverage is below `min_coverage`."""
-    cfg = runs.read_config(run)
-    manifest, classes = read_manifest(run)
-    labels = manifest["label_idx"].to_numpy(np.int64)
-    _, frames, missing = read_shards(run, cfg, manifest, len(classes))
-    planned = np.zeros(len(manifest), dtype=bool)
+    m = _Merge(run)
+    cfg = m.cfg
+    planned = planned_test(cfg, m.labels)
     specs = plan_repeats(cfg)
-    for spec in specs:
-        planned[split_for_repeat(cfg, spec, labels).test] = True
-    agg = aggregate(len(manifest), labels, frames, len(classes))
-    covered = (agg["num_preds"] > 0) & planned
-    coverage = covered.sum() / max(1, planned.sum())
-    if missing:
-        log.warning("missing shards for repeats %s (%d of %d)", missing, len(missing), len(specs))
-    if coverage < cfg.min_coverage or not frames:
-        raise MissingShardsError(
-            f"only {coverage:.1%} of images have a prediction (min_coverage "
-            f"{cfg.min_coverage:.0%}); missing repeats: {missing}. Re-run those repeats "
-            f"(python -m tasks.train --run {run} --repeat N) and merge again", missing)
-    if why := too_few_predictions(agg["num_preds"], cfg):
-        log.warning("%s", why)
-    s = score(labels, agg["votes"], agg["mean_probs"], agg["num_preds"], cfg.max_label_quality)
-    cls = np.asarray(classes, dtype=object)
-    results = pd.DataFrame({
-        "filename": manifest["key"],
-        "label": manifest["label"],
-        "corrected_label": cls[s["corrected"]],
-        "num_preds": agg["num_preds"],
-        "%": np.round(s["pct"], 2),
-        "label_quality": np.round(s["quality"], 5),
-        "is_label_issue": s["flagged"],
-        "suggested_quality": np.round(s["suggested_quality"], 5),
-        "votes": [_votes_text(v, classes) for v in agg["votes"]],
-        "id": manifest["id"],
-    })
-    results = sort_most_suspicious(results)
-    out = runs.results_uri(run)
-    csv = results.to_csv(index=False)
-    storage.write_text(out, csv)
-    if cfg.results_path:  # a copy, and beside it the run it came from (relabel reads it)
-        storage.write_text(cfg.results_path, csv)
-        storage.write_text(run_sidecar_uri(cfg.results_path), json.dumps({"run": run}) + "\n")
-    preds = results.assign(mean_probs=list(agg["mean_probs"][results["id"].to_numpy()]
-                                          .astype(np.float32)))
-    buf = io.BytesIO()
-    preds.to_parquet(buf, index=False)
-    storage.write_bytes(storage.join(run, "predictions.parquet"), buf.getvalue())
+    log.info("merge: %d images x %d classes in %d bucket(s) of up to %d images "
+             "(merge_memory_gb %g)", m.n, m.k, len(m.buckets), m.size, cfg.merge_memory_gb)
+    with tempfile.TemporaryDirectory(prefix="acl-merge-") as tmp:
+        shards = _Spill(len(m.buckets), Path(tmp, "shards"))
+        m.read_shards(shards)
+        missing = m.missing
+        covered = (m.num_preds > 0) & planned
+        coverage = covered.sum() / max(1, planned.sum())
+        if missing:
+            log.warning("missing shards for repeats %s (%d of %d)", missing, len(missing),
+                        len(specs))
+        if coverage < cfg.min_coverage or not m.found:
+            shards.close()
+            raise MissingShardsError(
+                f"only {coverage:.1%} of images have a prediction (min_coverage "
+                f"{cfg.min_coverage:.0%}); missing repeats: {missing}. Re-run those repeats "
+                f"(python -m tasks.train --run {run} --repeat N) and merge again", missing)
+        if why := too_few_predictions(m.num_preds, cfg):
+            log.warning("%s", why)
+        predicted = m.num_preds > 0
+        results = _Spill(len(m.buckets), Path(tmp, "results"))
+        filt = _BatchedFilter(np.unique(m.labels[predicted]), m.k)
+        # Bucketed, pass 2 reads what pass 1 kept of each bucket, unless rebuilding the
+        # bucket reads less (top-k shards against the dense probabilities of many classes).
+        kept = [None if m.in_memory or m.k > FULL_PROBS_MAX_CLASSES else Path(tmp, f"{b}.f64")
+                for b in range(len(m.buckets))]
+        self_conf = []
+        for b in range(len(m.buckets)):
+            table, conf = m.score_bucket(m.pool(shards, b), filt, kept[b])
+            results.add(b, table)
+            self_conf.append(conf)
+        conf_all = np.concatenate(self_conf)
+        if all(k is not None for k in kept):
+            m._workspace = None  # pass 2 reads the kept probabilities only
+        cleanlab = np.zeros(m.n, dtype=bool)
+        if len(filt.present) >= 2:
+            filt.set_thresholds(m.labels[predicted], conf_all)
+            counted = sum(m.count_bucket(shards, b, filt, kept[b])
+                          for b in range(len(m.buckets)))
+            cleanlab[predicted] = filt.flags(conf_all, counted)
+        del conf_all, self_conf
+        m.in_memory_pool = m._workspace = None
+        pa.default_memory_pool().release_unused()  # Arrow keeps freed memory otherwise
+        shards.close()
+        flags = (cleanlab | m.vote_flag) & m.disagree
+        writer = _ResultsWriter(Path(tmp))
+        _write_sorted(m, results, flags, Path(tmp, "sorted"), writer)
+        writer.close()
+        out = runs.results_uri(run)
+        storage.write_file(storage.join(run, "predictions.parquet"), writer.parquet_path)
+        storage.write_file(out, writer.csv_path)
+        if cfg.results_path:  # a copy, and beside it the run it came from (relabel reads it)
+            storage.write_file(cfg.results_path, writer.csv_path)
+            storage.write_text(run_sidecar_uri(cfg.results_path),
+                               json.dumps({"run": run}) + "\n")
     log.info("merged %d shards (%d missing): %d images, %d with a prediction (%.1f%% of all "
              "images, %.1f%% of the %d the plan holds out), %d flagged as label issues; "
-             "wrote %s", len(frames), len(missing), len(results), int(covered.sum()),
-             100 * covered.sum() / max(1, len(results)), 100 * coverage, int(planned.sum()),
-             int(s["flagged"].sum()), out)
+             "wrote %s", m.found, len(missing), m.n, int(covered.sum()),
+             100 * covered.sum() / max(1, m.n), 100 * coverage, int(planned.sum()),
+             int(flags.sum()), out)
     return out
+
+
+def _write_sorted(m: _Merge, results: _Spill, flags: np.ndarray, folder: Path,
+                  writer: _ResultsWriter) -> None:
+    """Write the result rows most suspicious first: from memory, or (bucketed) by routing
+    each bucket's rows to parts of the output order and sorting each part."""
+    order = m.order(flags)
+
+    def with_flags(table: pa.Table) -> pa.Table:
+        ids = table.column("id").to_numpy()
+        return table.add_column(RESULT_COLUMNS.index("is_label_issue"), "is_label_issue",
+                                pa.array(flags[ids]))
+
+    if m.in_memory:
+        table = with_flags(pa.concat_tables(list(results.read(0))))
+        for start in range(0, m.n, WRITE_ROWS):
+            writer.write(table.take(pa.array(order[start:start + WRITE_ROWS])))
+        return
+    position = np.empty(m.n, dtype=np.int64)
+    position[order] = np.arange(m.n)
+    parts = _Spill(len(m.buckets), folder)
+    for b in range(len(m.buckets)):
+        for table in results.read(b):
+            for start in range(0, table.num_rows, WRITE_ROWS):
+                chunk = with_flags(table.slice(start, WRITE_ROWS))
+                pos = position[chunk.column("id").to_numpy()]
+                parts.route(chunk.append_column("_pos", pa.array(pos)), pos // m.size)
+    for part in range(len(m.buckets)):
+        table = pa.concat_tables(list(parts.read(part))).combine_chunks()
+        rows = np.argsort(table.column("_pos").to_numpy())
+        table = table.drop_columns(["_pos"])
+        for start in range(0, len(rows), WRITE_ROWS):
+            writer.write(table.take(pa.array(rows[start:start + WRITE_ROWS])))
+        del table
+        pa.default_memory_pool().release_unused()
 
 
 def sort_most_suspicious(results: pd.DataFrame) -> pd.DataFrame:

@@ -64,13 +64,32 @@ def _stratified_folds(labels: np.ndarray, k: int, rng: np.random.Generator) -> n
     return fold_of
 
 
+def _round_folds(cfg: AuditConfig, round_: int, labels: np.ndarray) -> np.ndarray:
+    """Fold number per row in round `round_` of the `rounds` strategy."""
+    return _stratified_folds(labels, cfg.folds, np.random.default_rng([cfg.seed, round_]))
+
+
+def planned_test(cfg: AuditConfig, labels: np.ndarray) -> np.ndarray:
+    """True for each row that some repeat of the plan predicts: the union of the test parts
+    of `split_for_repeat` over `plan_repeats`, computed once per round."""
+    planned = np.zeros(len(labels), dtype=bool)
+    specs = plan_repeats(cfg)
+    if cfg.split_strategy == "rounds":
+        for round_ in sorted({s.round for s in specs}):
+            folds = [s.fold for s in specs if s.round == round_]
+            planned |= np.isin(_round_folds(cfg, round_, labels), folds)
+    else:
+        for spec in specs:
+            planned[split_for_repeat(cfg, spec, labels).test] = True
+    return planned
+
+
 def split_for_repeat(cfg: AuditConfig, spec: RepeatSpec, labels: np.ndarray) -> Split:
     """Train/val/test row positions for one repeat, deterministic from the seed."""
     n = len(labels)
     n_val = round(cfg.val_split * n)
     if cfg.split_strategy == "rounds":
-        rng = np.random.default_rng([cfg.seed, spec.round])
-        fold_of = _stratified_folds(labels, cfg.folds, rng)
+        fold_of = _round_folds(cfg, spec.round, labels)
         test = np.flatnonzero(fold_of == spec.fold)
         rest = np.flatnonzero(fold_of != spec.fold)
         rest = np.random.default_rng([cfg.seed, spec.round, spec.fold, 1]).permutation(rest)

@@ -4,7 +4,8 @@ The page is a single file: thumbnails are embedded as small data: URIs (read thr
 `tasks.storage`, so a dataset on s3:// works), CSS and JS are inline, and a
 Content-Security-Policy forbids every external load, so it opens the same from a run folder
 on disk or from an object-store download and never contacts anything. Only the top
-`report_top_n` rows of results.csv are rendered, so the page stays small for any dataset;
+`report_top_n` rows of the results are rendered, and only those rows and the summary's columns
+are read (`load_results`), so the page stays small and fast for any dataset;
 cards after the first `THUMB_FULL_N` get smaller thumbnails, and cards after the first
 `PAGE_CARDS` wait in an inert <template> until the reviewer scrolls to them, so a report of
 thousands of cards stays a few MB and opens fast.
@@ -29,6 +30,7 @@ import functools
 import hashlib
 import html
 import io
+import json
 import logging
 import math
 import time
@@ -38,13 +40,13 @@ from importlib import resources
 
 import jinja2
 import pandas as pd
+import pyarrow.parquet as pq
 from markupsafe import Markup
 from PIL import Image
 
 from tasks import images, runs, storage
 from tasks.decisions import COLUMNS, OPTIONAL_COLUMNS
-from tasks.index import read_manifest
-from tasks.merge import read_results, too_few_predictions
+from tasks.merge import RESULT_COLUMNS, read_results, too_few_predictions
 from tasks.relabel import relabel_ceiling, select_rows
 
 log = logging.getLogger(__name__)
@@ -364,18 +366,43 @@ def render_page(*, cfg, run: str, results: pd.DataFrame, classes: list[str], top
         skipped=_skipped(skipped))
 
 
+# What the page's summary reads of every image; the review grid reads the top rows whole.
+SUMMARY_COLUMNS = ["label", "corrected_label", "num_preds", "%", "label_quality",
+                   "suggested_quality", "is_label_issue"]
+
+
+def load_results(run: str, top_n: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(every image with the `SUMMARY_COLUMNS`, the `top_n` most suspicious images with every
+    results column). Read from predictions.parquet, which the merge writes beside
+    results.csv with the same rows in the same order: only those columns, and only the first
+    row groups for the top rows, so it stays seconds at millions of images. A run without
+    predictions.parquet is read from results.csv."""
+    uri = storage.join(run, "predictions.parquet")
+    if not storage.exists(uri):
+        results = read_results(runs.results_uri(run))
+        return results, results.head(top_n)
+    pf = pq.ParquetFile(storage.local_path(uri))
+    results = pf.read(columns=SUMMARY_COLUMNS).to_pandas()
+    groups, rows = [], 0
+    while rows < top_n and len(groups) < pf.num_row_groups:
+        rows += pf.metadata.row_group(len(groups)).num_rows
+        groups.append(len(groups))
+    columns = [c for c in RESULT_COLUMNS if c in pf.schema_arrow.names]
+    top = pf.read_row_groups(groups, columns=columns).slice(0, top_n).to_pandas()
+    return results, top
+
+
 def write_report(run: str, seconds: float | None = None) -> str:
     """Write `<run>/report.html` from the run's results; returns its URI."""
     t0 = time.perf_counter()
     cfg = runs.read_config(run)
-    results = read_results(runs.results_uri(run))
-    _, classes = read_manifest(run)
-    extra = sorted(set(results["label"]) - set(classes))
+    results, top = load_results(run, cfg.report_top_n)
+    classes = json.loads(storage.read_text(storage.join(run, "classes.json")))  # not the manifest
+    extra = sorted(set(results["label"].unique()) - set(classes))
     classes = list(classes) + extra
     skipped = read_skipped(run)
     relabel = results.index.isin(select_rows(results, cfg.sensitivity, cfg.min_preds).index)
     relabel = pd.Series(relabel, index=results.index)
-    top = results.head(cfg.report_top_n)
     thumbs = fetch_thumbnails(cfg.data_path, top["filename"].astype(str).tolist())
     page = render_page(cfg=cfg, run=run, results=results, classes=classes, top=top,
                        thumbs=thumbs, top_relabel=relabel.loc[top.index],

@@ -307,6 +307,12 @@ class S3Backend:
             self.client.put_object(Bucket=bucket, Key=key, Body=data)
             return True
 
+    def write_file(self, uri: str, src: Path) -> None:
+        """Upload a local file, streamed from disk (multipart above MULTIPART_THRESHOLD)."""
+        bucket, key = split_uri(uri)
+        with self._errors(uri, "write"):
+            self.client.upload_file(str(src), bucket, key, Config=self.transfer)
+
     def exists(self, uri: str) -> bool:
         return self.head(uri) is not None
 

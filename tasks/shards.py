@@ -6,6 +6,10 @@ one row per held-out image: `id`, `repeat`, `given`, `pred`, `p_given` and eithe
 `TOP_K` beyond that). Its schema metadata records `fingerprint`, `spec` and `stats` (JSON)
 and `num_classes`. Shards are the one interface between the trainer image (which writes
 them) and the Airflow image (whose merge reads them, without torch).
+
+A merge hashes the manifest once (`fingerprint_base`) and derives every repeat's
+fingerprint from that (`repeat_fingerprint`); it reads each shard once, metadata and data
+together (`read_shards`), and takes its columns as numpy arrays (`shard_rows`).
 """
 
 from __future__ import annotations
@@ -13,16 +17,19 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tasks import runs, storage
 from tasks.config import AuditConfig
-from tasks.plan import RepeatSpec, plan_repeats
+from tasks.plan import RepeatSpec
 
 FULL_PROBS_MAX_CLASSES = 256  # beyond this a shard keeps the top-k class probabilities
 TOP_K = 32
@@ -30,13 +37,44 @@ TOP_K = 32
 
 # --- writing ------------------------------------------------------------------------------
 
-def shard_fingerprint(cfg: AuditConfig, manifest: pd.DataFrame, spec: RepeatSpec) -> str:
-    """Changes when anything that decides the shard's content changes."""
+FINGERPRINT_COLUMNS = ["key", "label", "etag"]
+_HASH_ROWS = 1 << 18  # manifest rows hashed at a time (bounded memory; same digest)
+
+
+def fingerprint_base(cfg: AuditConfig,
+                     manifest: pd.DataFrame | pa.Table | Iterable[pa.RecordBatch]) -> Any:
+    """The hash state every shard fingerprint of this config and manifest starts from (a
+    hashlib object): the manifest (a DataFrame, an Arrow table or a stream of record batches
+    with at least `key`, `label` and `etag`) is hashed once here, in row chunks, and
+    `repeat_fingerprint` finishes it."""
     h = hashlib.sha256(cfg.training_fingerprint().encode())
-    h.update(pd.util.hash_pandas_object(manifest[["key", "label", "etag"]], index=False)
-             .to_numpy().tobytes())
+    if isinstance(manifest, pd.DataFrame):
+        parts: Iterable[Any] = (manifest[FINGERPRINT_COLUMNS].iloc[i:i + _HASH_ROWS]
+                                for i in range(0, len(manifest), _HASH_ROWS))
+    else:
+        if isinstance(manifest, pa.Table):
+            manifest = manifest.select(FINGERPRINT_COLUMNS).to_batches(_HASH_ROWS)
+        parts = (batch.select(FINGERPRINT_COLUMNS).to_pandas() for batch in manifest)
+    for part in parts:
+        # Row by row, so hashing in chunks gives the bytes of hashing the whole at once;
+        # without missing values, `categorize=False` gives the same hashes, faster.
+        nulls = bool(part.isna().to_numpy().any())
+        h.update(pd.util.hash_pandas_object(part, index=False, categorize=nulls)
+                 .to_numpy().tobytes())
+    return h
+
+
+def repeat_fingerprint(base: Any, spec: RepeatSpec) -> str:
+    """The fingerprint of one repeat's shard, from `fingerprint_base`."""
+    h = base.copy()
     h.update(repr(spec.to_dict()).encode())
     return h.hexdigest()[:24]
+
+
+def shard_fingerprint(cfg: AuditConfig, manifest: pd.DataFrame | pa.Table,
+                      spec: RepeatSpec) -> str:
+    """Changes when anything that decides the shard's content changes."""
+    return repeat_fingerprint(fingerprint_base(cfg, manifest), spec)
 
 
 def shard_table(ids: np.ndarray, given: np.ndarray, probs: np.ndarray, spec: RepeatSpec,
@@ -54,7 +92,10 @@ def shard_table(ids: np.ndarray, given: np.ndarray, probs: np.ndarray, spec: Rep
     if probs.shape[1] <= FULL_PROBS_MAX_CLASSES:
         cols["probs"] = pa.array(list(probs.astype(np.float32)), pa.list_(pa.float32()))
     else:
-        top = np.argsort(-probs, axis=1)[:, :TOP_K]
+        # The top k by probability, highest first: a partition, then a sort of k per row.
+        part = np.argpartition(-probs, TOP_K - 1, axis=1)[:, :TOP_K]
+        order = np.argsort(-np.take_along_axis(probs, part, 1), axis=1, kind="stable")
+        top = np.take_along_axis(part, order, 1)
         cols["topk_idx"] = pa.array(list(top.astype(np.int32)), pa.list_(pa.int32()))
         cols["topk_prob"] = pa.array(list(np.take_along_axis(probs, top, 1).astype(np.float32)),
                                      pa.list_(pa.float32()))
@@ -98,32 +139,65 @@ def existing_fingerprint(uri: str) -> str | None:
     return (raw or {}).get(b"fingerprint", b"").decode() or None
 
 
-def read_shards(run: str, cfg: AuditConfig, manifest: pd.DataFrame,
-                num_classes: int) -> tuple[list[int], list[pd.DataFrame], list[int]]:
-    """(repeats found, their shard frames with a dense `probs` column, repeats missing or
-    stale: no shard, or one whose fingerprint does not match the run's config and
-    manifest)."""
-    found, frames, missing = [], [], []
-    for spec in plan_repeats(cfg):
-        uri = runs.shard_uri(run, spec.repeat)
-        if existing_fingerprint(uri) != shard_fingerprint(cfg, manifest, spec):
-            missing.append(spec.repeat)
-            continue
-        table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
-        frames.append(dense_probs(table.to_pandas(), num_classes))
-        found.append(spec.repeat)
-    return found, frames, missing
+def read_shard(uri: str) -> pa.Table | None:
+    """The shard at `uri` (data and metadata, one read), or None when there is none."""
+    if not storage.exists(uri):
+        return None
+    return pq.read_table(pa.BufferReader(storage.read_bytes(uri)))
 
 
-def dense_probs(df: pd.DataFrame, num_classes: int) -> pd.DataFrame:
-    """Shard frame with a dense `probs` column. Top-k shards are filled with zeros beyond
-    the top k, except the given label, whose probability the shard always records."""
-    if "probs" in df:
-        return df
-    probs = np.zeros((len(df), num_classes), dtype=np.float32)
-    for i, (idx, p) in enumerate(zip(df["topk_idx"], df["topk_prob"], strict=True)):
-        probs[i, idx] = p
-    probs[np.arange(len(df)), df["given"].to_numpy()] = df["p_given"].to_numpy()
-    df = df.drop(columns=["topk_idx", "topk_prob"])
-    df["probs"] = list(probs)
-    return df
+def read_shards(run: str, specs: list[RepeatSpec],
+                base: Any) -> Iterator[tuple[RepeatSpec, pa.Table | None]]:
+    """Each repeat's shard table in plan order, one at a time, each read once; None for a
+    repeat whose shard is missing or stale (its fingerprint does not match `base`, from
+    `fingerprint_base` of the run's config and manifest)."""
+    for spec in specs:
+        table = read_shard(runs.shard_uri(run, spec.repeat))
+        if table is not None:
+            found = (table.schema.metadata or {}).get(b"fingerprint", b"").decode()
+            if found != repeat_fingerprint(base, spec):
+                table = None
+        yield spec, table
+
+
+@dataclass(frozen=True)
+class ShardRows:
+    """A shard's rows as numpy arrays: image `ids`, `given` and `pred` labels, `p_given`
+    (the given label's probability) and `probs`: every class (rows x classes) or, for a
+    top-k shard, the top k (rows x k) of the classes in `topk_idx` (None otherwise)."""
+
+    ids: np.ndarray
+    given: np.ndarray
+    pred: np.ndarray
+    p_given: np.ndarray
+    probs: np.ndarray
+    topk_idx: np.ndarray | None
+
+
+def _list_matrix(table: pa.Table, column: str, width: int | None, name: str) -> np.ndarray:
+    """A list column of equal-length lists as a rows x width numpy array."""
+    arr = table.column(column).combine_chunks()
+    lengths = pc.list_value_length(arr)
+    lo, hi = pc.min(lengths).as_py(), pc.max(lengths).as_py()
+    want = width if width is not None else lo
+    if len(arr) and (lo != want or hi != want):
+        raise ValueError(f"shard {name}: column {column!r} holds {lo} to {hi} values per row, "
+                         f"expected {want}; re-run that repeat to rewrite it")
+    values = arr.flatten().to_numpy(zero_copy_only=False)
+    return values.reshape(len(arr), want if len(arr) else 0)
+
+
+def shard_rows(table: pa.Table, num_classes: int, n_images: int, name: str) -> ShardRows:
+    """The arrays of a shard table (or a slice of one) for a run with `num_classes` classes and
+    `n_images` images; ValueError naming the shard when its shape does not fit the run."""
+    ids = table.column("id").to_numpy()
+    if len(ids) and (ids.min() < 0 or ids.max() >= n_images):
+        raise ValueError(f"shard {name}: image id {int(ids.max())} is outside the manifest "
+                         f"({n_images} images); re-run that repeat to rewrite it")
+    cols = [table.column(c).to_numpy() for c in ("given", "pred", "p_given")]
+    if "probs" in table.column_names:
+        probs, topk = _list_matrix(table, "probs", num_classes, name), None
+    else:
+        topk = _list_matrix(table, "topk_idx", None, name)
+        probs = _list_matrix(table, "topk_prob", topk.shape[1], name)
+    return ShardRows(ids, *cols, probs=probs, topk_idx=topk)

@@ -11,8 +11,9 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from tasks.errors import StorageError as StorageError
 from tasks.keys import ObjectInfo as ObjectInfo
@@ -205,13 +206,23 @@ class LocalBackend:
             raise StorageError(f"{uri} does not exist") from None
 
     def write_bytes(self, uri: str, data: bytes) -> None:
+        self._write(uri, lambda f: f.write(data))
+
+    def write_file(self, uri: str, src: Path) -> None:
+        def fill(f: BinaryIO) -> None:
+            with src.open("rb") as s:
+                shutil.copyfileobj(s, f, 1 << 20)
+
+        self._write(uri, fill)
+
+    def _write(self, uri: str, fill: Callable[[BinaryIO], object]) -> None:
         path = Path(uri)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path.name),
                                    suffix=TEMP_SUFFIX)
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                fill(f)
                 f.flush()
                 os.fsync(f.fileno())
             # mkstemp makes the file 0600; a written file gets the mode of any new file.
@@ -296,6 +307,12 @@ def read_bytes(uri: str) -> bytes:
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a file or object atomically (readers never see a partial file)."""
     _backend(uri).write_bytes(uri, data)
+
+
+def write_file(uri: str, path: str | Path) -> None:
+    """Write the content of the local file `path` at `uri` atomically, streamed from disk
+    (for outputs too large to hold in memory as one bytes object)."""
+    _backend(uri).write_file(uri, Path(path))
 
 
 def read_text(uri: str) -> str:

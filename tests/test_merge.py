@@ -1,17 +1,22 @@
 """tasks/merge.py on a real run folder (prepare_run on a tiny dataset) fed with synthetic
 shards written by tasks.shards' writer (the trainer's own): votes, majority with ties broken
 by the mean probability, `%`, label_quality, the CSV contract, the suspicion order, coverage
-and missing shards, the top-k shards of datasets with more than 256 classes; and that the
-merge side (shards, images, merge) imports without torch."""
+and missing shards, the top-k shards of datasets with more than 256 classes; that the
+merge side (shards, images, merge) imports without torch; and at scale: the same bytes as the
+dense in-memory merge it replaced, in memory and bucketed within a tiny `merge_memory_gb`,
+cleanlab's filter in batches, fingerprints unchanged, each shard read once, S3 too."""
 
 from __future__ import annotations
 
+import io
 import json
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -282,3 +287,327 @@ def test_shard_metadata_is_json(tmp_path):
     assert meta == {"fingerprint": shard_fingerprint(cfg, manifest, spec),
                     "spec": spec.to_dict(), "num_classes": "3", "stats": {"epoch": 1}}
     assert shard_metadata(runs.shard_uri(run, 5)) is None
+
+
+# --- at scale: bounded memory, bucketed, streamed, the same results --------------------------
+
+def synthetic_run(root: Path, n: int, n_classes: int, seed: int = 0, n_repeats: int = 6,
+                  odd_names: bool = False, unsorted: bool = False, skip: tuple[int, ...] = (),
+                  work: str | None = None, **extra) -> str:
+    """A run folder of `n` images in `n_classes` classes whose shards hold softmax
+    probabilities of noisy logits (rounded, so that ties occur) favouring a "true" class that
+    differs from the given label for about a fifth of the images."""
+    from tasks.shards import fingerprint_base, repeat_fingerprint
+
+    rng = np.random.default_rng(seed)
+    classes = [f"c{i:03d}" for i in range(n_classes)]
+    lab = rng.integers(0, n_classes, n)
+    keys = [f"{classes[c]}/img-{i:05d}.png" for i, c in enumerate(lab)]
+    if odd_names:  # names the CSV must quote, and others (the index refuses control characters)
+        for i, odd in enumerate(['a,b"c', 'say "hi"', "comma,", "é ü", " x"]):
+            keys[i] = keys[i].replace("img", odd)
+    order = np.arange(n) if unsorted else np.argsort(keys, kind="stable")
+    keys, lab = [keys[i] for i in order], lab[order]
+    manifest = pd.DataFrame({"id": range(n), "key": keys, "label": [classes[c] for c in lab],
+                             "label_idx": lab.astype("int32"), "size": 1,
+                             "etag": [f"e{i}" for i in range(n)]})
+    run = runs.run_uri(work or str(root / "work"), "synthetic")
+    write_index(DatasetIndex(manifest, classes, pd.DataFrame(columns=["filename", "reason"])),
+                run)
+    cfg = tiny_config(root / "data", work or root / "work", n_repeats=n_repeats,
+                      test_split=0.5, **extra)
+    runs.write_config(run, cfg)
+    manifest, _ = read_manifest(run)
+    labels = manifest["label_idx"].to_numpy(np.int64)
+    true = np.where(rng.random(n) < 0.2, rng.integers(0, n_classes, n), labels)
+    base = fingerprint_base(cfg, manifest)
+    for spec in plan_repeats(cfg):
+        if spec.repeat in skip:
+            continue
+        test = split_for_repeat(cfg, spec, labels).test
+        logits = rng.normal(0, 1.0, (len(test), n_classes))
+        logits[np.arange(len(test)), true[test]] += 3.0
+        p = np.exp(np.round(logits, 1))
+        table = shard_table(test, labels[test], p / p.sum(1, keepdims=True), spec,
+                            repeat_fingerprint(base, spec), {})
+        write_shard(runs.shard_uri(run, spec.repeat), table)
+    return run
+
+
+def reference_merge(run: str) -> tuple[bytes, np.ndarray]:
+    """results.csv as the merge wrote it before bucketing (dense N x classes matrices, shards
+    densified row by row, cleanlab's `find_label_issues` itself, pandas' `to_csv`), and the
+    mean probabilities in the results' order."""
+    from cleanlab.filter import find_label_issues
+
+    cfg = runs.read_config(run)
+    manifest, classes = read_manifest(run)
+    labels = manifest["label_idx"].to_numpy(np.int64)
+    n, k = len(manifest), len(classes)
+    votes, prob_sum = np.zeros((n, k), dtype=np.int32), np.zeros((n, k))
+    for spec in plan_repeats(cfg):
+        uri = Path(runs.shard_uri(run, spec.repeat))
+        if not uri.exists():
+            continue
+        table = pq.read_table(uri)
+        if table.schema.metadata[b"fingerprint"].decode() != shard_fingerprint(cfg, manifest,
+                                                                                spec):
+            continue
+        df = table.to_pandas()
+        probs = (np.stack(df["probs"].to_numpy()) if "probs" in df
+                 else np.zeros((len(df), k), dtype=np.float32))
+        if "probs" not in df:
+            for i, (idx, p) in enumerate(zip(df["topk_idx"], df["topk_prob"], strict=True)):
+                probs[i, idx] = p
+            probs[np.arange(len(df)), df["given"].to_numpy()] = df["p_given"].to_numpy()
+        ids = df["id"].to_numpy()
+        np.add.at(votes, (ids, df["pred"].to_numpy()), 1)
+        np.add.at(prob_sum, ids, probs)
+    num_preds = votes.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_probs = prob_sum / num_preds[:, None]
+    predicted = num_preds > 0
+    safe = np.nan_to_num(mean_probs, nan=0.0)
+    corrected = np.argmax(votes + safe * 1e-3, axis=1)
+    corrected[~predicted] = labels[~predicted]
+    rows = np.arange(n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pct = np.where(predicted, votes[rows, corrected] / num_preds * 100, np.nan)
+    quality = np.where(predicted, safe[rows, labels], np.nan)
+    suggested = np.where(predicted, safe[rows, corrected], np.nan)
+    flagged = np.zeros(n, dtype=bool)
+    sub_labels, sub = labels[predicted], safe[predicted]
+    sub = sub / sub.sum(1, keepdims=True).clip(min=1e-12)
+    present = np.unique(sub_labels)
+    remap = np.full(k, -1)
+    remap[present] = np.arange(len(present))
+    sub = sub[:, present]
+    sub = sub / sub.sum(1, keepdims=True).clip(min=1e-12)
+    flagged[predicted] = find_label_issues(remap[sub_labels], sub,
+                                           filter_by="low_self_confidence", n_jobs=1)
+    flagged |= ((np.nan_to_num(pct, nan=0.0) == 100) & (num_preds >= 2)
+                & (np.nan_to_num(suggested, nan=0.0) > merge.CONFIDENT_VOTE))
+    flagged &= (corrected != labels) & (np.nan_to_num(quality, nan=1.0) < cfg.max_label_quality)
+
+    def votes_text(row: np.ndarray) -> str:
+        nz = np.flatnonzero(row)
+        return ";".join(f"{classes[i]}:{row[i]}"
+                        for i in nz[np.argsort(-row[nz], kind="stable")])
+
+    results = merge.sort_most_suspicious(pd.DataFrame({
+        "filename": manifest["key"], "label": manifest["label"],
+        "corrected_label": np.asarray(classes, dtype=object)[corrected],
+        "num_preds": num_preds, "%": np.round(pct, 2), "label_quality": np.round(quality, 5),
+        "is_label_issue": flagged, "suggested_quality": np.round(suggested, 5),
+        "votes": [votes_text(v) for v in votes], "id": manifest["id"]}))
+    order = results["id"].to_numpy()
+    return results.to_csv(index=False).encode(), mean_probs[order].astype(np.float32)
+
+
+CASES = {
+    "3 classes": {"n": 120, "n_classes": 3},
+    "file names to quote, manifest not sorted": {"n": 120, "n_classes": 3, "odd_names": True,
+                                                 "unsorted": True},
+    "40 classes (more than TOP_K)": {"n": 300, "n_classes": 40},
+    "300 classes (top-k shards)": {"n": 900, "n_classes": 300, "n_repeats": 4},
+    "a missing shard": {"n": 120, "n_classes": 3, "n_repeats": 2, "skip": (1,),
+                        "min_coverage": 0.5},
+    "random splits, unpredicted images": {"n": 200, "n_classes": 5, "n_repeats": 3,
+                                          "split_strategy": "random", "min_coverage": 0.0},
+}
+
+
+def merged(run: str, memory_gb: float) -> tuple[bytes, pd.DataFrame]:
+    set_config(run, merge_memory_gb=memory_gb)
+    csv = Path(merge_run(run)).read_bytes()
+    return csv, pd.read_parquet(Path(run) / "predictions.parquet")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_results_are_those_of_the_dense_merge(tmp_path, case):
+    """The same bytes as the dense, in-memory merge with cleanlab itself: flags, columns,
+    order, number formatting and quoting; and the same mean probabilities."""
+    run = synthetic_run(tmp_path, **CASES[case])
+    want_csv, want_probs = reference_merge(run)
+    csv, preds = merged(run, 2.0)
+    assert csv == want_csv
+    assert read_results(runs.results_uri(run))["is_label_issue"].sum() > 0
+    if "mean_probs" in preds:
+        assert np.array_equal(np.stack(preds["mean_probs"].to_numpy()), want_probs,
+                              equal_nan=True)
+    else:  # beyond 256 classes: each image's top TOP_K pooled classes, highest first
+        top = np.stack(preds["topk_idx"].to_numpy())
+        prob = np.stack(preds["topk_prob"].to_numpy())
+        assert top.shape == (len(preds), TOP_K)
+        assert np.array_equal(prob, np.take_along_axis(want_probs, top, 1))
+        assert (np.diff(prob, axis=1) <= 0).all()
+        assert np.allclose(prob[:, 0], np.nanmax(want_probs, axis=1))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bucketed_merge_gives_the_in_memory_results(tmp_path, case, caplog, monkeypatch):
+    """A budget too small for one bucket: shards spilled to many buckets, cleanlab's filter
+    in passes over them, the results sorted part by part; byte-identical results.csv and the
+    same predictions.parquet."""
+    run = synthetic_run(tmp_path, **CASES[case])
+    spills = tmp_path / "tmp"
+    spills.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spills))
+    caplog.set_level("INFO", logger="tasks.merge")
+    in_memory, preds = merged(run, 2.0)
+    assert "in 1 bucket(s)" in caplog.text
+    caplog.clear()
+    bucketed, preds_b = merged(run, 1e-6)
+    n = len(preds)
+    per_bucket = max(1, -(-n // merge.MAX_BUCKETS))  # one image each, at most 256 buckets
+    assert f"in {-(-n // per_bucket)} bucket(s) of up to {per_bucket} images" in caplog.text
+    assert bucketed == in_memory
+    pd.testing.assert_frame_equal(preds_b, preds)
+    assert not list(spills.iterdir())  # the spill files are removed
+
+
+def test_the_batched_filter_is_cleanlabs_filter():
+    """`_BatchedFilter` over batches gives cleanlab's `find_label_issues` flags (via
+    `cleanlab_filter`) on the same probabilities: ties, classes without images, and
+    batches of any size."""
+    from cleanlab.internal import constants
+
+    assert merge._CL_EPSILON == constants.FLOATING_POINT_COMPARISON
+    assert merge._CL_THRESHOLD_FLOOR == constants.CONFIDENT_THRESHOLDS_LOWER_BOUND
+    rng = np.random.default_rng(3)
+    for n, k, batch in [(500, 4, 7), (2000, 12, 300), (800, 40, 800), (300, 3, 1)]:
+        labels = rng.integers(0, k, n)
+        labels[labels == 1] = 0  # class 1 has no images
+        logits = rng.normal(0, 1.5, (n, k))
+        logits[np.arange(n), labels] += rng.choice([0, 3], n, p=[0.3, 0.7])
+        probs = np.exp(np.round(logits, 0))  # coarse: many tied probabilities
+        probs = merge._scaled(probs)
+        want = merge.cleanlab_filter(labels, probs)
+        filt = merge._BatchedFilter(np.unique(labels), k)
+        parts = [slice(a, a + batch) for a in range(0, n, batch)]
+        conf = np.concatenate([filt.self_confidence(labels[s], filt.scaled(probs[s]))
+                               for s in parts])
+        filt.set_thresholds(labels, conf)
+        counted = sum(int(filt.count(labels[s], filt.scaled(probs[s])).sum()) for s in parts)
+        got = filt.flags(conf, counted)
+        assert want.sum() > 0
+        assert np.array_equal(got, want), (n, k, batch)
+
+
+def test_csv_text_is_what_pandas_writes():
+    rng = np.random.default_rng(0)
+    n = 4000
+    floats = np.concatenate([
+        np.round(rng.random(n), 5), np.round(rng.random(n) * 100, 2), rng.random(n) * 1e-3,
+        10 ** rng.uniform(-9, 18, n) * rng.choice([-1, 1], n),
+        [0.0, -0.0, 1.0, 100.0, 1e-4, 9.9999e-5, 1e6, 999999.5, 1e16, np.nan, np.inf]])
+    m = len(floats)
+    names = rng.choice(["plain", 'a,b', 'say "hi"', "two\nlines", "cr\rx", "", " sp ", "é"], m)
+    frame = pd.DataFrame({"filename": names, "label": "cat", "corrected_label": names[::-1],
+                          "num_preds": rng.integers(0, 1000, m), "%": floats,
+                          "label_quality": floats[::-1], "is_label_issue": rng.random(m) < 0.5,
+                          "suggested_quality": np.round(floats, 3), "votes": names,
+                          "id": np.arange(m)})
+    want = frame.to_csv(index=False).encode().split(b"\n", 1)[1]
+    assert bytes(merge._csv_bytes(pa.Table.from_pandas(frame, preserve_index=False))) == want
+
+
+def test_fingerprints_keep_their_values(tmp_path):
+    """Hashed once per merge, from the manifest's Arrow batches or its DataFrame, in chunks:
+    the same fingerprints as hashing the whole DataFrame per repeat (existing runs resume)."""
+    import hashlib
+
+    from tasks.shards import fingerprint_base, repeat_fingerprint
+
+    run = make_run(tmp_path, n_repeats=3)
+    cfg = runs.read_config(run)
+    manifest, _ = read_manifest(run)
+    manifest.loc[3, "etag"] = None  # a missing value hashes as before too
+
+    def before(spec: RepeatSpec) -> str:
+        h = hashlib.sha256(cfg.training_fingerprint().encode())
+        h.update(pd.util.hash_pandas_object(manifest[["key", "label", "etag"]], index=False)
+                 .to_numpy().tobytes())
+        h.update(repr(spec.to_dict()).encode())
+        return h.hexdigest()[:24]
+
+    table = pa.Table.from_pandas(manifest, preserve_index=False)
+    bases = [fingerprint_base(cfg, manifest), fingerprint_base(cfg, table),
+             fingerprint_base(cfg, iter(table.to_batches(max_chunksize=7)))]
+    for spec in plan_repeats(cfg):
+        assert shard_fingerprint(cfg, manifest, spec) == before(spec)
+        assert {repeat_fingerprint(base, spec) for base in bases} == {before(spec)}
+
+
+@pytest.mark.parametrize("extra", [{"n_repeats": 5, "test_split": 0.25},
+                                   {"n_repeats": 3, "split_strategy": "random"}])
+def test_planned_test_is_the_union_of_the_test_parts(extra):
+    from tasks.config import AuditConfig
+    from tasks.plan import planned_test
+
+    cfg = AuditConfig(val_split=0.1, **extra)
+    labels = np.random.default_rng(1).integers(0, 4, 101)
+    union = np.zeros(len(labels), dtype=bool)
+    for spec in plan_repeats(cfg):
+        union[split_for_repeat(cfg, spec, labels).test] = True
+    assert np.array_equal(planned_test(cfg, labels), union)
+    assert not union.all() or extra["n_repeats"] >= 4
+
+
+def test_each_shard_is_read_once(tmp_path, monkeypatch):
+    """One read per shard (metadata and data together), in memory and bucketed."""
+    from tasks import storage
+
+    run = synthetic_run(tmp_path, 90, 3, n_repeats=4)
+    reads: list[str] = []
+    real = storage.read_bytes
+
+    def counting(uri: str) -> bytes:
+        reads.append(uri)
+        return real(uri)
+
+    monkeypatch.setattr(storage, "read_bytes", counting)
+    for memory_gb in (2.0, 1e-6):
+        reads.clear()
+        merged(run, memory_gb)
+        shard_reads = sorted(u for u in reads if "/shards/" in u)
+        assert shard_reads == [runs.shard_uri(run, r) for r in range(4)]
+
+
+def test_bucket_size_follows_the_budget():
+    from tasks.merge import MAX_BUCKETS, bucket_size
+
+    assert bucket_size(1000, 10, 2.0) == 1000  # in memory
+    assert bucket_size(5_000_000, 10, 1.5) < 5_000_000
+    small = bucket_size(1_000_000, 1000, 2.0)
+    assert 1_000_000 / small <= MAX_BUCKETS and small > 10_000
+    assert bucket_size(1_000_000, 1000, 4.0) > small
+    assert bucket_size(10, 3, 1e-9) == 1
+
+
+def test_a_shard_of_the_wrong_width_is_named(tmp_path):
+    run = synthetic_run(tmp_path, 60, 3, n_repeats=2)
+    other = synthetic_run(tmp_path / "other", 60, 4, n_repeats=2)
+    table = pq.read_table(runs.shard_uri(other, 1))
+    meta = dict(table.schema.metadata)
+    meta[b"fingerprint"] = pq.read_schema(runs.shard_uri(run, 1)).metadata[b"fingerprint"]
+    pq.write_table(table.replace_schema_metadata(meta), runs.shard_uri(run, 1))
+    with pytest.raises(ValueError, match=r"shard .*repeat-0001.parquet: column 'probs' holds "
+                                         r"4 to 4 values per row, expected 3; re-run that"):
+        merge_run(run)
+
+
+def test_a_bucketed_merge_in_the_bucket_matches_local(s3, tmp_path):
+    """Run folder on S3: the manifest fetched once, each shard downloaded once, spilled to
+    local buckets, results uploaded by streaming; the same bytes as the local merge."""
+    from tasks import storage
+
+    local = synthetic_run(tmp_path, 150, 4, n_repeats=4)
+    remote = synthetic_run(tmp_path, 150, 4, n_repeats=4, work=f"{s3.root}/work")
+    want, _ = merged(local, 2.0)
+    set_config(remote, merge_memory_gb=1e-6)
+    out = merge_run(remote)
+    assert storage.read_bytes(out) == want
+    preds = pd.read_parquet(io.BytesIO(storage.read_bytes(storage.join(remote,
+                                                                       "predictions.parquet"))))
+    assert len(preds) == 150 and list(preds.columns[:10]) == merge.RESULT_COLUMNS

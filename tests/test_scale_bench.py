@@ -1,0 +1,29 @@
+"""benchmarks/scale_bench.py at a tiny size: it builds run folders with the project's writers,
+measures each stage in its own process, writes a row per case and stage, and the bucketed
+merge's results.csv is the in-memory merge's."""
+
+from __future__ import annotations
+
+import re
+
+from benchmarks import scale_bench
+
+
+def test_the_scale_benchmark_at_a_tiny_size(tmp_path):
+    out = tmp_path / "SCALE_RESULTS.md"
+    code = scale_bench.main(["--sizes", "1500x10,600x300", "--out", str(out),
+                             "--work", str(tmp_path / "work")])
+    assert code == 0
+    text = out.read_text()
+    rows = {(m[1], m[2]): m for m in re.finditer(
+        r"^\| ([\d.,kM]+ x [\d,]+) \| (\w+) \| ([^|]*) \| (\d*) \| ([\d.]+) \| ([\d.]+) \| "
+        r"([\d.]+) \| ([^|]*) \|$", text, flags=re.M)}
+    cases = ["1.5k x 10", "600 x 300"]
+    assert set(rows) == {(c, s.name) for c in cases for s in scale_bench.STAGES}
+    for case in cases:
+        merge, bucketed = rows[(case, "merge")], rows[(case, "merge_bucketed")]
+        assert merge[4] == "1" and int(bucketed[4]) >= 3  # in memory vs several buckets
+        assert bucketed[8].strip() == "results.csv identical to merge's"
+        assert float(merge[7]) > 0.05 and float(merge[6]) > 0  # peak RSS (GB) and CPU time
+    assert "Growth between sizes" not in text  # one size per class count
+    assert "RESULTS DIFFER" not in text
