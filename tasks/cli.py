@@ -26,18 +26,25 @@ def _cmd_audit(args: argparse.Namespace) -> None:
     from tasks.audit import run_audit
 
     cfg = load_config(args.config, args.set)
+    from tasks.decide import summary_lines
+    from tasks.merge import read_summary
+    from tasks.relabel import find_run
+
     results = run_audit(cfg, run_id=args.run_id)
     if args.relabel or cfg.autocorrect:
-        _relabel(results, cfg.sensitivity, cfg.min_preds, dry_run=False)
-    print(results)
+        _relabel(results, cfg.sensitivity, cfg.min_preds, dry_run=False, force=args.force)
+    summary = read_summary(find_run(results))
+    for line in summary_lines(summary) if summary else []:
+        print(line)
+    print(results)  # the last line: scripts read it
 
 
 def _relabel(results_uri: str, sensitivity: float | None, min_preds: int | None,
-             dry_run: bool, decisions_uri: str | None = None) -> None:
+             dry_run: bool, decisions_uri: str | None = None, force: bool = False) -> None:
     from tasks.relabel import relabel_results
 
     out = relabel_results(results_uri, sensitivity, min_preds, dry_run=dry_run,
-                          decisions_uri=decisions_uri)
+                          decisions_uri=decisions_uri, force=force)
     if out:
         print(out)
 
@@ -60,7 +67,8 @@ def _cmd_relabel(args: argparse.Namespace) -> None:
         _config_value("--sensitivity", "sensitivity", args.sensitivity)
     if args.min_preds is not None:
         _config_value("--min-preds", "min_preds", args.min_preds)
-    _relabel(args.results, args.sensitivity, args.min_preds, args.dry_run, args.decisions)
+    _relabel(args.results, args.sensitivity, args.min_preds, args.dry_run, args.decisions,
+             force=args.force)
 
 
 def _cmd_undo(args: argparse.Namespace) -> None:
@@ -106,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--run-id", help="run id (default: derived from the dataset and config, "
                    "so the same audit resumes)")
     a.add_argument("--relabel", action="store_true", help="relabel afterwards (as autocorrect)")
+    a.add_argument("--force", action="store_true", help="relabel even when the model-quality "
+                   "guard says the audit cannot be trusted")
     a.set_defaults(func=_cmd_audit)
 
     r = sub.add_parser("relabel", help="move images whose suggestion clears the thresholds, "
@@ -116,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--sensitivity", type=float, help="override the run's sensitivity (0-100)")
     r.add_argument("--min-preds", type=int, help="override the run's min_preds")
     r.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    r.add_argument("--force", action="store_true", help="relabel even when the model-quality "
+                   "guard (summary.json) says the audit cannot be trusted")
     r.set_defaults(func=_cmd_relabel)
 
     u = sub.add_parser("undo", help="reverse a relabel journal")

@@ -65,7 +65,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tasks import runs, storage
+from tasks import decide, runs, storage
 from tasks.config import AuditConfig
 from tasks.errors import MissingFileError, UserError
 from tasks.index import DatasetError
@@ -82,7 +82,11 @@ from tasks.shards import (
 log = logging.getLogger(__name__)
 
 RESULT_COLUMNS = ["filename", "label", "corrected_label", "num_preds", "%", "label_quality",
-                  "is_label_issue", "suggested_quality", "votes", "id"]
+                  "is_label_issue", "suggested_quality", "votes", "id", "p_label_wrong",
+                  "p_suggestion", "tier"]
+# Columns the decision layer adds at the end (`tasks.decide`); a results CSV without them is
+# read as before.
+DECISION_COLUMNS = ["p_label_wrong", "p_suggestion", "tier"]
 FILTER_BY = "low_self_confidence"
 # Mean probability above which a unanimous vote for another class flags an image by itself.
 CONFIDENT_VOTE = 0.7
@@ -94,13 +98,14 @@ _CL_THRESHOLD_FLOOR = 2 * _CL_EPSILON
 
 # Memory model of the merge (bytes), checked with benchmarks/scale_bench.py.
 BASE_BYTES = 350 << 20  # Python, numpy, pandas, pyarrow and cleanlab
-IMAGE_BYTES = 96  # per image, kept for the whole merge (labels, counts, flags, sort keys)
+IMAGE_BYTES = 120  # per image, kept for the whole merge (labels, counts, flags, sort keys)
 BUCKET_IMAGE_BYTES = 700  # per image of a bucket: its result row, sorted and written
 BUCKET_CELL_BYTES = 16  # per image x class of a bucket: workspace, mean probabilities written
 TOPK_IMAGE_BYTES = 800  # per image beyond FULL_PROBS_MAX_CLASSES: its top-k classes written
 MAX_BUCKETS = 256
 CHUNK_CELLS = 1 << 21  # images x classes scored at a time
 WRITE_ROWS = 1 << 17  # rows per CSV write and Parquet row group
+SAMPLE_CELLS = 1 << 21  # images x classes of the sample the temperature is fitted on
 
 
 class MissingShardsError(UserError, RuntimeError):
@@ -277,6 +282,9 @@ class _BatchedFilter:
         self.remap = np.full(num_classes, -1)
         self.remap[present] = np.arange(len(present))
         self.thresholds: np.ndarray | None = None
+        # cleanlab's confident joint over the present classes (rows given, columns the
+        # confidently predicted class), counted by `count`.
+        self.joint = np.zeros((len(present), len(present)), dtype=np.int64)
 
     def scaled(self, probs: np.ndarray) -> np.ndarray:
         """`_confident_learning`'s input: over the present classes, rows scaled to sum 1."""
@@ -297,6 +305,13 @@ class _BatchedFilter:
         means = [np.mean(self_conf[order[a:b]]) for a, b in itertools.pairwise(bounds)]
         self.thresholds = np.clip(means, a_min=_CL_THRESHOLD_FLOOR, a_max=None)
 
+    def full_joint(self) -> np.ndarray:
+        """The confident joint over every class (classes without images: zero rows)."""
+        k = len(self.remap)
+        out = np.zeros((k, k), dtype=np.int64)
+        out[np.ix_(self.present, self.present)] = self.joint
+        return out
+
     def count(self, labels: np.ndarray, sub: np.ndarray) -> np.ndarray:
         """Per image of `sub` (from `scaled`; changed here): counted by cleanlab's
         `num_label_issues` (an off-diagonal entry of the confident joint, and the prediction
@@ -307,6 +322,10 @@ class _BatchedFilter:
         n_confident = confident.sum(axis=1)
         guess = np.where(n_confident > 1, sub.argmax(axis=1), confident.argmax(axis=1))
         off_diagonal = (n_confident > 0) & (guess != lab)
+        some = n_confident > 0
+        width = len(self.present)
+        self.joint += np.bincount(lab[some] * width + guess[some],
+                                  minlength=width * width).reshape(width, width)
         rows = np.arange(len(lab))
         sub[rows, lab] += _CL_EPSILON
         return off_diagonal & (sub.argmax(axis=1) != lab)
@@ -543,6 +562,16 @@ class _Merge:
         self.quality = np.full(self.n, np.nan)
         self.vote_flag = np.zeros(self.n, dtype=bool)
         self.disagree = np.zeros(self.n, dtype=bool)
+        self.corrected = np.zeros(self.n, dtype=np.int32)
+        self.pct = np.full(self.n, np.nan, dtype=np.float32)
+        # Set after pass 2 (`decide`): the calibrated probabilities and the tiers.
+        self.p_wrong = np.full(self.n, np.nan, dtype=np.float32)
+        self.p_sugg = np.full(self.n, np.nan, dtype=np.float32)
+        self.tier = np.full(self.n, 2, dtype=np.int8)
+        # A sample of predicted images' pooled probabilities, for the temperature.
+        self.sample_every = max(1, math.ceil(self.n * self.k / SAMPLE_CELLS))
+        self.sample_probs: list[np.ndarray] = []
+        self.sample_labels: list[np.ndarray] = []
 
     @property
     def in_memory(self) -> bool:
@@ -626,6 +655,10 @@ class _Merge:
                                            npred[a:b]).items():
                 s[key][a:b] = value
             p = predicted[a:b]
+            pick = p & ((np.arange(lo + a, lo + b) % self.sample_every) == 0)
+            if pick.any():
+                self.sample_probs.append(_scaled(means[pick]).astype(np.float32))
+                self.sample_labels.append(lab[a:b][pick])
             sub = filt.scaled(_scaled(means[p]))
             self_conf[done:done + len(sub)] = filt.self_confidence(lab[a:b][p], sub)
             done += len(sub)
@@ -636,6 +669,8 @@ class _Merge:
             s, lab, npred, self.cfg.max_label_quality)
         quality = np.round(s["quality"], 5)
         self.quality[lo:hi] = quality
+        self.corrected[lo:hi] = s["corrected"]
+        self.pct[lo:hi] = np.round(s["pct"], 2)
         columns = {
             "filename": self.keys.slice(lo, hi - lo),
             "label": self.label_names.slice(lo, hi - lo),
@@ -678,8 +713,44 @@ class _Merge:
         kept.unlink()
         return counted
 
+    # pass 3 ---------------------------------------------------------------------------
+    def decide(self, results: _Spill, trans: np.ndarray, temperature: float) -> None:
+        """The calibrated probabilities of every predicted image (`tasks.decide.posterior`),
+        from the pooled probabilities in each bucket's result rows."""
+        step = max(1, CHUNK_CELLS // self.k)
+        for b in range(len(self.buckets)):
+            for table in results.read(b, keep=True):
+                for start in range(0, table.num_rows, step):
+                    chunk = table.slice(start, step)
+                    ids = chunk.column("id").to_numpy()
+                    probs = self._chunk_probs(chunk, ids)
+                    has = self.num_preds[ids] > 0
+                    if not has.any():
+                        continue
+                    ids, probs = ids[has], _scaled(probs[has])
+                    p_wrong, p_sugg = decide.posterior(probs, self.labels[ids],
+                                                       self.corrected[ids], trans, temperature)
+                    self.p_wrong[ids], self.p_sugg[ids] = p_wrong, p_sugg
+
+    def _chunk_probs(self, chunk: pa.Table, ids: np.ndarray) -> np.ndarray:
+        """Dense pooled probabilities of result rows: `mean_probs`, or the top-k classes and
+        the given label's `label_quality` (the other classes 0)."""
+        if self.dense_out:
+            values = chunk.column("mean_probs").combine_chunks().values.to_numpy(
+                zero_copy_only=False)
+            return np.nan_to_num(values.reshape(len(ids), self.k).astype(np.float64), nan=0.0)
+        dense = np.zeros((len(ids), self.k))
+        idx = chunk.column("topk_idx").combine_chunks().values.to_numpy().reshape(len(ids), -1)
+        val = chunk.column("topk_prob").combine_chunks().values.to_numpy(
+            zero_copy_only=False).reshape(len(ids), -1)
+        np.put_along_axis(dense, idx.astype(np.int64), np.nan_to_num(val, nan=0.0), axis=1)
+        rows = np.arange(len(ids))
+        dense[rows, self.labels[ids]] = np.nan_to_num(self.quality[ids], nan=0.0)
+        return dense
+
     def order(self, flags: np.ndarray) -> np.ndarray:
-        """Row order of the results: `sort_most_suspicious` on the per-image keys."""
+        """Row order of the results: `sort_most_suspicious` on the per-image keys (the tier,
+        then label quality, then file name)."""
         keys = self.keys
         if len(keys) > 1 and not pc.all(pc.less(keys.slice(0, len(keys) - 1),
                                                keys.slice(1))).as_py():
@@ -687,7 +758,8 @@ class _Merge:
             rank[pc.sort_indices(keys).to_numpy()] = np.arange(self.n)
         else:
             rank = np.arange(self.n)  # the index writes the manifest sorted by key
-        return np.lexsort((rank, np.where(np.isnan(self.quality), 2.0, self.quality), ~flags))
+        return np.lexsort((rank, np.where(np.isnan(self.quality), 2.0, self.quality),
+                           self.tier))
 
 
 def _zero_nan(means: np.ndarray) -> None:
@@ -765,21 +837,35 @@ def merge_run(run: str) -> str:
         conf_all = np.concatenate(self_conf)
         if all(k is not None for k in kept):
             m._workspace = None  # pass 2 reads the kept probabilities only
-        cleanlab = np.zeros(m.n, dtype=bool)
+        label_counts = np.bincount(m.labels[predicted], minlength=m.k)
+        confident_joint = np.diag(label_counts)
         if len(filt.present) >= 2:
             filt.set_thresholds(m.labels[predicted], conf_all)
-            counted = sum(m.count_bucket(shards, b, filt, kept[b])
-                          for b in range(len(m.buckets)))
-            cleanlab[predicted] = filt.flags(conf_all, counted)
+            for b in range(len(m.buckets)):
+                m.count_bucket(shards, b, filt, kept[b])
+            confident_joint = filt.full_joint()
         del conf_all, self_conf
         m.in_memory_pool = m._workspace = None
         pa.default_memory_pool().release_unused()  # Arrow keeps freed memory otherwise
         shards.close()
-        flags = (cleanlab | m.vote_flag) & m.disagree
+        joint = decide.noise_joint(confident_joint, label_counts)
+        trans = decide.transition(joint)
+        noise, _ = decide.noise_rates(joint)
+        temperature = decide.fit_temperature(
+            np.concatenate(m.sample_probs or [np.zeros((0, m.k), np.float32)]).astype(np.float64),
+            np.concatenate(m.sample_labels or [np.zeros(0, np.int64)]), trans)
+        m.sample_probs = m.sample_labels = []
+        m.decide(results, trans, temperature)
+        m.tier = decide.tiers(m.p_wrong, m.disagree & predicted, noise * predicted.sum())
+        flags = m.tier == 0
+        summary = decide.summary(cfg, m.classes, labels=m.labels, num_preds=m.num_preds,
+                                 corrected=m.corrected, pct=m.pct, p_sugg=m.p_sugg,
+                                 tier=m.tier, joint=joint, temperature=temperature)
         writer = _ResultsWriter(Path(tmp))
         _write_sorted(m, results, flags, Path(tmp, "sorted"), writer)
         writer.close()
         out = runs.results_uri(run)
+        storage.write_text(summary_uri(run), json.dumps(summary, indent=2) + "\n")
         storage.write_file(storage.join(run, "predictions.parquet"), writer.parquet_path)
         storage.write_file(out, writer.csv_path)
         if cfg.results_path:  # a copy, and beside it the run it came from (relabel reads it)
@@ -791,6 +877,8 @@ def merge_run(run: str) -> str:
              "wrote %s", m.found, len(missing), m.n, int(covered.sum()),
              100 * covered.sum() / max(1, m.n), 100 * coverage, int(planned.sum()),
              int(flags.sum()), out)
+    for line in decide.summary_lines(summary):
+        (log.warning if line.startswith("WARNING") else log.info)("%s", line)
     return out
 
 
@@ -800,10 +888,16 @@ def _write_sorted(m: _Merge, results: _Spill, flags: np.ndarray, folder: Path,
     each bucket's rows to parts of the output order and sorting each part."""
     order = m.order(flags)
 
+    tier_names = pa.array(decide.TIERS, pa.string())
+
     def with_flags(table: pa.Table) -> pa.Table:
         ids = table.column("id").to_numpy()
-        return table.add_column(RESULT_COLUMNS.index("is_label_issue"), "is_label_issue",
-                                pa.array(flags[ids]))
+        table = table.add_column(RESULT_COLUMNS.index("is_label_issue"), "is_label_issue",
+                                 pa.array(flags[ids]))
+        for name, values in (("p_label_wrong", m.p_wrong), ("p_suggestion", m.p_sugg)):
+            table = table.append_column(
+                name, pa.array(np.round(values[ids].astype(np.float64), 4)))
+        return table.append_column("tier", tier_names.take(pa.array(m.tier[ids])))
 
     if m.in_memory:
         table = with_flags(pa.concat_tables(list(results.read(0))))
@@ -829,6 +923,19 @@ def _write_sorted(m: _Merge, results: _Spill, flags: np.ndarray, folder: Path,
         pa.default_memory_pool().release_unused()
 
 
+def summary_uri(run: str) -> str:
+    """Where the merge writes the run summary (`tasks.decide.summary`)."""
+    return storage.join(run, "summary.json")
+
+
+def read_summary(run: str) -> dict | None:
+    """The run summary, or None for a run merged before summaries existed."""
+    uri = summary_uri(run)
+    if not storage.exists(uri):
+        return None
+    return json.loads(storage.read_text(uri))
+
+
 def sort_most_suspicious(results: pd.DataFrame) -> pd.DataFrame:
     """Flagged first, then by label quality (lowest first); unpredicted images last."""
     key = results["label_quality"].fillna(2.0)
@@ -843,10 +950,12 @@ class ResultsError(UserError, ValueError):
 
 
 # Column -> how it is parsed: "bool" (true/false, 1/0, yes/no, any case), "int" (a count),
+# "tier" (one of tasks.decide.TIERS),
 # or the (low, high) range of a number (empty is missing).
 _TYPED_COLUMNS: dict[str, str | tuple[float, float]] = {
     "is_label_issue": "bool", "num_preds": "int", "%": (0, 100), "label_quality": (0, 1),
-    "suggested_quality": (0, 1)}
+    "suggested_quality": (0, 1), "p_label_wrong": (0, 1), "p_suggestion": (0, 1),
+    "tier": "tier"}
 _TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
 
 
@@ -855,7 +964,11 @@ def _parse_column(frame: pd.DataFrame, column: str, kind: str | tuple[float, flo
     """One typed column, strictly: the first bad value is an error naming its line (the header
     is line 1) and filename."""
     text = frame[column].astype(str).str.strip()
-    if kind == "bool":
+    if kind == "tier":
+        value = text.str.lower()
+        bad = ~value.isin(decide.TIERS)
+        expected = " or ".join(decide.TIERS)
+    elif kind == "bool":
         lower = text.str.lower()
         bad = ~lower.isin(_TRUE | _FALSE)
         value = lower.isin(_TRUE)

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from tasks import storage
+from tasks.decide import relabel_ceiling_values
 from tasks.errors import MissingFileError, UserError
 from tasks.storage import unsafe_key_reason
 
@@ -64,46 +65,30 @@ class Move:
     md5: str = ""  # content MD5 at plan time (journals written before it had none)
 
 
-def _lowest_share_reached(prob: np.ndarray) -> np.ndarray:
-    """Per probability p, the least float s with `s / 100 >= p` (as floats), so that
-    `p > s / 100` holds exactly when `s` is below it. `100 * p` alone can be an ulp off
-    (0.55 > 55 / 100 is false, but 55 < 100 * 0.55 is true); nudge it to the exact boundary."""
-    big = np.finfo(np.float64).max
-    with np.errstate(over="ignore"):  # only for absurd p: an infinite bound is then right
-        ceil = np.clip(prob * 100, -big, big)  # finite, so the steps below can start
-        while (up := np.isfinite(ceil) & (ceil / 100 < prob)).any():
-            ceil = np.where(up, np.nextafter(ceil, np.inf), ceil)
-        while (down := np.isfinite(ceil) & (np.nextafter(ceil, -np.inf) / 100 >= prob)).any():
-            ceil = np.where(down, np.nextafter(ceil, -np.inf), ceil)
-    return ceil
-
-
 def relabel_ceiling(results: pd.DataFrame, min_preds: int) -> pd.Series:
     """Per results row, the sensitivity below which it is relabelled: at sensitivity `s` a
-    row moves exactly when `s < relabel_ceiling` (the one relabel rule; `select_rows` and the
-    report's slider both compare against it). NaN for a row that never moves: not flagged as
-    a label issue, `corrected_label == label`, or `num_preds < min_preds`. Otherwise the
-    lower of `%` (the vote share must be above `s`) and the least `s` at which
-    `suggested_quality > s / 100` fails; a missing `%` or probability counts as -1."""
-    pct = pd.to_numeric(results["%"], errors="coerce").fillna(-1).to_numpy(np.float64)
-    prob = pd.to_numeric(results["suggested_quality"], errors="coerce").fillna(-1)
-    ceiling = np.minimum(pct, _lowest_share_reached(prob.to_numpy(np.float64)))
-    eligible = (results["is_label_issue"].astype(bool)
-                & (results["corrected_label"] != results["label"])
-                & (results["num_preds"] >= min_preds))
-    return pd.Series(np.where(eligible.to_numpy(), ceiling, np.nan), index=results.index,
-                     name="relabel_ceiling")
+    row moves exactly when `s < relabel_ceiling` (the one relabel rule,
+    `tasks.decide.relabel_ceiling_values`; `select_rows` and the report's slider both compare
+    against it). NaN for a row that never moves: not flagged as a label issue,
+    `corrected_label == label`, or `num_preds < min_preds`. Otherwise the lower of `%` (the
+    vote share) and 100 x `p_suggestion` (the calibrated probability that the suggestion is
+    right); a results CSV from before `p_suggestion` existed uses `suggested_quality`."""
+    prob_column = "p_suggestion" if "p_suggestion" in results.columns else "suggested_quality"
+    ceiling = relabel_ceiling_values(
+        results["is_label_issue"].astype(bool).to_numpy(),
+        (results["corrected_label"] != results["label"]).to_numpy(),
+        results["num_preds"].to_numpy(), min_preds,
+        pd.to_numeric(results["%"], errors="coerce").to_numpy(np.float64),
+        pd.to_numeric(results[prob_column], errors="coerce").to_numpy(np.float64))
+    return pd.Series(ceiling, index=results.index, name="relabel_ceiling")
 
 
 def select_rows(results: pd.DataFrame, sensitivity: float, min_preds: int) -> pd.DataFrame:
     """Rows to relabel: flagged as a label issue, `corrected_label != label`, both
-    `% > sensitivity` (vote share) and `suggested_quality > sensitivity / 100` (pooled
-    probability of the suggested label), and `num_preds >= min_preds`; that is, the rows
-    whose `relabel_ceiling` is above `sensitivity`.
-
-    The probability condition matters because with a few predictions per image the vote share
-    is coarse (2 predictions: 0, 50 or 100%): on Fashion-MNIST 20k with 20% symmetric noise it
-    raised the share of moves to the true class from 0.893 to 0.951 (benchmarks/RESULTS.md)."""
+    `% > sensitivity` (vote share) and `p_suggestion > sensitivity / 100` (the calibrated
+    probability that the suggested label is right; `suggested_quality` in results from before
+    it), and `num_preds >= min_preds`; that is, the rows whose `relabel_ceiling` is above
+    `sensitivity`."""
     needed = ["label", "corrected_label", "%", "suggested_quality", "num_preds",
               "is_label_issue"]
     missing = [c for c in needed if c not in results.columns]
@@ -523,6 +508,24 @@ def find_run(results_uri: str) -> str:
     return run
 
 
+def check_trusted(run: str, force: bool) -> None:
+    """Refuse (RelabelError, one line) a run whose summary's guard says the audit cannot be
+    trusted, unless `force` (then log a warning). A run without summary.json passes."""
+    from tasks.merge import read_summary, summary_uri
+
+    summary = read_summary(run)
+    guard = (summary or {}).get("guard") or {"trusted": True}
+    if guard.get("trusted", True):
+        return
+    why = "; ".join(guard.get("reasons") or ["no reason recorded"])
+    if force:
+        log.warning("relabelling although the audit cannot be trusted (--force): %s", why)
+        return
+    raise RelabelError(f"relabel refused: the audit cannot be trusted ({why}; "
+                       f"{summary_uri(run)}). {guard.get('remedy', '')}; or pass --force to "
+                       "relabel anyway")
+
+
 def run_classes(run: str) -> list[str]:
     """The classes of a run (its classes.json, written by the index step)."""
     uri = storage.join(run, "classes.json")
@@ -537,12 +540,14 @@ def run_classes(run: str) -> list[str]:
 
 def relabel_results(results_uri: str, sensitivity: float | None = None,
                     min_preds: int | None = None, dry_run: bool = False,
-                    decisions_uri: str | None = None) -> str | None:
+                    decisions_uri: str | None = None, force: bool = False) -> str | None:
     """Relabel from a run's results CSV (or its copy at `results_path`) with the run's
     relabel_mode and thresholds (or the given overrides), or, with `decisions_uri`, exactly
     as a reviewer's decisions file says (validated first). Returns the journal URI (move) or
     corrected-labels.csv URI (manifest); None for a dry run, and when nothing was selected to
-    move (no journal)."""
+    move (no journal). Threshold moves are refused when the run's model-quality guard says
+    the audit cannot be trusted, unless `force`; a reviewer's decisions are not (a person
+    chose each move)."""
     from tasks import runs
     from tasks.merge import read_results
 
@@ -556,6 +561,8 @@ def relabel_results(results_uri: str, sensitivity: float | None = None,
         raise MissingFileError(f"results CSV {results_uri} does not exist")
     run = find_run(results_uri)
     cfg = runs.read_config(run)
+    if decisions_uri is None:
+        check_trusted(run, force)
     sensitivity = cfg.sensitivity if sensitivity is None else sensitivity
     min_preds = cfg.min_preds if min_preds is None else min_preds
     results = read_results(results_uri)

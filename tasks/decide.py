@@ -1,0 +1,290 @@
+"""The decision layer: from the pooled out-of-sample predictions and cleanlab's estimate of
+the label noise, per image the probability that its given label is wrong and that the
+suggested label is right, the tiers, the model-quality guard and the run summary.
+
+Method (the choice is measured in benchmarks/RESULTS.md):
+- Noise: cleanlab's confident joint (rows: given label, columns: the class the pooled
+  prediction confidently names; `tasks.merge._BatchedFilter.count` counts it exactly as
+  `cleanlab.count.compute_confident_joint`), calibrated as `calibrate_confident_joint` does (each
+  row scaled to its class's image count) into the joint distribution of (given, true) labels,
+  with one pseudo-image of noise per class spread over the other classes, so no confusion is
+  impossible. From it the noise transition T[j, i] = P(given i | true j) and the estimated
+  noise rate overall and per class.
+- Calibration: models trained on noisy labels learn the noisy labels' distribution, so their
+  pooled probabilities q are softer than the true class's: one temperature t per run, fitted
+  on (a sample of) the images by maximum likelihood of their given labels under the noise
+  (sum_j p_t(j) T[j, given], p_t proportional to q^(1/t)).
+- Posterior: P(true j | image, given i) proportional to p_t(j) T[j, i], over every class the
+  pooled rows hold (all of them up to `FULL_PROBS_MAX_CLASSES`, the top k and the given label
+  beyond).
+- `p_label_wrong` = 1 - P(true = given); `p_suggestion` = P(true = suggested label).
+- Tiers: `issue` (the high-precision set, `is_label_issue`): p_label_wrong > 0.5 and the vote
+  names another class. `review`: the next most likely wrong, until issue + review hold
+  `REVIEW_FACTOR` times the estimated number of wrong labels. `ok`: the rest.
+- Relabel: an `issue` with at least `min_preds` predictions whose `p_suggestion` and vote
+  share are both above the sensitivity (`relabel_ceiling`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+TIERS = ("issue", "review", "ok")
+# An image is an issue when its label is more likely wrong than right.
+P_ISSUE = 0.5
+# issue + review hold this many times the estimated number of wrong labels.
+REVIEW_FACTOR = 2.0
+# Temperatures tried for the pooled probabilities (below 1 sharpens them).
+TEMPERATURES = np.exp(np.linspace(np.log(0.05), np.log(2.0), 60))
+# Pseudo-images of noise per given class, spread over the other classes.
+NOISE_PSEUDOCOUNT = 1.0
+# The guard: models whose agreement with the given labels is this share of the way from
+# chance (the largest class's share) to perfect, or less, are too weak to audit with.
+MIN_SKILL = 0.3
+# ... per class, with at least MIN_CLASS_IMAGES predicted images.
+MIN_CLASS_SKILL = 0.1
+MIN_CLASS_IMAGES = 10
+# Above this estimated noise rate the confident joint no longer tells labels from errors.
+MAX_NOISE = 0.5
+REMEDY = ("train longer (num_epochs), add images per class, or use a stronger or pretrained "
+          "model (model_name, model_weights)")
+
+
+def noise_joint(confident_joint: np.ndarray, label_counts: np.ndarray) -> np.ndarray:
+    """The joint distribution of (given, true) labels, summing to 1, from cleanlab's confident
+    joint (K x K counts, rows given) and the images per given class: cleanlab's calibration
+    (rows scaled to the class counts; a class without a confident row counted as clean) plus
+    `NOISE_PSEUDOCOUNT` pseudo-images of noise per class spread over the other classes."""
+    cj = np.asarray(confident_joint, dtype=np.float64).copy()
+    counts = np.asarray(label_counts, dtype=np.float64)
+    k = len(counts)
+    np.fill_diagonal(cj, np.maximum(cj.diagonal(), 1.0))  # as compute_confident_joint does
+    scaled = cj / cj.sum(1, keepdims=True) * counts[:, None]
+    if k > 1:
+        spread = np.full((k, k), NOISE_PSEUDOCOUNT / (k - 1))
+        np.fill_diagonal(spread, 0.0)
+        scaled += spread * (counts[:, None] > 0)
+    return scaled / max(scaled.sum(), 1e-12)
+
+
+def transition(joint: np.ndarray) -> np.ndarray:
+    """T[j, i] = P(given i | true j) from the joint (rows given, columns true); a true class
+    without mass keeps its label."""
+    col = joint.sum(0)
+    t = np.where(col > 0, joint / np.where(col > 0, col, 1.0), 0.0).T
+    empty = col <= 0
+    t[empty, :] = 0.0
+    t[empty, np.flatnonzero(empty)] = 1.0
+    return t
+
+
+def noise_rates(joint: np.ndarray) -> tuple[float, np.ndarray]:
+    """(overall, per given class) estimated share of wrong labels; NaN for a class without
+    images."""
+    rows = joint.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_class = np.where(rows > 0, 1.0 - joint.diagonal() / rows, np.nan)
+    return float(1.0 - np.trace(joint)), per_class
+
+
+def fit_temperature(probs: np.ndarray, labels: np.ndarray, trans: np.ndarray) -> float:
+    """The temperature t that best explains the given labels of a sample of images (rows of
+    pooled probabilities) through the noise: the maximum over `TEMPERATURES` of the mean log
+    of sum_j p_t(j) T[j, given], where p_t is proportional to q^(1/t)."""
+    if len(labels) == 0:
+        return 1.0
+    logq = np.log(np.clip(probs, 1e-12, None))
+    cols = trans[:, labels].T  # per image T[., given]
+    best, best_t = -np.inf, 1.0
+    for t in TEMPERATURES:
+        z = logq / t
+        z -= z.max(1, keepdims=True)
+        p = np.exp(z)
+        lik = (p * cols).sum(1) / p.sum(1)
+        ll = float(np.log(np.clip(lik, 1e-300, None)).mean())
+        if ll > best:
+            best, best_t = ll, float(t)
+    return best_t
+
+
+def posterior(probs: np.ndarray, labels: np.ndarray, corrected: np.ndarray,
+              trans: np.ndarray, temperature: float) -> tuple[np.ndarray, np.ndarray]:
+    """(p_label_wrong, p_suggestion) per row of pooled probabilities: P(true j | image, given
+    i) proportional to q(j)^(1/t) T[j, i]; `p_suggestion` is that of `corrected` (the given
+    label's own when the vote keeps it)."""
+    rows = np.arange(len(labels))
+    z = np.log(np.clip(probs, 1e-12, None)) / temperature
+    z -= z.max(1, keepdims=True)
+    w = np.exp(z) * trans[:, labels].T
+    total = w.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p_right = np.where(total > 0, w[rows, labels] / total, 1.0)
+        p_sugg = np.where(total > 0, w[rows, corrected] / total, 0.0)
+    return 1.0 - p_right, p_sugg
+
+
+def tiers(p_wrong: np.ndarray, disagree: np.ndarray, expected_wrong: float) -> np.ndarray:
+    """Per image 0 (issue), 1 (review) or 2 (ok): see the module docstring. `disagree`: the
+    vote names another class (and the image has a prediction)."""
+    n = len(p_wrong)
+    score = np.nan_to_num(p_wrong, nan=-1.0)
+    tier = np.full(n, 2, dtype=np.int8)
+    issue = disagree & (score > P_ISSUE)
+    tier[issue] = 0
+    room = math.ceil(REVIEW_FACTOR * expected_wrong) - int(issue.sum())
+    if room > 0:
+        candidates = np.flatnonzero(~issue & (score > 0))
+        if len(candidates) > room:
+            top = np.argpartition(-score[candidates], room - 1)[:room]
+            candidates = candidates[top]
+        tier[candidates] = 1
+    return tier
+
+
+def relabel_ceiling_values(issue: np.ndarray, differs: np.ndarray, num_preds: np.ndarray,
+                           min_preds: int, pct: np.ndarray,
+                           p_suggestion: np.ndarray) -> np.ndarray:
+    """Per image the sensitivity below which it is relabelled (NaN: never): an issue whose
+    suggestion differs from its label, with at least `min_preds` predictions; the lower of its
+    vote share `%` and 100 x `p_suggestion` (a missing value counts as -1). At sensitivity `s`
+    an image moves exactly when `s < ceiling`."""
+    pct = np.nan_to_num(np.asarray(pct, dtype=np.float64), nan=-1.0)
+    share = lowest_share_reached(np.nan_to_num(np.asarray(p_suggestion, dtype=np.float64),
+                                               nan=-1.0))
+    eligible = issue & differs & (np.asarray(num_preds) >= min_preds)
+    return np.where(eligible, np.minimum(pct, share), np.nan)
+
+
+def lowest_share_reached(prob: np.ndarray) -> np.ndarray:
+    """Per probability p, the least float s with `s / 100 >= p` (as floats), so that
+    `p > s / 100` holds exactly when `s` is below it. `100 * p` alone can be an ulp off
+    (0.55 > 55 / 100 is false, but 55 < 100 * 0.55 is true); nudge it to the exact boundary."""
+    big = np.finfo(np.float64).max
+    with np.errstate(over="ignore"):  # only for absurd p: an infinite bound is then right
+        ceil = np.clip(prob * 100, -big, big)  # finite, so the steps below can start
+        while (up := np.isfinite(ceil) & (ceil / 100 < prob)).any():
+            ceil = np.where(up, np.nextafter(ceil, np.inf), ceil)
+        while (down := np.isfinite(ceil) & (np.nextafter(ceil, -np.inf) / 100 >= prob)).any():
+            ceil = np.where(down, np.nextafter(ceil, -np.inf), ceil)
+    return ceil
+
+
+@dataclass
+class Verdict:
+    """Whether the audit can be trusted, and why not."""
+
+    trusted: bool
+    reasons: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"trusted": self.trusted, "reasons": self.reasons, "remedy": REMEDY}
+
+
+def guard(labels: np.ndarray, corrected: np.ndarray, predicted: np.ndarray,
+          noise_rate: float, classes: list[str]) -> tuple[Verdict, dict[str, float]]:
+    """The model-quality guard: (verdict, per-class agreement of the vote with the given
+    labels). Untrusted when the models are near chance overall (`MIN_SKILL`), the estimated
+    noise rate is above `MAX_NOISE`, or a class's images are almost never voted into it
+    (`MIN_CLASS_SKILL`)."""
+    k = len(classes)
+    lab, vote = labels[predicted], corrected[predicted]
+    reasons: list[str] = []
+    per_class: dict[str, float] = {}
+    if len(lab) == 0:
+        return Verdict(False, ["no image has a prediction"]), per_class
+    counts = np.bincount(lab, minlength=k)
+    agree_k = np.bincount(lab[vote == lab], minlength=k)
+    chance = counts.max() / len(lab)
+    agree = float((vote == lab).mean())
+    skill = (agree - chance) / max(1e-12, 1.0 - chance)
+    if skill <= MIN_SKILL:
+        reasons.append(f"the models are near chance: their vote agrees with {agree:.0%} of the "
+                       f"given labels, where always naming the largest class would agree with "
+                       f"{chance:.0%}")
+    if noise_rate > MAX_NOISE:
+        reasons.append(f"the estimated noise rate is {noise_rate:.0%}, above half: the models "
+                       "disagree with most labels, which is more likely the models' fault")
+    unlearnt = []
+    for c in np.flatnonzero(counts):
+        share = agree_k[c] / counts[c]
+        per_class[classes[c]] = float(share)
+        c_chance = counts[c] / len(lab)
+        c_skill = (share - c_chance) / max(1e-12, 1.0 - c_chance)
+        if counts[c] >= MIN_CLASS_IMAGES and c_skill <= MIN_CLASS_SKILL:
+            unlearnt.append(f"{classes[c]} ({share:.0%} of {counts[c]})")
+    if unlearnt:
+        reasons.append("the models never learnt class(es) " + ", ".join(unlearnt[:5])
+                       + (f" and {len(unlearnt) - 5} more" if len(unlearnt) > 5 else "")
+                       + ": the vote rarely keeps their images' labels")
+    return Verdict(not reasons, reasons), per_class
+
+
+def summary(cfg, classes: list[str], *, labels: np.ndarray, num_preds: np.ndarray,
+            corrected: np.ndarray, pct: np.ndarray, p_sugg: np.ndarray, tier: np.ndarray,
+            joint: np.ndarray, temperature: float) -> dict:
+    """The run summary (`<run>/summary.json`): sizes, the models' agreement, cleanlab's noise
+    estimate overall and per class, the tiers, what relabel would move at the run's
+    sensitivity, and the guard's verdict. `cfg`: the run's AuditConfig."""
+    k = len(classes)
+    predicted = num_preds > 0
+    noise, per_class_noise = noise_rates(joint)
+    verdict, agreement = guard(labels, corrected, predicted, noise, classes)
+    issue = tier == 0
+    ceiling = relabel_ceiling_values(issue, corrected != labels, num_preds, cfg.min_preds,
+                                     pct, p_sugg)
+    moves = np.nan_to_num(ceiling, nan=-np.inf) > cfg.sensitivity
+    counts = np.bincount(labels, minlength=k)
+    flagged = np.bincount(labels[issue], minlength=k)
+    review = np.bincount(labels[tier == 1], minlength=k)
+    per_class = [
+        {"class": classes[c], "images": int(counts[c]),
+         "estimated_noise_rate": _num(per_class_noise[c]),
+         "flagged": int(flagged[c]), "flagged_share": _num(flagged[c] / counts[c]),
+         "review": int(review[c]), "agreement": _num(agreement.get(classes[c]))}
+        for c in range(k) if counts[c]]
+    npred = num_preds[predicted]
+    return {
+        "images": len(labels), "classes": k, "predicted": int(predicted.sum()),
+        "predictions_per_image": {
+            "mean": _num(npred.mean()) if len(npred) else 0.0,
+            "min": int(npred.min()) if len(npred) else 0,
+            "max": int(npred.max()) if len(npred) else 0},
+        "pooled_accuracy": _num((corrected[predicted] == labels[predicted]).mean())
+        if predicted.any() else None,
+        "estimated_noise_rate": _num(noise),
+        "estimated_wrong_labels": round(float(noise) * int(predicted.sum())),
+        "temperature": _num(temperature),
+        "flagged": int(issue.sum()), "review": int((tier == 1).sum()),
+        "sensitivity": float(cfg.sensitivity), "min_preds": int(cfg.min_preds),
+        "would_relabel": int(moves.sum()),
+        "guard": verdict.to_dict(),
+        "per_class": per_class,
+    }
+
+
+def _num(x) -> float | None:
+    """A finite float rounded for JSON, or None."""
+    if x is None:
+        return None
+    x = float(x)
+    return round(x, 4) if math.isfinite(x) else None
+
+
+def summary_lines(s: dict) -> list[str]:
+    """A few lines for the CLI and the task log."""
+    lines = [
+        f"{s['images']:,} images in {s['classes']} classes, "
+        f"{s['predictions_per_image']['mean']:.1f} predictions per image; the models' vote "
+        f"agrees with {s['pooled_accuracy'] or 0:.1%} of the given labels",
+        f"estimated wrong labels: {s['estimated_wrong_labels']:,} "
+        f"({s['estimated_noise_rate'] or 0:.1%}); flagged as issues: {s['flagged']:,}; "
+        f"to review: {s['review']:,}; would relabel at sensitivity {s['sensitivity']:g}: "
+        f"{s['would_relabel']:,}"]
+    g = s["guard"]
+    if not g["trusted"]:
+        lines.append("WARNING: this audit cannot be trusted: " + "; ".join(g["reasons"])
+                     + f". Remedy: {g['remedy']}. relabel refuses this run unless --force.")
+    return lines
