@@ -937,9 +937,12 @@ def read_summary(run: str) -> dict | None:
 
 
 def sort_most_suspicious(results: pd.DataFrame) -> pd.DataFrame:
-    """Flagged first, then by label quality (lowest first); unpredicted images last."""
+    """By tier (issue, review, ok; results without tiers: flagged first), then by label
+    quality (lowest first), then file name; unpredicted images last within their tier."""
     key = results["label_quality"].fillna(2.0)
-    return (results.assign(_flag=~results["is_label_issue"], _q=key)
+    rank = (results["tier"].map({t: i for i, t in enumerate(decide.TIERS)})
+            if "tier" in results.columns else ~results["is_label_issue"])
+    return (results.assign(_flag=rank, _q=key)
             .sort_values(["_flag", "_q", "filename"], kind="stable")
             .drop(columns=["_flag", "_q"]).reset_index(drop=True))
 
