@@ -84,7 +84,7 @@ def make_sample(work: Path, dataset: str, noise: str, seed: int, n: int | None) 
 # Keys that only change how merge scores the pooled predictions: --reuse re-merges with
 # their current values instead of retraining.
 SCORING_ONLY_KEYS = ("max_label_quality", "min_preds", "sensitivity", "autocorrect",
-                     "relabel_mode", "report_top_n", "merge_memory_gb")
+                     "relabel_mode", "report_top_n", "merge_memory_gb", "force_relabel")
 
 
 def config_hash(cfg_dict: dict) -> str:

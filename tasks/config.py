@@ -223,6 +223,13 @@ class AuditConfig(BaseModel):
         description="Relabel after the audit (in the DAG and `audit --relabel`).",
         json_schema_extra=_section("Relabelling"),
     )
+    force_relabel: bool = Field(
+        False,
+        description="Relabel even when the model-quality guard says the audit cannot be "
+        "trusted (models near chance, estimated noise above half, a class never learnt; see "
+        "the run's summary.json). Off: relabel refuses such a run with one line.",
+        json_schema_extra=_section("Relabelling"),
+    )
     relabel_mode: Literal["move", "manifest"] = Field(
         "move",
         description="move: move images into their corrected class folder (journaled, undoable). "

@@ -1,28 +1,20 @@
-"""The decision layer: from the pooled out-of-sample predictions and cleanlab's estimate of
-the label noise, per image the probability that its given label is wrong and that the
-suggested label is right, the tiers, the model-quality guard and the run summary.
+"""The decision layer over the pooled out-of-sample predictions: tiers, cleanlab's noise
+estimate, the model-quality guard, the relabel rule and the run summary.
 
-Method (the choice is measured in benchmarks/RESULTS.md):
 - Noise: cleanlab's confident joint (rows: given label, columns: the class the pooled
-  prediction confidently names; `tasks.merge._BatchedFilter.count` counts it exactly as
-  `cleanlab.count.compute_confident_joint`), calibrated as `calibrate_confident_joint` does (each
-  row scaled to its class's image count) into the joint distribution of (given, true) labels,
-  with one pseudo-image of noise per class spread over the other classes, so no confusion is
-  impossible. From it the noise transition T[j, i] = P(given i | true j) and the estimated
-  noise rate overall and per class.
-- Calibration: models trained on noisy labels learn the noisy labels' distribution, so their
-  pooled probabilities q are softer than the true class's: one temperature t per run, fitted
-  on (a sample of) the images by maximum likelihood of their given labels under the noise
-  (sum_j p_t(j) T[j, given], p_t proportional to q^(1/t)).
-- Posterior: P(true j | image, given i) proportional to p_t(j) T[j, i], over every class the
-  pooled rows hold (all of them up to `FULL_PROBS_MAX_CLASSES`, the top k and the given label
-  beyond).
-- `p_label_wrong` = 1 - P(true = given); `p_suggestion` = P(true = suggested label).
-- Tiers: `issue` (the high-precision set, `is_label_issue`): p_label_wrong > 0.5 and the vote
-  names another class. `review`: the next most likely wrong, until issue + review hold
-  `REVIEW_FACTOR` times the estimated number of wrong labels. `ok`: the rest.
-- Relabel: an `issue` with at least `min_preds` predictions whose `p_suggestion` and vote
-  share are both above the sensitivity (`relabel_ceiling`).
+  prediction confidently names), counted exactly as `cleanlab.count.compute_confident_joint`
+  by `tasks.merge._BatchedFilter.count`, calibrated as `calibrate_confident_joint` does (each
+  row scaled to its class's image count) into the joint distribution of (given, true)
+  labels. Its off-diagonal mass is the estimated noise rate,
+  overall and per class. With weak models it counts model errors as label noise, so it is an
+  upper estimate.
+- Tiers: `issue` is `is_label_issue` (the merge's rule, see tasks/merge.py); `review` the next
+  most suspicious images (lowest label quality first) until issue + review hold
+  `REVIEW_FACTOR` times the estimated number of wrong labels, so that the wrong labels the
+  issue tier misses are in front of a reviewer; `ok` the rest.
+- Guard: whether the models are good enough for their flags to mean anything (`guard`).
+- Relabel: an issue with at least `min_preds` predictions whose vote share `%` and pooled
+  probability of the suggestion are both above the sensitivity (`relabel_ceiling_values`).
 """
 
 from __future__ import annotations
@@ -33,14 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 TIERS = ("issue", "review", "ok")
-# An image is an issue when its label is more likely wrong than right.
-P_ISSUE = 0.5
 # issue + review hold this many times the estimated number of wrong labels.
 REVIEW_FACTOR = 2.0
-# Temperatures tried for the pooled probabilities (below 1 sharpens them).
-TEMPERATURES = np.exp(np.linspace(np.log(0.05), np.log(2.0), 60))
-# Pseudo-images of noise per given class, spread over the other classes.
-NOISE_PSEUDOCOUNT = 1.0
 # The guard: models whose agreement with the given labels is this share of the way from
 # chance (the largest class's share) to perfect, or less, are too weak to audit with.
 MIN_SKILL = 0.3
@@ -56,29 +42,13 @@ REMEDY = ("train longer (num_epochs), add images per class, or use a stronger or
 def noise_joint(confident_joint: np.ndarray, label_counts: np.ndarray) -> np.ndarray:
     """The joint distribution of (given, true) labels, summing to 1, from cleanlab's confident
     joint (K x K counts, rows given) and the images per given class: cleanlab's calibration
-    (rows scaled to the class counts; a class without a confident row counted as clean) plus
-    `NOISE_PSEUDOCOUNT` pseudo-images of noise per class spread over the other classes."""
+    (at least one image on each diagonal cell, rows scaled to the class counts), without its
+    integer rounding."""
     cj = np.asarray(confident_joint, dtype=np.float64).copy()
     counts = np.asarray(label_counts, dtype=np.float64)
-    k = len(counts)
     np.fill_diagonal(cj, np.maximum(cj.diagonal(), 1.0))  # as compute_confident_joint does
     scaled = cj / cj.sum(1, keepdims=True) * counts[:, None]
-    if k > 1:
-        spread = np.full((k, k), NOISE_PSEUDOCOUNT / (k - 1))
-        np.fill_diagonal(spread, 0.0)
-        scaled += spread * (counts[:, None] > 0)
     return scaled / max(scaled.sum(), 1e-12)
-
-
-def transition(joint: np.ndarray) -> np.ndarray:
-    """T[j, i] = P(given i | true j) from the joint (rows given, columns true); a true class
-    without mass keeps its label."""
-    col = joint.sum(0)
-    t = np.where(col > 0, joint / np.where(col > 0, col, 1.0), 0.0).T
-    empty = col <= 0
-    t[empty, :] = 0.0
-    t[empty, np.flatnonzero(empty)] = 1.0
-    return t
 
 
 def noise_rates(joint: np.ndarray) -> tuple[float, np.ndarray]:
@@ -90,69 +60,31 @@ def noise_rates(joint: np.ndarray) -> tuple[float, np.ndarray]:
     return float(1.0 - np.trace(joint)), per_class
 
 
-def fit_temperature(probs: np.ndarray, labels: np.ndarray, trans: np.ndarray) -> float:
-    """The temperature t that best explains the given labels of a sample of images (rows of
-    pooled probabilities) through the noise: the maximum over `TEMPERATURES` of the mean log
-    of sum_j p_t(j) T[j, given], where p_t is proportional to q^(1/t)."""
-    if len(labels) == 0:
-        return 1.0
-    logq = np.log(np.clip(probs, 1e-12, None))
-    cols = trans[:, labels].T  # per image T[., given]
-    best, best_t = -np.inf, 1.0
-    for t in TEMPERATURES:
-        z = logq / t
-        z -= z.max(1, keepdims=True)
-        p = np.exp(z)
-        lik = (p * cols).sum(1) / p.sum(1)
-        ll = float(np.log(np.clip(lik, 1e-300, None)).mean())
-        if ll > best:
-            best, best_t = ll, float(t)
-    return best_t
-
-
-def posterior(probs: np.ndarray, labels: np.ndarray, corrected: np.ndarray,
-              trans: np.ndarray, temperature: float) -> tuple[np.ndarray, np.ndarray]:
-    """(p_label_wrong, p_suggestion) per row of pooled probabilities: P(true j | image, given
-    i) proportional to q(j)^(1/t) T[j, i]; `p_suggestion` is that of `corrected` (the given
-    label's own when the vote keeps it)."""
-    rows = np.arange(len(labels))
-    z = np.log(np.clip(probs, 1e-12, None)) / temperature
-    z -= z.max(1, keepdims=True)
-    w = np.exp(z) * trans[:, labels].T
-    total = w.sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        p_right = np.where(total > 0, w[rows, labels] / total, 1.0)
-        p_sugg = np.where(total > 0, w[rows, corrected] / total, 0.0)
-    return 1.0 - p_right, p_sugg
-
-
-def tiers(p_wrong: np.ndarray, disagree: np.ndarray, expected_wrong: float) -> np.ndarray:
-    """Per image 0 (issue), 1 (review) or 2 (ok): see the module docstring. `disagree`: the
-    vote names another class (and the image has a prediction)."""
-    n = len(p_wrong)
-    score = np.nan_to_num(p_wrong, nan=-1.0)
-    tier = np.full(n, 2, dtype=np.int8)
-    issue = disagree & (score > P_ISSUE)
+def tiers(issue: np.ndarray, quality: np.ndarray, expected_wrong: float) -> np.ndarray:
+    """Per image 0 (issue), 1 (review) or 2 (ok): the `issue` images, then the predicted
+    images of lowest label quality (`quality`; NaN: no prediction) until the first two tiers
+    hold `REVIEW_FACTOR` x `expected_wrong` images (ties at the boundary: lower id first)."""
+    tier = np.full(len(issue), 2, dtype=np.int8)
     tier[issue] = 0
     room = math.ceil(REVIEW_FACTOR * expected_wrong) - int(issue.sum())
-    if room > 0:
-        candidates = np.flatnonzero(~issue & (score > 0))
+    candidates = np.flatnonzero(~issue & ~np.isnan(quality))
+    if room > 0 and len(candidates):
         if len(candidates) > room:
-            top = np.argpartition(-score[candidates], room - 1)[:room]
-            candidates = candidates[top]
+            order = np.lexsort((candidates, quality[candidates]))
+            candidates = candidates[order[:room]]
         tier[candidates] = 1
     return tier
 
 
 def relabel_ceiling_values(issue: np.ndarray, differs: np.ndarray, num_preds: np.ndarray,
                            min_preds: int, pct: np.ndarray,
-                           p_suggestion: np.ndarray) -> np.ndarray:
+                           suggested_quality: np.ndarray) -> np.ndarray:
     """Per image the sensitivity below which it is relabelled (NaN: never): an issue whose
     suggestion differs from its label, with at least `min_preds` predictions; the lower of its
-    vote share `%` and 100 x `p_suggestion` (a missing value counts as -1). At sensitivity `s`
-    an image moves exactly when `s < ceiling`."""
+    vote share `%` and the least `s` at which `suggested_quality > s / 100` fails (a missing
+    value counts as -1). At sensitivity `s` an image moves exactly when `s < ceiling`."""
     pct = np.nan_to_num(np.asarray(pct, dtype=np.float64), nan=-1.0)
-    share = lowest_share_reached(np.nan_to_num(np.asarray(p_suggestion, dtype=np.float64),
+    share = lowest_share_reached(np.nan_to_num(np.asarray(suggested_quality, dtype=np.float64),
                                                nan=-1.0))
     eligible = issue & differs & (np.asarray(num_preds) >= min_preds)
     return np.where(eligible, np.minimum(pct, share), np.nan)
@@ -223,8 +155,8 @@ def guard(labels: np.ndarray, corrected: np.ndarray, predicted: np.ndarray,
 
 
 def summary(cfg, classes: list[str], *, labels: np.ndarray, num_preds: np.ndarray,
-            corrected: np.ndarray, pct: np.ndarray, p_sugg: np.ndarray, tier: np.ndarray,
-            joint: np.ndarray, temperature: float) -> dict:
+            corrected: np.ndarray, pct: np.ndarray, suggested_quality: np.ndarray,
+            tier: np.ndarray, joint: np.ndarray) -> dict:
     """The run summary (`<run>/summary.json`): sizes, the models' agreement, cleanlab's noise
     estimate overall and per class, the tiers, what relabel would move at the run's
     sensitivity, and the guard's verdict. `cfg`: the run's AuditConfig."""
@@ -234,7 +166,7 @@ def summary(cfg, classes: list[str], *, labels: np.ndarray, num_preds: np.ndarra
     verdict, agreement = guard(labels, corrected, predicted, noise, classes)
     issue = tier == 0
     ceiling = relabel_ceiling_values(issue, corrected != labels, num_preds, cfg.min_preds,
-                                     pct, p_sugg)
+                                     pct, suggested_quality)
     moves = np.nan_to_num(ceiling, nan=-np.inf) > cfg.sensitivity
     counts = np.bincount(labels, minlength=k)
     flagged = np.bincount(labels[issue], minlength=k)
@@ -256,7 +188,6 @@ def summary(cfg, classes: list[str], *, labels: np.ndarray, num_preds: np.ndarra
         if predicted.any() else None,
         "estimated_noise_rate": _num(noise),
         "estimated_wrong_labels": round(float(noise) * int(predicted.sum())),
-        "temperature": _num(temperature),
         "flagged": int(issue.sum()), "review": int((tier == 1).sum()),
         "sensitivity": float(cfg.sensitivity), "min_preds": int(cfg.min_preds),
         "would_relabel": int(moves.sum()),

@@ -82,11 +82,7 @@ from tasks.shards import (
 log = logging.getLogger(__name__)
 
 RESULT_COLUMNS = ["filename", "label", "corrected_label", "num_preds", "%", "label_quality",
-                  "is_label_issue", "suggested_quality", "votes", "id", "p_label_wrong",
-                  "p_suggestion", "tier"]
-# Columns the decision layer adds at the end (`tasks.decide`); a results CSV without them is
-# read as before.
-DECISION_COLUMNS = ["p_label_wrong", "p_suggestion", "tier"]
+                  "is_label_issue", "suggested_quality", "votes", "id", "tier"]
 FILTER_BY = "low_self_confidence"
 # Mean probability above which a unanimous vote for another class flags an image by itself.
 CONFIDENT_VOTE = 0.7
@@ -105,7 +101,6 @@ TOPK_IMAGE_BYTES = 800  # per image beyond FULL_PROBS_MAX_CLASSES: its top-k cla
 MAX_BUCKETS = 256
 CHUNK_CELLS = 1 << 21  # images x classes scored at a time
 WRITE_ROWS = 1 << 17  # rows per CSV write and Parquet row group
-SAMPLE_CELLS = 1 << 21  # images x classes of the sample the temperature is fitted on
 
 
 class MissingShardsError(UserError, RuntimeError):
@@ -564,14 +559,8 @@ class _Merge:
         self.disagree = np.zeros(self.n, dtype=bool)
         self.corrected = np.zeros(self.n, dtype=np.int32)
         self.pct = np.full(self.n, np.nan, dtype=np.float32)
-        # Set after pass 2 (`decide`): the calibrated probabilities and the tiers.
-        self.p_wrong = np.full(self.n, np.nan, dtype=np.float32)
-        self.p_sugg = np.full(self.n, np.nan, dtype=np.float32)
-        self.tier = np.full(self.n, 2, dtype=np.int8)
-        # A sample of predicted images' pooled probabilities, for the temperature.
-        self.sample_every = max(1, math.ceil(self.n * self.k / SAMPLE_CELLS))
-        self.sample_probs: list[np.ndarray] = []
-        self.sample_labels: list[np.ndarray] = []
+        self.suggested_quality = np.full(self.n, np.nan, dtype=np.float32)
+        self.tier = np.full(self.n, 2, dtype=np.int8)  # set after pass 2 (`tasks.decide`)
 
     @property
     def in_memory(self) -> bool:
@@ -655,10 +644,6 @@ class _Merge:
                                            npred[a:b]).items():
                 s[key][a:b] = value
             p = predicted[a:b]
-            pick = p & ((np.arange(lo + a, lo + b) % self.sample_every) == 0)
-            if pick.any():
-                self.sample_probs.append(_scaled(means[pick]).astype(np.float32))
-                self.sample_labels.append(lab[a:b][pick])
             sub = filt.scaled(_scaled(means[p]))
             self_conf[done:done + len(sub)] = filt.self_confidence(lab[a:b][p], sub)
             done += len(sub)
@@ -671,6 +656,7 @@ class _Merge:
         self.quality[lo:hi] = quality
         self.corrected[lo:hi] = s["corrected"]
         self.pct[lo:hi] = np.round(s["pct"], 2)
+        self.suggested_quality[lo:hi] = np.round(s["suggested_quality"], 5)
         columns = {
             "filename": self.keys.slice(lo, hi - lo),
             "label": self.label_names.slice(lo, hi - lo),
@@ -712,41 +698,6 @@ class _Merge:
                 counted += int(filt.count(rows, sub).sum())
         kept.unlink()
         return counted
-
-    # pass 3 ---------------------------------------------------------------------------
-    def decide(self, results: _Spill, trans: np.ndarray, temperature: float) -> None:
-        """The calibrated probabilities of every predicted image (`tasks.decide.posterior`),
-        from the pooled probabilities in each bucket's result rows."""
-        step = max(1, CHUNK_CELLS // self.k)
-        for b in range(len(self.buckets)):
-            for table in results.read(b, keep=True):
-                for start in range(0, table.num_rows, step):
-                    chunk = table.slice(start, step)
-                    ids = chunk.column("id").to_numpy()
-                    probs = self._chunk_probs(chunk, ids)
-                    has = self.num_preds[ids] > 0
-                    if not has.any():
-                        continue
-                    ids, probs = ids[has], _scaled(probs[has])
-                    p_wrong, p_sugg = decide.posterior(probs, self.labels[ids],
-                                                       self.corrected[ids], trans, temperature)
-                    self.p_wrong[ids], self.p_sugg[ids] = p_wrong, p_sugg
-
-    def _chunk_probs(self, chunk: pa.Table, ids: np.ndarray) -> np.ndarray:
-        """Dense pooled probabilities of result rows: `mean_probs`, or the top-k classes and
-        the given label's `label_quality` (the other classes 0)."""
-        if self.dense_out:
-            values = chunk.column("mean_probs").combine_chunks().values.to_numpy(
-                zero_copy_only=False)
-            return np.nan_to_num(values.reshape(len(ids), self.k).astype(np.float64), nan=0.0)
-        dense = np.zeros((len(ids), self.k))
-        idx = chunk.column("topk_idx").combine_chunks().values.to_numpy().reshape(len(ids), -1)
-        val = chunk.column("topk_prob").combine_chunks().values.to_numpy(
-            zero_copy_only=False).reshape(len(ids), -1)
-        np.put_along_axis(dense, idx.astype(np.int64), np.nan_to_num(val, nan=0.0), axis=1)
-        rows = np.arange(len(ids))
-        dense[rows, self.labels[ids]] = np.nan_to_num(self.quality[ids], nan=0.0)
-        return dense
 
     def order(self, flags: np.ndarray) -> np.ndarray:
         """Row order of the results: `sort_most_suspicious` on the per-image keys (the tier,
@@ -839,28 +790,25 @@ def merge_run(run: str) -> str:
             m._workspace = None  # pass 2 reads the kept probabilities only
         label_counts = np.bincount(m.labels[predicted], minlength=m.k)
         confident_joint = np.diag(label_counts)
+        cleanlab = np.zeros(m.n, dtype=bool)
         if len(filt.present) >= 2:
             filt.set_thresholds(m.labels[predicted], conf_all)
-            for b in range(len(m.buckets)):
-                m.count_bucket(shards, b, filt, kept[b])
+            counted = sum(m.count_bucket(shards, b, filt, kept[b])
+                          for b in range(len(m.buckets)))
+            cleanlab[predicted] = filt.flags(conf_all, counted)
             confident_joint = filt.full_joint()
         del conf_all, self_conf
         m.in_memory_pool = m._workspace = None
         pa.default_memory_pool().release_unused()  # Arrow keeps freed memory otherwise
         shards.close()
+        flags = (cleanlab | m.vote_flag) & m.disagree
         joint = decide.noise_joint(confident_joint, label_counts)
-        trans = decide.transition(joint)
         noise, _ = decide.noise_rates(joint)
-        temperature = decide.fit_temperature(
-            np.concatenate(m.sample_probs or [np.zeros((0, m.k), np.float32)]).astype(np.float64),
-            np.concatenate(m.sample_labels or [np.zeros(0, np.int64)]), trans)
-        m.sample_probs = m.sample_labels = []
-        m.decide(results, trans, temperature)
-        m.tier = decide.tiers(m.p_wrong, m.disagree & predicted, noise * predicted.sum())
-        flags = m.tier == 0
+        m.tier = decide.tiers(flags, m.quality, noise * predicted.sum())
         summary = decide.summary(cfg, m.classes, labels=m.labels, num_preds=m.num_preds,
-                                 corrected=m.corrected, pct=m.pct, p_sugg=m.p_sugg,
-                                 tier=m.tier, joint=joint, temperature=temperature)
+                                 corrected=m.corrected, pct=m.pct,
+                                 suggested_quality=m.suggested_quality, tier=m.tier,
+                                 joint=joint)
         writer = _ResultsWriter(Path(tmp))
         _write_sorted(m, results, flags, Path(tmp, "sorted"), writer)
         writer.close()
@@ -894,9 +842,6 @@ def _write_sorted(m: _Merge, results: _Spill, flags: np.ndarray, folder: Path,
         ids = table.column("id").to_numpy()
         table = table.add_column(RESULT_COLUMNS.index("is_label_issue"), "is_label_issue",
                                  pa.array(flags[ids]))
-        for name, values in (("p_label_wrong", m.p_wrong), ("p_suggestion", m.p_sugg)):
-            table = table.append_column(
-                name, pa.array(np.round(values[ids].astype(np.float64), 4)))
         return table.append_column("tier", tier_names.take(pa.array(m.tier[ids])))
 
     if m.in_memory:
@@ -957,8 +902,7 @@ class ResultsError(UserError, ValueError):
 # or the (low, high) range of a number (empty is missing).
 _TYPED_COLUMNS: dict[str, str | tuple[float, float]] = {
     "is_label_issue": "bool", "num_preds": "int", "%": (0, 100), "label_quality": (0, 1),
-    "suggested_quality": (0, 1), "p_label_wrong": (0, 1), "p_suggestion": (0, 1),
-    "tier": "tier"}
+    "suggested_quality": (0, 1), "tier": "tier"}
 _TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
 
 

@@ -339,6 +339,7 @@ def reference_merge(run: str) -> tuple[bytes, np.ndarray]:
     densified row by row, cleanlab's `find_label_issues` itself, pandas' `to_csv`), and the
     mean probabilities in the results' order."""
     from cleanlab.count import compute_confident_joint
+    from cleanlab.filter import find_label_issues
 
     cfg = runs.read_config(run)
     manifest, classes = read_manifest(run)
@@ -375,41 +376,28 @@ def reference_merge(run: str) -> tuple[bytes, np.ndarray]:
         pct = np.where(predicted, votes[rows, corrected] / num_preds * 100, np.nan)
     quality = np.where(predicted, safe[rows, labels], np.nan)
     suggested = np.where(predicted, safe[rows, corrected], np.nan)
-    # The decision layer on the dense arrays, with cleanlab's own confident joint.
+    flagged = np.zeros(n, dtype=bool)
     sub_labels, sub = labels[predicted], safe[predicted]
     sub = sub / sub.sum(1, keepdims=True).clip(min=1e-12)
     present = np.unique(sub_labels)
     remap = np.full(k, -1)
     remap[present] = np.arange(len(present))
-    sub_present = sub[:, present]
-    sub_present = sub_present / sub_present.sum(1, keepdims=True).clip(min=1e-12)
+    sub = sub[:, present]
+    sub = sub / sub.sum(1, keepdims=True).clip(min=1e-12)
+    flagged[predicted] = find_label_issues(remap[sub_labels], sub,
+                                           filter_by="low_self_confidence", n_jobs=1)
+    flagged |= ((np.nan_to_num(pct, nan=0.0) == 100) & (num_preds >= 2)
+                & (np.nan_to_num(suggested, nan=0.0) > merge.CONFIDENT_VOTE))
+    flagged &= (corrected != labels) & (np.nan_to_num(quality, nan=1.0) < cfg.max_label_quality)
+    # Tiers from cleanlab's own confident joint.
     label_counts = np.bincount(sub_labels, minlength=k)
     cj = np.diag(label_counts)
     if len(present) >= 2:
         cj = np.zeros((k, k), dtype=np.int64)
-        cj[np.ix_(present, present)] = compute_confident_joint(
-            remap[sub_labels], sub_present, calibrate=False)
-    joint = decide.noise_joint(cj, label_counts)
-    trans = decide.transition(joint)
-    noise, _ = decide.noise_rates(joint)
-    temperature = decide.fit_temperature(sub.astype(np.float32).astype(np.float64), sub_labels,
-                                         trans)
-    rounded_quality = np.round(quality, 5)
-    if k <= FULL_PROBS_MAX_CLASSES:
-        kept = np.nan_to_num(mean_probs.astype(np.float32).astype(np.float64), nan=0.0)
-    else:  # the pooled top k and the given label's (rounded) label quality, as the results
-        kept = np.zeros((n, k))
-        top = np.argsort(-safe, axis=1, kind="stable")[:, :TOP_K]
-        np.put_along_axis(kept, top, np.take_along_axis(safe, top, 1).astype(np.float32), 1)
-        kept[rows, labels] = np.nan_to_num(rounded_quality, nan=0.0)
-    kept = kept / kept.sum(1, keepdims=True).clip(min=1e-12)
-    p_wrong, p_sugg = np.full(n, np.nan), np.full(n, np.nan)
-    p_wrong[predicted], p_sugg[predicted] = decide.posterior(
-        kept[predicted], sub_labels, corrected[predicted], trans, temperature)
-    p_wrong, p_sugg = p_wrong.astype(np.float32), p_sugg.astype(np.float32)
-    disagree = (corrected != labels) & (np.nan_to_num(quality, nan=1.0) < cfg.max_label_quality)
-    tier = decide.tiers(p_wrong, disagree & predicted, noise * predicted.sum())
-    flagged = tier == 0
+        cj[np.ix_(present, present)] = compute_confident_joint(remap[sub_labels], sub,
+                                                               calibrate=False)
+    noise, _ = decide.noise_rates(decide.noise_joint(cj, label_counts))
+    tier = decide.tiers(flagged, np.round(quality, 5), noise * predicted.sum())
 
     def votes_text(row: np.ndarray) -> str:
         nz = np.flatnonzero(row)
@@ -422,8 +410,6 @@ def reference_merge(run: str) -> tuple[bytes, np.ndarray]:
         "num_preds": num_preds, "%": np.round(pct, 2), "label_quality": np.round(quality, 5),
         "is_label_issue": flagged, "suggested_quality": np.round(suggested, 5),
         "votes": [votes_text(v) for v in votes], "id": manifest["id"],
-        "p_label_wrong": np.round(p_wrong.astype(np.float64), 4),
-        "p_suggestion": np.round(p_sugg.astype(np.float64), 4),
         "tier": np.asarray(decide.TIERS, dtype=object)[tier]}))
     order = results["id"].to_numpy()
     return results.to_csv(index=False).encode(), mean_probs[order].astype(np.float32)
@@ -532,8 +518,7 @@ def test_csv_text_is_what_pandas_writes():
                           "num_preds": rng.integers(0, 1000, m), "%": floats,
                           "label_quality": floats[::-1], "is_label_issue": rng.random(m) < 0.5,
                           "suggested_quality": np.round(floats, 3), "votes": names,
-                          "id": np.arange(m), "p_label_wrong": floats[::-1],
-                          "p_suggestion": np.round(floats, 4),
+                          "id": np.arange(m),
                           "tier": rng.choice(["issue", "review", "ok"], m)})
     want = frame.to_csv(index=False).encode().split(b"\n", 1)[1]
     assert bytes(merge._csv_bytes(pa.Table.from_pandas(frame, preserve_index=False))) == want
