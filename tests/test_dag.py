@@ -152,7 +152,9 @@ def test_local_runner_audits_a_tiny_dataset(dagbag, dataset, tmp_path) -> None:
     dag = dagbag.dags["auto_correct_labels"]
     trainer_lines = LogLines(acl.TRAINER_LOGGER)
     merge_lines = LogLines("tasks.merge")
-    conf = tiny_conf(dataset, tmp_path / "work", autocorrect=True, relabel_mode="manifest")
+    # One epoch on a tiny dataset: the guard would stop the relabel, so it is forced.
+    conf = tiny_conf(dataset, tmp_path / "work", autocorrect=True, relabel_mode="manifest",
+                     force_relabel=True)
     dr = dag.test(run_conf=conf)
     assert dr.state == "success", states(dr)
     got = states(dr)
