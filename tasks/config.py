@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -64,6 +65,12 @@ TRAINING_KEYS = (
     "image_size", "augment", "weight_decay", "ffcv",
 )
 RECIPES = ("auto", "scratch", "finetune")
+
+
+def weights_path_like(value: str) -> bool:
+    """Whether a model_weights value names a state-dict file (a path or s3:// URI) rather
+    than a torchvision weights name (names never hold '/' or '.')."""
+    return value.startswith("s3://") or "/" in value or "." in value or os.path.exists(value)
 
 
 class ConfigError(UserError, ValueError):

@@ -21,9 +21,9 @@ from tasks.config import (
     MODEL_NAMES,
     AuditConfig,
     ConfigError,
+    weights_path_like,
 )
 from tasks.images import Preprocess
-from tasks.weights import is_path
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def model_transform(model_name: str, image_size: int | None = None,
 def config_transform(cfg: AuditConfig) -> Preprocess:
     """`model_transform` for a config: its model, image size and (named) weights."""
     request = cfg.weights_request
-    named = request if request and not is_path(request) else None
+    named = request if request and not weights_path_like(request) else None
     return model_transform(cfg.model_name, cfg.input_size,
                            named if cfg.model_name != "small_cnn" else None)
 

@@ -322,14 +322,14 @@ def check_training(cfg: AuditConfig) -> None:
     device exists, a `model_weights` path exists and loads as a state dict of `model_name`,
     a weights name is one of the model's and fits `image_size`. Nothing is downloaded here
     (`tasks.weights.resolve_weights` does that, at indexing)."""
+    from tasks.config import weights_path_like
     from tasks.models import check_image_size, weights_entry
-    from tasks.weights import is_path
 
     pick_device(cfg)
     request = cfg.weights_request
     if request is None:
         return
-    if is_path(request):
+    if weights_path_like(request):
         if not storage.exists(request):
             raise ConfigError(f"model_weights {request!r}: no such file")
         # the head's shape does not matter

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks import storage
-from tasks.config import AuditConfig, ConfigError
+from tasks.config import AuditConfig, ConfigError, weights_path_like
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +50,6 @@ DOWNLOAD_TIMEOUT_S = 30.0  # any one socket operation of the download itself
 def record_uri(run: str) -> str:
     """`<run>/weights/weights.json`: what was staged for the run."""
     return storage.join(run, WEIGHTS_DIR, RECORD_NAME)
-
-
-def is_path(value: str) -> bool:
-    """A state-dict location rather than a weights name (names never hold '/' or '.')."""
-    return storage.is_s3(value) or "/" in value or "." in value or os.path.exists(value)
 
 
 def file_sha256(path: str) -> str:
@@ -139,7 +134,7 @@ def resolve_weights(cfg: AuditConfig, run: str) -> str | None:
         return None
     record = _read_record(run)
     path = None
-    if is_path(request):
+    if weights_path_like(request):
         if not storage.exists(request):
             raise ConfigError(f"model_weights {request!r}: no such file")
         path = storage.local_path(request)
