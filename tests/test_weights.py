@@ -5,6 +5,7 @@ to stage a file. Nothing here downloads: the hub cache is a folder the test fill
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 import threading
@@ -270,3 +271,47 @@ def test_stage_command_line(tmp_path, hub, no_network):
     runs.write_config(run, cfg.model_copy(update={"model_weights": "IMAGENET1K_V1"}))
     assert tw.main(["--run", run]) == 0
     assert (Path(run) / "weights" / "resnet18-IMAGENET1K_V1.pt").is_file()
+
+
+def test_a_dns_lookup_that_hangs_is_cut_by_the_connect_bound(tmp_path, hub, monkeypatch):
+    """Name lookup is not bounded by socket timeouts: the probe's thread is."""
+    release = threading.Event()
+
+    def hanging_lookup(*args, **kwargs):
+        release.wait(60)
+        raise socket.gaierror("released")
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging_lookup)
+    monkeypatch.setattr(tw, "CONNECT_TIMEOUT_S", 1.0)
+    dataset(tmp_path)
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(ConfigError, match=r"cannot download resnet18 weights IMAGENET1K_V1 "
+                                              r".*\(no connection to download.pytorch.org:443 "
+                                              r"within 1s\)"):
+            prepare_run(cfg_for(tmp_path, model_name="resnet18"), "dns")
+    finally:
+        release.set()
+    assert time.perf_counter() - t0 < 10
+
+
+def test_weights_in_a_bucket_are_staged_in_the_bucket_run(s3, tmp_path):
+    """A state dict at s3:// for a run in the bucket: the trainer side fetches the run's copy
+    into the local cache and checks its sha256."""
+    from tasks import storage
+
+    local = dataset(tmp_path)
+    for path in sorted(local.rglob("*.png")):
+        storage.write_bytes(f"{s3.root}/ds/{path.relative_to(local).as_posix()}",
+                            path.read_bytes())
+    buf = io.BytesIO()
+    torch.save(SmallCNN(4).state_dict(), buf)
+    storage.write_bytes(f"{s3.root}/init/cnn.pt", buf.getvalue())
+    cfg = tiny_config(f"{s3.root}/ds", f"{s3.root}/work", model_weights=f"{s3.root}/init/cnn.pt")
+    run = prepare_run(cfg, "bucket")
+    assert run.startswith("s3://")
+    assert storage.read_bytes(f"{run}/weights/small_cnn-cnn.pt") == buf.getvalue()
+    record = json.loads(storage.read_text(tw.record_uri(run)))
+    assert record["source"] == f"{s3.root}/init/cnn.pt" and record["file"] == "small_cnn-cnn.pt"
+    path = tw.staged_weights(cfg, run)
+    assert Path(path).read_bytes() == buf.getvalue() and str(s3.cache) in path
