@@ -18,7 +18,6 @@ from torch import nn
 from tasks.config import (
     DEFAULT_IMAGE_SIZE,
     EXACT_IMAGE_SIZES,
-    MODEL_NAMES,
     AuditConfig,
     ConfigError,
     weights_path_like,
@@ -50,9 +49,6 @@ class SmallCNN(nn.Sequential):
             _conv_block(64, 128), _conv_block(128, 128), nn.MaxPool2d(2),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, num_classes),
         )
-
-
-TORCHVISION_MODELS = tuple(m for m in MODEL_NAMES if m != "small_cnn")
 
 
 def weights_entry(model_name: str, name: str) -> Any:

@@ -28,11 +28,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks import images, runs, shards, storage
-from tasks.config import AuditConfig, ConfigError
+from tasks.config import AuditConfig, ConfigError, weights_path_like
 from tasks.errors import USER_ERROR_EXIT, StorageError, UserError
 from tasks.ffcv_data import FfcvBatches, build_beton, require_ffcv
 from tasks.index import read_manifest
-from tasks.models import IMAGENET_MEAN, IMAGENET_STD, build_model, config_transform, head_names
+from tasks.models import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    build_model,
+    check_image_size,
+    config_transform,
+    head_names,
+    weights_entry,
+)
 from tasks.plan import RepeatSpec, Split, plan_repeats, split_for_repeat
 from tasks.weights import staged_weights
 
@@ -322,9 +330,6 @@ def check_training(cfg: AuditConfig) -> None:
     device exists, a `model_weights` path exists and loads as a state dict of `model_name`,
     a weights name is one of the model's and fits `image_size`. Nothing is downloaded here
     (`tasks.weights.resolve_weights` does that, at indexing)."""
-    from tasks.config import weights_path_like
-    from tasks.models import check_image_size, weights_entry
-
     pick_device(cfg)
     request = cfg.weights_request
     if request is None:
