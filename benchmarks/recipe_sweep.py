@@ -69,7 +69,7 @@ def run_variant(cfg: AuditConfig, images: torch.Tensor, true: np.ndarray, given:
         split = split_for_repeat(cfg, spec, given)
         model, stats = fit_model(cfg, spec, split, batches, num_classes)
         epochs.append(stats.get("best_epoch", stats["epoch"]))
-        probs = predict(model, Augment(cfg.image_size, cfg.augment).to(device), batches,
+        probs = predict(model, Augment.for_config(cfg).to(device), batches,
                         split.test, device, tta_flip="flip" in cfg.augment)
         frames.append(pd.DataFrame({"id": split.test, "pred": probs.argmax(1),
                                     "probs": list(probs)}))
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     dataset, noise = args.pair.split(":")
     base = AuditConfig(data_path="/nonexistent")
-    images, true, given, classes = noisy_sample(dataset, noise, args.seed, base.image_size)
+    images, true, given, classes = noisy_sample(dataset, noise, args.seed, base.input_size)
     print(f"{args.pair}: {len(true)} images, {(true != given).sum()} wrong labels, "
           f"device {pick_device(base)}", flush=True)
     results = []

@@ -94,7 +94,7 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(0)
         model = build_model(cfg.model_name, num_classes, None)
         self.model = model.to(self.device, memory_format=torch.channels_last)
-        self.augment = Augment(cfg.image_size, cfg.augment).to(self.device)
+        self.augment = Augment.for_config(cfg).to(self.device)
         steps = -(-len(rows) // cfg.batch_size)
         cfg_all = cfg.model_copy(update={"num_epochs": total_epochs})
         self.opt, self.sched, self.scaler = make_optimiser(self.model, cfg_all, steps,

@@ -56,8 +56,16 @@ VALUE_LABELS: dict[str, dict[str, str]] = {
     "model_name": {
         "small_cnn": "Small CNN (fast on CPU, small images)",
         "resnet18": "ResNet-18",
+        "resnet50": "ResNet-50",
+        "convnext_tiny": "ConvNeXt-Tiny (needs image_size >= 32)",
+        "vit_b_16": "ViT-B/16 (image_size 224)",
         "efficientnet_v2_s": "EfficientNet V2-S",
         "alexnet": "AlexNet (needs image_size >= 63)",
+    },
+    "recipe": {
+        "auto": "Auto (finetune when starting from weights)",
+        "scratch": "From scratch (one-cycle SGD)",
+        "finetune": "Fine-tune (lower backbone LR, warm-up, cosine)",
     },
     "device": {"auto": "Auto (CUDA when available)", "cpu": "CPU", "cuda": "CUDA GPU"},
     "split_strategy": {
@@ -207,6 +215,8 @@ def _param_schema(name: str, prop: dict[str, Any]) -> dict[str, Any]:
     if "anyOf" in prop:  # Optional[...]: "null" first so the form may leave it empty
         types = [t["type"] for t in prop["anyOf"] if "type" in t]
         schema: dict[str, Any] = {"type": sorted(types, key=lambda t: t != "null")}
+        for branch in prop["anyOf"]:  # bounds of the non-null branch (image_size)
+            schema.update({k: branch[k] for k in _SCHEMA_KEYS if k in branch})
     else:
         schema = {"type": prop["type"]}
     schema.update({k: prop[k] for k in _SCHEMA_KEYS if k in prop})

@@ -27,6 +27,7 @@ from tasks.index import (
     write_index,
 )
 from tasks.plan import RepeatSpec, plan_repeats
+from tasks.weights import resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +40,16 @@ def default_run_id(cfg: AuditConfig, listing_hash: str) -> str:
 
 
 def prepare_run(cfg: AuditConfig, run_id: str | None = None) -> str:
-    """The index stage: index the dataset into the run folder (skipped when the run already
-    has a manifest), record the config and, with `ffcv`, build the run's .beton; returns the
-    run URI. One stage, one name per layer: the DAG task is `index` (its body,
-    `airflow_adapter.prepare`, validates the conf and then calls this); in `tasks` it is
-    `prepare_run`, which the CLI audit calls directly."""
+    """The index stage: stage the initial weights in the run folder (`resolve_weights`: once
+    per run, first, so a missing download fails before a long index), index the dataset into
+    the run folder (skipped when the run already has a manifest), record the config and, with
+    `ffcv`, build the run's .beton; returns the run URI. One stage, one name per layer: the
+    DAG task is `index` (its body, `airflow_adapter.prepare`, validates the conf and then
+    calls this); in `tasks` it is `prepare_run`, which the CLI audit calls directly."""
     check_writable(cfg)
     listing = list_dataset(cfg.data_path)
     run = runs.run_uri(cfg.work_uri, run_id or default_run_id(cfg, listing_fingerprint(listing)))
+    resolve_weights(cfg, run)
     if storage.exists(storage.join(run, "manifest.parquet")):
         check_resumable(run, cfg.data_path, listing)
         log.info("resuming run %s (manifest exists, dataset unchanged)", run)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -24,9 +25,22 @@ from pydantic import (
 
 from tasks.errors import UserError
 
-MODEL_NAMES = ("small_cnn", "resnet18", "efficientnet_v2_s", "alexnet")
-# Smallest input each architecture accepts (AlexNet's pooling collapses below 63 px).
-MIN_IMAGE_SIZE = {"small_cnn": 8, "resnet18": 16, "efficientnet_v2_s": 16, "alexnet": 63}
+ModelName = Literal["small_cnn", "resnet18", "resnet50", "convnext_tiny", "vit_b_16",
+                    "efficientnet_v2_s", "alexnet"]
+MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
+# image_size when it is null: the crop size of each torchvision model's DEFAULT weights
+# (tests/test_backbones.py checks it against torchvision; this module stays torch-free).
+DEFAULT_IMAGE_SIZE = {"small_cnn": 32, "resnet18": 224, "resnet50": 224, "convnext_tiny": 224,
+                      "vit_b_16": 224, "efficientnet_v2_s": 384, "alexnet": 224}
+# Smallest input each architecture accepts (AlexNet's pooling collapses below 63 px, ConvNeXt's
+# four downsampling stages need 32).
+MIN_IMAGE_SIZE = {"small_cnn": 8, "resnet18": 16, "resnet50": 16, "convnext_tiny": 32,
+                  "vit_b_16": 224, "efficientnet_v2_s": 16, "alexnet": 63}
+# Inputs an architecture takes at exactly these sizes only (its position embeddings fix them;
+# 384 is for the SWAG_E2E weights).
+EXACT_IMAGE_SIZES = {"vit_b_16": (224, 384)}
+# model_weights values that mean random initialisation (null means the model's default).
+NO_WEIGHTS = "none"
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "config.yaml"
 
@@ -50,6 +64,13 @@ TRAINING_KEYS = (
     "track_eval", "patience", "test_split", "val_split", "split_strategy", "seed",
     "image_size", "augment", "weight_decay", "ffcv",
 )
+RECIPES = ("auto", "scratch", "finetune")
+
+
+def weights_path_like(value: str) -> bool:
+    """Whether a model_weights value names a state-dict file (a path or s3:// URI) rather
+    than a torchvision weights name (names never hold '/' or '.')."""
+    return value.startswith("s3://") or "/" in value or "." in value or os.path.exists(value)
 
 
 class ConfigError(UserError, ValueError):
@@ -87,9 +108,13 @@ class AuditConfig(BaseModel):
         "The CSV is always written to the run folder as results.csv.",
         json_schema_extra=_section("Data"),
     )
-    image_size: int = Field(
-        32, ge=8, le=1024,
-        description="Images are converted to RGB and resized to image_size x image_size pixels.",
+    image_size: int | None = Field(
+        None, ge=8, le=1024,
+        description="Side of the square input in pixels. null: the model's default (small_cnn "
+        "32; resnet18, resnet50, convnext_tiny, vit_b_16, alexnet 224; efficientnet_v2_s 384). "
+        "small_cnn resizes the whole image to it; the torchvision models resize the shorter "
+        "side and centre-crop as their weights' transforms do (resnet50: 232 then 224). "
+        "vit_b_16 takes exactly 224 (384 for its SWAG_E2E weights).",
         json_schema_extra=_section("Data"),
     )
     ffcv: bool = Field(
@@ -103,17 +128,20 @@ class AuditConfig(BaseModel):
         json_schema_extra=_section("Data"),
     )
     # --- model ------------------------------------------------------------------
-    model_name: Literal["small_cnn", "resnet18", "efficientnet_v2_s", "alexnet"] = Field(
+    model_name: ModelName = Field(
         "small_cnn",
-        description="Architecture: small_cnn (fast on CPU, small images), resnet18, "
-        "efficientnet_v2_s or alexnet (torchvision; alexnet needs image_size >= 63).",
+        description="Architecture: small_cnn (fast on CPU, small images, no pretrained "
+        "weights), or torchvision's resnet18, resnet50, convnext_tiny, vit_b_16, "
+        "efficientnet_v2_s, alexnet (alexnet needs image_size >= 63, convnext_tiny >= 32).",
         json_schema_extra=_section("Model"),
     )
     model_weights: str | None = Field(
         None,
-        description="Initial weights: empty for random init, a path or s3:// URI of a state "
-        "dict, or a torchvision weights name (e.g. IMAGENET1K_V1) already in the torch hub "
-        "cache. Nothing is downloaded.",
+        description="Initial weights. null: the torchvision model's DEFAULT pretrained "
+        "weights (small_cnn: random init); a torchvision weights name (DEFAULT, "
+        "IMAGENET1K_V1, ...); none for random init; or a path or s3:// URI of a state dict. "
+        "Resolved once per run at indexing (downloaded into the torch hub cache when not "
+        "there yet) and copied to `<run>/weights/`, where every trainer loads them from.",
         json_schema_extra=_section("Model"),
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
@@ -152,7 +180,21 @@ class AuditConfig(BaseModel):
     )
     learning_rate: float = Field(
         0.05, gt=0, le=10,
-        description="Peak learning rate of the one-cycle SGD schedule.",
+        description="Peak learning rate of the one-cycle SGD schedule (with the finetune "
+        "recipe: of the new head).",
+        json_schema_extra=_section("Training"),
+    )
+    recipe: Literal["auto", "scratch", "finetune"] = Field(
+        "auto",
+        description="scratch: SGD with a one-cycle schedule, one learning rate. finetune: the "
+        "backbone at learning_rate x backbone_lr_mult, the new head at learning_rate, a linear "
+        "warm-up over the first 5% of steps, then cosine decay. auto: finetune when the model "
+        "starts from weights (pretrained or a state dict), scratch otherwise.",
+        json_schema_extra=_section("Training"),
+    )
+    backbone_lr_mult: float = Field(
+        0.1, gt=0, le=1,
+        description="finetune recipe: the backbone's learning rate as a share of the head's.",
         json_schema_extra=_section("Training"),
     )
     weight_decay: float = Field(
@@ -252,11 +294,18 @@ class AuditConfig(BaseModel):
         _check_work_outside_data(self.work_uri, self.data_path)
         if self.track_eval and self.val_split == 0:
             raise ValueError("track_eval needs val_split > 0, got val_split 0")
+        exact = EXACT_IMAGE_SIZES.get(self.model_name)
+        if exact and self.input_size not in exact:
+            raise ValueError(
+                f"image_size must be {' or '.join(map(str, exact))} for model_name "
+                f"{self.model_name!r} (its position embeddings fix the input), "
+                f"got {self.input_size}; set image_size: null for {exact[0]}"
+            )
         least = MIN_IMAGE_SIZE[self.model_name]
-        if self.image_size < least:
+        if self.input_size < least:
             raise ValueError(
                 f"image_size must be >= {least} for model_name {self.model_name!r}, "
-                f"got {self.image_size}"
+                f"got {self.input_size}"
             )
         # Where the FFCV steps run, their package must be there: fail now, not in a trainer.
         # Callers whose process never touches FFCV (an Airflow image that starts trainer pods,
@@ -267,6 +316,27 @@ class AuditConfig(BaseModel):
         return self
 
     @property
+    def input_size(self) -> int:
+        """The image size trainers use: `image_size`, or the model's default when null."""
+        return self.image_size or DEFAULT_IMAGE_SIZE[self.model_name]
+
+    @property
+    def weights_request(self) -> str | None:
+        """What `model_weights` asks for: a torchvision weights name (DEFAULT when null for a
+        torchvision model), a state-dict path or URI, or None for random initialisation."""
+        value = (self.model_weights or "").strip()
+        if not value:
+            return None if self.model_name == "small_cnn" else "DEFAULT"
+        return None if value.lower() == NO_WEIGHTS else value
+
+    @property
+    def fine_tunes(self) -> bool:
+        """Whether trainers use the finetune recipe (see `recipe`)."""
+        if self.recipe == "auto":
+            return self.weights_request is not None
+        return self.recipe == "finetune"
+
+    @property
     def folds(self) -> int:
         """K, the folds per round: round(1 / test_split), at least 2 (with split_strategy
         rounds, test_split is within FOLD_TOLERANCE of 1/K)."""
@@ -275,6 +345,12 @@ class AuditConfig(BaseModel):
     def training_fingerprint(self) -> str:
         """Hash of the keys that change what a trainer computes."""
         data = {k: getattr(self, k) for k in TRAINING_KEYS}
+        # What is computed, not how it was asked for: null and the default size hash alike,
+        # and the recipe keys count only where the finetune recipe runs (so configs from
+        # before these keys keep their run ids).
+        data.update(image_size=self.input_size, model_weights=self.weights_request)
+        if self.fine_tunes:
+            data["finetune"] = {"backbone_lr_mult": self.backbone_lr_mult}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -1,7 +1,7 @@
 """FFCV fast path: one `.beton` per run, and a batch source that reads it.
 
 `build_beton(run)` writes `<run>/dataset.beton` once from the manifest: every image decoded
-and resized exactly as the plain loader does it (RGB, image_size x image_size), stored as a
+and resized exactly as the plain loader does it (RGB, the model's resize and crop), stored as a
 JPEG-compressed `RGBImageField`, with the label and the manifest row as `IntField`s. A
 sidecar `<run>/dataset.beton.json` records what it was built from; a later call with the
 same manifest and image size is a no-op, so every repeat reuses the one file.
@@ -35,7 +35,7 @@ import torch
 
 from tasks import storage
 from tasks.config import FFCV_MISSING, AuditConfig, ffcv_installed
-from tasks.images import FileImages
+from tasks.images import FileImages, Preprocess
 
 log = logging.getLogger(__name__)
 
@@ -54,20 +54,24 @@ def beton_uri(run: str) -> str:
     return storage.join(run, BETON_NAME)
 
 
-def beton_fingerprint(manifest: pd.DataFrame, image_size: int) -> str:
-    """Changes when the images, their order or their stored size change."""
-    h = hashlib.sha256(f"{image_size}:{JPEG_QUALITY}:".encode())
+def beton_fingerprint(manifest: pd.DataFrame, prep: Preprocess | int) -> str:
+    """Changes when the images, their order or their stored size or crop change."""
+    tag = prep.tag() if isinstance(prep, Preprocess) else str(prep)
+    h = hashlib.sha256(f"{tag}:{JPEG_QUALITY}:".encode())
     h.update(pd.util.hash_pandas_object(manifest[["id", "key", "label_idx", "etag"]],
                                         index=False).to_numpy().tobytes())
     return h.hexdigest()[:24]
 
 
-def write_beton(paths: list[str], labels: np.ndarray, size: int, out: str,
+def write_beton(paths: list[str], labels: np.ndarray, prep: Preprocess | int, out: str,
                 workers: int = 2) -> None:
-    """Write a local .beton of `paths` (fields image, label, row) at `out`."""
+    """Write a local .beton of `paths` (fields image, label, row) at `out`, decoded with a
+    model's `prep` (or a size: whole-image resize)."""
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter
 
+    prep = prep if isinstance(prep, Preprocess) else Preprocess(prep)
+    size = prep.crop
     fields = {
         "image": RGBImageField(write_mode="jpg", max_resolution=size, jpeg_quality=JPEG_QUALITY),
         "label": IntField(),
@@ -77,7 +81,7 @@ def write_beton(paths: list[str], labels: np.ndarray, size: int, out: str,
     page_size = max(MIN_PAGE_SIZE, 1 << (12 * size * size - 1).bit_length())
     writer = DatasetWriter(out, fields, page_size=page_size, num_workers=max(1, workers))
     # The plain loader's decoding and resizing, so both paths see the same pixels.
-    writer.from_indexed_dataset(FileImages(paths, labels, size), chunksize=256)
+    writer.from_indexed_dataset(FileImages(paths, labels, prep), chunksize=256)
 
 
 def _upload(local: str, uri: str) -> None:
@@ -98,7 +102,10 @@ def build_beton(run: str, cfg: AuditConfig, manifest: pd.DataFrame,
     require_ffcv()
     uri = beton_uri(run)
     meta_uri = uri + ".json"
-    fingerprint = beton_fingerprint(manifest, cfg.image_size)
+    from tasks.models import config_transform
+
+    prep = config_transform(cfg)
+    fingerprint = beton_fingerprint(manifest, prep)
     if not force and storage.exists(uri) and storage.exists(meta_uri):
         meta = json.loads(storage.read_text(meta_uri))
         if meta.get("fingerprint") == fingerprint:
@@ -114,18 +121,19 @@ def build_beton(run: str, cfg: AuditConfig, manifest: pd.DataFrame,
     os.close(fd)
     t0 = time.perf_counter()
     try:
-        write_beton(paths, labels, cfg.image_size, tmp, workers=max(cfg.num_workers, 1))
+        write_beton(paths, labels, prep, tmp, workers=max(cfg.num_workers, 1))
         seconds = time.perf_counter() - t0
         size = Path(tmp).stat().st_size
         _upload(tmp, uri)
     finally:
         Path(tmp).unlink(missing_ok=True)
     meta: dict[str, Any] = {"fingerprint": fingerprint, "images": len(paths),
-                            "image_size": cfg.image_size, "jpeg_quality": JPEG_QUALITY,
+                            "image_size": prep.crop, "resize": prep.resize,
+                            "jpeg_quality": JPEG_QUALITY,
                             "bytes": size, "seconds": round(seconds, 2)}
     storage.write_text(meta_uri, json.dumps(meta, indent=2))
     log.info("built %s: %d images at %d px, %.1f MiB in %.1fs (%.0f img/s)", uri, len(paths),
-             cfg.image_size, size / 2**20, seconds, len(paths) / max(seconds, 1e-9))
+             prep.crop, size / 2**20, seconds, len(paths) / max(seconds, 1e-9))
     return uri
 
 

@@ -12,6 +12,7 @@ white; every other mode goes through PIL's conversion to RGB (16-bit RGB(A) file
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -52,24 +53,63 @@ def open_rgb(source: str | bytes) -> Image.Image:
         return to_rgb(img)
 
 
-def decode_image(source: str | bytes, size: int) -> np.ndarray:
-    """An image file (a path, or its bytes) as RGB uint8 HWC, resized to size x size."""
+@dataclass(frozen=True)
+class Preprocess:
+    """How a model sees an image: `resize` None resizes the whole image to crop x crop
+    (small_cnn); otherwise the shorter side is resized to `resize` and the centre crop x crop
+    is kept (torchvision's Resize + CenterCrop). Then 0-1 scaling and (x - mean) / std."""
+
+    crop: int
+    resize: int | None = None
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet statistics
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"  # a PIL resampling filter name (bilinear, bicubic)
+
+    def tag(self) -> str:
+        """A short string that changes when the decoded pixels change (for fingerprints)."""
+        if self.resize is None and self.interpolation == "bilinear":
+            return str(self.crop)  # the plain squash resize keeps its old fingerprints
+        return f"{self.crop}/{self.resize}/{self.interpolation}"
+
+
+def decode_image(source: str | bytes, size: int, resize: int | None = None,
+                 interpolation: str = "bilinear") -> np.ndarray:
+    """An image file (a path, or its bytes) as RGB uint8 HWC, size x size: the whole image
+    resized, or with `resize` its shorter side resized to `resize` and the centre cropped."""
     img = open_rgb(source)
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
-    return np.array(img, dtype=np.uint8)
+    method = Image.Resampling[interpolation.upper()]
+    if resize is None:
+        if img.size != (size, size):
+            img = img.resize((size, size), method, reducing_gap=None)
+        return np.array(img, dtype=np.uint8)
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(resize * long / short)  # torchvision's Resize(int) rounding
+    new = (resize, new_long) if w <= h else (new_long, resize)
+    if new != img.size:
+        img = img.resize(new, method, reducing_gap=None)
+    left = round((new[0] - size) / 2.0)  # torchvision's CenterCrop
+    top = round((new[1] - size) / 2.0)
+    return np.array(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def decode_for(source: str | bytes, prep: Preprocess) -> np.ndarray:
+    """`decode_image` with a model's `Preprocess`."""
+    return decode_image(source, prep.crop, prep.resize, prep.interpolation)
 
 
 class FileImages:
     """(image HxWx3 uint8, label, row) per file, decoded on access: a map-style dataset for
     torch's DataLoader (which collates it into B x H x W x 3 tensors) and FFCV's
-    indexed-dataset writer."""
+    indexed-dataset writer. `prep` is a model's `Preprocess`, or a size (whole-image
+    resize)."""
 
-    def __init__(self, paths: list[str], labels: np.ndarray, size: int) -> None:
-        self.paths, self.labels, self.size = paths, labels, size
+    def __init__(self, paths: list[str], labels: np.ndarray, prep: Preprocess | int) -> None:
+        self.paths, self.labels = paths, labels
+        self.prep = prep if isinstance(prep, Preprocess) else Preprocess(prep)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int, int]:
-        return decode_image(self.paths[i], self.size), int(self.labels[i]), int(i)
+        return decode_for(self.paths[i], self.prep), int(self.labels[i]), int(i)

@@ -1,19 +1,28 @@
-"""The model zoo: a small CNN for CPUs and small images, and torchvision architectures.
+"""The model zoo: a small CNN for CPUs and small images, and torchvision architectures, each
+with the preprocessing its weights expect (`model_transform`).
 
-Weights never come from the network: `model_weights` is a state-dict file (local or
-s3://), or a torchvision weights name that must already be in the torch hub cache.
+Models are built here from a local state-dict file or randomly; where pretrained weights
+come from (the network, the torch hub cache, a file) is `tasks.weights`' business, once per
+run.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from tasks import storage
-from tasks.config import ConfigError
+from tasks.config import (
+    DEFAULT_IMAGE_SIZE,
+    EXACT_IMAGE_SIZES,
+    AuditConfig,
+    ConfigError,
+    weights_path_like,
+)
+from tasks.images import Preprocess
 
 log = logging.getLogger(__name__)
 
@@ -42,47 +51,88 @@ class SmallCNN(nn.Sequential):
         )
 
 
-def _looks_like_path(value: str) -> bool:
-    # torchvision weights names (IMAGENET1K_V1, DEFAULT) never hold a '/' or a '.'.
-    return storage.is_s3(value) or "/" in value or "." in value
-
-
-def _resolve_weights_file(model_name: str, weights: str) -> str:
-    """A local file holding the state dict named by `model_weights`."""
-    if _looks_like_path(weights):
-        if not storage.exists(weights):
-            raise ConfigError(f"model_weights {weights!r}: no such file")
-        return storage.local_path(weights)
+def weights_entry(model_name: str, name: str) -> Any:
+    """The torchvision weights enum member `name` (DEFAULT or e.g. IMAGENET1K_V1) of
+    `model_name`; ConfigError listing the valid names otherwise."""
     if model_name == "small_cnn":
         raise ConfigError(
-            f"model_weights {weights!r}: small_cnn has no named weights; give a state-dict path"
+            f"model_weights {name!r}: small_cnn has no named weights; give a state-dict path, "
+            "or none for random init"
         )
     import torchvision
 
+    enum = torchvision.models.get_model_weights(model_name)
     try:
-        enum = torchvision.models.get_model_weights(model_name)
-        entry = enum.DEFAULT if weights == "DEFAULT" else enum[weights]
-    except (KeyError, ValueError):
-        known = [w.name for w in torchvision.models.get_model_weights(model_name)]
-        names = ", ".join(["DEFAULT", *known])
+        return enum.DEFAULT if name == "DEFAULT" else enum[name]
+    except KeyError:
+        names = ", ".join(["DEFAULT", *(w.name for w in enum)])
         raise ConfigError(
-            f"model_weights {weights!r} is not a weights name of {model_name}; choose one of "
-            f"{names}, or give a state-dict path"
+            f"model_weights {name!r} is not a weights name of {model_name}; choose one of "
+            f"{names}, none (random init), or give a state-dict path"
         ) from None
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(entry.url).name
-    if not cached.is_file():
-        raise ConfigError(
-            f"model_weights {weights!r}: {cached} is not in the torch hub cache and nothing is "
-            f"downloaded; copy {Path(entry.url).name} there, or set model_weights to a "
-            "state-dict path (local or s3://)"
-        )
-    return str(cached)
 
 
-def load_weights(model: nn.Module, model_name: str, weights: str) -> None:
-    """Load a state dict; tensors whose shape differs (e.g. a 1000-class head) keep their
-    fresh initialisation, and that is logged."""
-    path = _resolve_weights_file(model_name, weights)
+def default_image_size(model_name: str, weights_name: str | None = None) -> int:
+    """The input size of `model_name`'s weights' transforms (DEFAULT unless named); small_cnn
+    32."""
+    if model_name == "small_cnn":
+        return DEFAULT_IMAGE_SIZE["small_cnn"]
+    return int(weights_entry(model_name, weights_name or "DEFAULT").transforms().crop_size[0])
+
+
+def model_transform(model_name: str, image_size: int | None = None,
+                    weights_name: str | None = None) -> Preprocess:
+    """How `model_name` sees an image at `image_size` (None: its default): small_cnn resizes
+    the whole image; a torchvision model resizes and centre-crops with the mean, std and
+    interpolation of its weights' transforms (DEFAULT's when `weights_name` is None, so a
+    random-init model preprocesses like its pretrained one), the resize scaled with the crop
+    (resnet50 at 224: 232 then 224; at 112: 116 then 112)."""
+    if model_name == "small_cnn":
+        return Preprocess(image_size or DEFAULT_IMAGE_SIZE["small_cnn"],
+                          mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    t = weights_entry(model_name, weights_name or "DEFAULT").transforms()
+    crop, resize = int(t.crop_size[0]), int(t.resize_size[0])
+    size = image_size or crop
+    return Preprocess(size, resize=max(size, round(size * resize / crop)),
+                      mean=tuple(t.mean), std=tuple(t.std),
+                      interpolation=str(t.interpolation.value))
+
+
+def config_transform(cfg: AuditConfig) -> Preprocess:
+    """`model_transform` for a config: its model, image size and (named) weights."""
+    request = cfg.weights_request
+    named = request if request and not weights_path_like(request) else None
+    return model_transform(cfg.model_name, cfg.input_size,
+                           named if cfg.model_name != "small_cnn" else None)
+
+
+def check_image_size(model_name: str, image_size: int, weights_name: str | None) -> None:
+    """ConfigError when named pretrained weights cannot take `image_size` (vit_b_16's
+    position embeddings fix its input to the size its weights were trained at)."""
+    if model_name in EXACT_IMAGE_SIZES and weights_name:
+        need = int(weights_entry(model_name, weights_name).meta["min_size"][0])
+        if image_size != need:
+            raise ConfigError(
+                f"image_size {image_size} does not fit model_weights {weights_name!r} of "
+                f"{model_name}, which take exactly {need} px; set image_size: {need}"
+            )
+
+
+def head_names(model: nn.Module) -> list[str]:
+    """State-dict names of the final linear layer, the head whose shape follows the classes."""
+    name = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    return [f"{name}.weight", f"{name}.bias"]
+
+
+def load_weights(model: nn.Module, model_name: str, path: str,
+                 weights: str | None = None) -> None:
+    """Load the state dict in the local file `path` (`weights`: what model_weights said, for
+    messages); the head (final linear layer) keeps its fresh initialisation when its shape
+    differs (another class count, e.g. a 1000-class ImageNet head), and that is logged; any
+    other tensor missing or of another shape is a ConfigError (another architecture)."""
+    weights = weights or path
+    if not Path(path).is_file():
+        raise ConfigError(f"model_weights {weights!r}: no such file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch's message runs over many lines: keep its first
@@ -99,7 +149,7 @@ def load_weights(model: nn.Module, model_name: str, weights: str) -> None:
               if k in own and isinstance(v, torch.Tensor) and own[k].shape == v.shape}
     if not usable:
         raise ConfigError(f"model_weights {weights!r}: no tensor matches {model_name}")
-    head = list(own)[-2:]  # the final layer's weight and bias: its shape follows the classes
+    head = head_names(model)
     unfit = [k for k in own if k not in usable and k not in head]
     if unfit:
         raise ConfigError(
@@ -112,14 +162,21 @@ def load_weights(model: nn.Module, model_name: str, weights: str) -> None:
              len(skipped), ", ".join(skipped[:4]) + (" ..." if len(skipped) > 4 else ""))
 
 
-def build_model(model_name: str, num_classes: int, weights: str | None = None) -> nn.Module:
-    """The named architecture with a `num_classes` head, weights loaded if given."""
+def build_model(model_name: str, num_classes: int, weights: str | None = None,
+                image_size: int | None = None, label: str | None = None) -> nn.Module:
+    """The named architecture with a `num_classes` head, randomly initialised, then loaded
+    from `weights` (a local state-dict file: `tasks.weights.staged_weights` gives a run's)
+    if given. `image_size` matters only to vit_b_16 (its position embeddings); `label` is
+    what model_weights said, for messages."""
     if model_name == "small_cnn":
         model: nn.Module = SmallCNN(num_classes)
     else:
         import torchvision
 
-        model = torchvision.models.get_model(model_name, weights=None, num_classes=num_classes)
+        extra = {"image_size": image_size} if model_name in EXACT_IMAGE_SIZES and image_size \
+            else {}
+        model = torchvision.models.get_model(model_name, weights=None, num_classes=num_classes,
+                                             **extra)
     if weights:
-        load_weights(model, model_name, weights)
+        load_weights(model, model_name, weights, label)
     return model

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import math
 import sys
 import time
 from collections.abc import Iterator
@@ -27,26 +28,39 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks import images, runs, shards, storage
-from tasks.config import AuditConfig, ConfigError
+from tasks.config import AuditConfig, ConfigError, weights_path_like
 from tasks.errors import USER_ERROR_EXIT, StorageError, UserError
 from tasks.ffcv_data import FfcvBatches, build_beton, require_ffcv
 from tasks.index import read_manifest
-from tasks.models import IMAGENET_MEAN, IMAGENET_STD, build_model
+from tasks.models import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    build_model,
+    check_image_size,
+    config_transform,
+    head_names,
+    weights_entry,
+)
 from tasks.plan import RepeatSpec, Split, plan_repeats, split_for_repeat
+from tasks.weights import staged_weights
 
 log = logging.getLogger("tasks.train")
 
 IN_MEMORY_BUDGET = 4 << 30  # decoded uint8 images up to this size are kept in RAM
 ONE_CYCLE_WARMUP = 0.25  # share of all steps spent raising the learning rate
+FINETUNE_WARMUP = 0.05  # finetune recipe: share of all steps of linear warm-up
 
 
 # --- images -----------------------------------------------------------------------------
 
-def load_images(paths: list[str], size: int, workers: int) -> torch.Tensor:
-    """Decode files into one uint8 tensor N x 3 x size x size."""
+def load_images(paths: list[str], prep: images.Preprocess | int, workers: int) -> torch.Tensor:
+    """Decode files into one uint8 tensor N x 3 x size x size (`prep`: a model's
+    preprocessing, or a size for a whole-image resize)."""
+    prep = prep if isinstance(prep, images.Preprocess) else images.Preprocess(prep)
+    size = prep.crop
     out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        decoded = pool.map(lambda p: images.decode_image(p, size), paths, chunksize=64)
+        decoded = pool.map(lambda p: images.decode_for(p, prep), paths, chunksize=64)
         for i, arr in enumerate(decoded):
             out[i] = torch.from_numpy(arr).permute(2, 0, 1)
     return out
@@ -59,14 +73,16 @@ class Batches:
     def __init__(self, paths: list[str], labels: np.ndarray, cfg: AuditConfig,
                  in_memory: bool | None = None) -> None:
         self.paths, self.labels, self.cfg = paths, labels, cfg
-        decoded = len(paths) * 3 * cfg.image_size**2
+        self.prep = config_transform(cfg)
+        size = self.prep.crop
+        decoded = len(paths) * 3 * size**2
         self.in_memory = decoded <= IN_MEMORY_BUDGET if in_memory is None else in_memory
         self.images: torch.Tensor | None = None
         if self.in_memory:
             t0 = time.perf_counter()
-            self.images = load_images(paths, cfg.image_size, max(cfg.num_workers, 2))
+            self.images = load_images(paths, self.prep, max(cfg.num_workers, 2))
             log.info("decoded %d images to %dx%d in %.1fs (%.0f MiB in memory)", len(paths),
-                     cfg.image_size, cfg.image_size, time.perf_counter() - t0, decoded / 2**20)
+                     size, size, time.perf_counter() - t0, decoded / 2**20)
 
     def iterate(self, rows: np.ndarray, shuffle: bool, generator: torch.Generator,
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, np.ndarray]]:
@@ -79,8 +95,7 @@ class Batches:
                 yield self.images[idx], torch.from_numpy(self.labels[idx]).long(), idx
             return
         # Streamed from files, for datasets too large to keep decoded in memory.
-        ds = images.FileImages([self.paths[i] for i in order], self.labels[order],
-                               self.cfg.image_size)
+        ds = images.FileImages([self.paths[i] for i in order], self.labels[order], self.prep)
         loader = torch.utils.data.DataLoader(ds, batch_size=bs, shuffle=False,
                                              num_workers=self.cfg.num_workers,
                                              persistent_workers=False)
@@ -89,16 +104,23 @@ class Batches:
 
 
 class Augment(nn.Module):
-    """uint8 batch -> normalised float batch; in training mode a random shift of up to
-    size/16 pixels (crop of the reflect-padded image) and/or a horizontal flip, as `mode`
-    says. Runs on the training device."""
+    """uint8 batch -> normalised float batch (with the model's `mean` and `std`); in training
+    mode a random shift of up to size/16 pixels (crop of the reflect-padded image) and/or a
+    horizontal flip, as `mode` says. Runs on the training device."""
 
-    def __init__(self, size: int, mode: str) -> None:
+    def __init__(self, size: int, mode: str, mean: tuple[float, ...] = IMAGENET_MEAN,
+                 std: tuple[float, ...] = IMAGENET_STD) -> None:
         super().__init__()
         self.pad = max(1, size // 16) if "crop" in mode else 0
         self.flip = "flip" in mode
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255)
+
+    @classmethod
+    def for_config(cls, cfg: AuditConfig) -> Augment:
+        """The augmentation and normalisation of `cfg`'s model at its image size."""
+        prep = config_transform(cfg)
+        return cls(prep.crop, cfg.augment, prep.mean, prep.std)
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None,
                 flip_all: bool = False) -> torch.Tensor:
@@ -165,18 +187,45 @@ def predict(model: nn.Module, augment: Augment, batches: Batches | FfcvBatches,
     return result
 
 
+def parameter_groups(model: nn.Module, cfg: AuditConfig) -> list[dict]:
+    """Optimiser parameter groups: one at `learning_rate` for the scratch recipe; for the
+    finetune recipe the backbone at learning_rate x backbone_lr_mult and the head (the final
+    linear layer, new for the run's classes) at learning_rate."""
+    if not cfg.fine_tunes:
+        return [{"params": list(model.parameters()), "lr": cfg.learning_rate, "name": "all"}]
+    head = set(head_names(model))
+    named = list(model.named_parameters())
+    return [
+        {"params": [p for n, p in named if n not in head], "name": "backbone",
+         "lr": cfg.learning_rate * cfg.backbone_lr_mult},
+        {"params": [p for n, p in named if n in head], "name": "head", "lr": cfg.learning_rate},
+    ]
+
+
+def finetune_factor(step: int, total: int) -> float:
+    """The finetune schedule's multiplier at `step` of `total`: a linear warm-up over the
+    first FINETUNE_WARMUP of the steps (at least one), then a cosine decay towards 0."""
+    warm = max(1, round(FINETUNE_WARMUP * total))
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+
 def make_optimiser(model: nn.Module, cfg: AuditConfig, steps_per_epoch: int,
                    device: torch.device) -> tuple[torch.optim.Optimizer,
                                                   torch.optim.lr_scheduler.LRScheduler,
                                                   torch.amp.GradScaler]:
-    """SGD with Nesterov momentum, a one-cycle schedule over all epochs (a linear decay from
-    `learning_rate` when there are too few steps for a warm-up), and a grad scaler (active
-    only for float16 autocast on CUDA)."""
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate, momentum=0.9,
+    """SGD with Nesterov momentum over `parameter_groups`, and a grad scaler (active only for
+    float16 autocast on CUDA). Scratch recipe: a one-cycle schedule over all epochs (a linear
+    decay from `learning_rate` when there are too few steps for a warm-up). Finetune recipe:
+    `finetune_factor` applied to each group's learning rate."""
+    opt = torch.optim.SGD(parameter_groups(model, cfg), lr=cfg.learning_rate, momentum=0.9,
                           nesterov=True, weight_decay=cfg.weight_decay)
     total = max(1, cfg.num_epochs * steps_per_epoch)
     sched: torch.optim.lr_scheduler.LRScheduler
-    if total * ONE_CYCLE_WARMUP >= 2:
+    if cfg.fine_tunes:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: finetune_factor(step, total))
+    elif total * ONE_CYCLE_WARMUP >= 2:
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.learning_rate,
                                                     total_steps=total,
                                                     pct_start=ONE_CYCLE_WARMUP)
@@ -220,18 +269,26 @@ def train_epoch(model: nn.Module, augment: Augment, batches: Batches | FfcvBatch
 
 
 def fit_model(cfg: AuditConfig, spec: RepeatSpec, split: Split,
-              batches: Batches | FfcvBatches, num_classes: int,
+              batches: Batches | FfcvBatches, num_classes: int, weights: str | None = None,
               ) -> tuple[nn.Module, dict[str, float]]:
-    """Fit one model on `split.train` (`run_repeat` runs a whole repeat and writes its
-    shard); returns the best model (by validation accuracy when tracked) and its stats."""
+    """Fit one model on `split.train`, starting from the local state-dict file `weights`
+    (`run_repeat` passes the run's staged weights, runs a whole repeat and writes its shard);
+    returns the best model (by validation accuracy when tracked) and its stats."""
     device = pick_device(cfg)
     torch.manual_seed(spec.seed)
     gen = torch.Generator().manual_seed(spec.seed)
-    model = build_model(cfg.model_name, num_classes, cfg.model_weights)
+    model = build_model(cfg.model_name, num_classes, weights, cfg.input_size,
+                        label=cfg.weights_request)
     model = model.to(device, memory_format=torch.channels_last)
-    augment = Augment(cfg.image_size, cfg.augment).to(device)
+    augment = Augment.for_config(cfg).to(device)
     steps = max(1, -(-len(split.train) // cfg.batch_size))
     opt, sched, scaler = make_optimiser(model, cfg, steps, device)
+    if cfg.fine_tunes:
+        lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+        log.info("%s recipe finetune: head lr %g, backbone lr %g, %d warm-up steps of %d, "
+                 "cosine decay", spec.label, lrs["head"], lrs["backbone"],
+                 max(1, round(FINETUNE_WARMUP * cfg.num_epochs * steps)),
+                 cfg.num_epochs * steps)
     best_acc, best_state, best_epoch, stale = -1.0, None, 0, 0
     stats: dict[str, float] = {}
     for epoch in range(1, cfg.num_epochs + 1):
@@ -270,10 +327,22 @@ class RepeatError(UserError, ValueError):
 
 def check_training(cfg: AuditConfig) -> None:
     """What a trainer would fail on at once, checked before an audit indexes or trains: the
-    device exists, and `model_weights` loads as a state dict of `model_name`."""
+    device exists, a `model_weights` path exists and loads as a state dict of `model_name`,
+    a weights name is one of the model's and fits `image_size`. Nothing is downloaded here
+    (`tasks.weights.resolve_weights` does that, at indexing)."""
     pick_device(cfg)
-    if cfg.model_weights:
-        build_model(cfg.model_name, 2, cfg.model_weights)  # the head's shape does not matter
+    request = cfg.weights_request
+    if request is None:
+        return
+    if weights_path_like(request):
+        if not storage.exists(request):
+            raise ConfigError(f"model_weights {request!r}: no such file")
+        # the head's shape does not matter
+        build_model(cfg.model_name, 2, storage.local_path(request), cfg.input_size,
+                    label=request)
+    else:
+        check_image_size(cfg.model_name, cfg.input_size,
+                         weights_entry(cfg.model_name, request).name)
 
 
 def run_repeat(run: str, repeat: int, force: bool = False) -> str:
@@ -295,9 +364,10 @@ def run_repeat(run: str, repeat: int, force: bool = False) -> str:
              spec.label, len(split.train), len(split.val), len(split.test), len(classes),
              cfg.model_name, pick_device(cfg))
     t0 = time.perf_counter()
+    weights = staged_weights(cfg, run)
     batches = make_batches(cfg, run, manifest, labels)
-    model, stats = fit_model(cfg, spec, split, batches, len(classes))
-    augment = Augment(cfg.image_size, cfg.augment).to(pick_device(cfg))
+    model, stats = fit_model(cfg, spec, split, batches, len(classes), weights)
+    augment = Augment.for_config(cfg).to(pick_device(cfg))
     probs = predict(model, augment, batches, split.test, pick_device(cfg),
                     tta_flip="flip" in cfg.augment)
     test_acc = float((probs.argmax(1) == labels[split.test]).mean())

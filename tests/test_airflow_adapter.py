@@ -71,7 +71,11 @@ def test_form_has_every_key_with_schema_and_yaml_defaults(params: dict) -> None:
     assert params["autocorrect"].schema["type"] == "boolean"
     assert params["results_path"].schema["type"] == ["null", "string"]
     model = params["model_name"].schema
-    assert model["enum"] == ["small_cnn", "resnet18", "efficientnet_v2_s", "alexnet"]
+    assert model["enum"] == ["small_cnn", "resnet18", "resnet50", "convnext_tiny", "vit_b_16",
+                             "efficientnet_v2_s", "alexnet"]
+    # image_size may be left empty (the model's default) and keeps its bounds
+    assert params["image_size"].schema.items() >= {
+        "type": ["null", "integer"], "minimum": 8, "maximum": 1024}.items()
     assert set(model["values_display"]) == set(model["enum"])
     assert model["values_display"]["resnet18"] == "ResNet-18"
 

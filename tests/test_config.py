@@ -245,3 +245,18 @@ def test_a_config_that_is_a_folder_or_not_utf8_names_the_file(tmp_path):
     latin.write_bytes("data_path: /données\n".encode("latin-1"))
     with pytest.raises(ConfigError, match=rf"config file '{latin}' is not UTF-8 text"):
         load_config(latin)
+
+
+def test_the_default_config_keeps_its_training_fingerprint():
+    """image_size null and the recipe keys left the default audit's fingerprint (and so its
+    run ids and shards) as it was before they existed; null is the model's default size."""
+    assert AuditConfig().training_fingerprint() == "7e7e499f38704f4a"
+    assert AuditConfig(image_size=32).training_fingerprint() == "7e7e499f38704f4a"
+    assert AuditConfig(recipe="scratch", backbone_lr_mult=0.5).training_fingerprint() == \
+        "7e7e499f38704f4a"
+    pretrained = AuditConfig(model_name="resnet50")
+    assert pretrained.input_size == 224 and pretrained.fine_tunes
+    assert pretrained.training_fingerprint() != AuditConfig(
+        model_name="resnet50", backbone_lr_mult=0.2).training_fingerprint()
+    assert pretrained.training_fingerprint() != AuditConfig(
+        model_name="resnet50", model_weights="none").training_fingerprint()

@@ -107,9 +107,9 @@ def test_beton_built_once_and_reused(monkeypatch, tmp_path, sample40):
     calls: list[int] = []
     real_write = ffcv_data.write_beton
 
-    def counting_write(paths, labels, size, out, workers=2):
-        calls.append(size)
-        real_write(paths, labels, size, out, workers)
+    def counting_write(paths, labels, prep, out, workers=2):
+        calls.append(prep.crop)  # the model's preprocessing, at the config's size
+        real_write(paths, labels, prep, out, workers)
 
     monkeypatch.setattr(ffcv_data, "write_beton", counting_write)
     assert prepare_run(cfg, "r") == run  # resume: reuses the file
