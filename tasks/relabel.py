@@ -517,7 +517,7 @@ def _execute(root: str, moves: list[Move], reverse: bool, workers: int | None = 
     """Bring every move to its end state (its start state with `reverse`), `workers` at a
     time (default: `storage.parallelism`). A relabel stops at the first problem (the moves
     already running finish); an undo goes on past files that are gone or changed and returns
-    them in journal order (`src`: where the file belongs, `dst`: where it was moved,
+    them in the order of `moves` (`src`: where the file belongs, `dst`: where it was moved,
     `reason`)."""
     workers = storage.parallelism(root) if workers is None else workers
     if workers > 1 and _chained(moves):
