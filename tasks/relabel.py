@@ -32,7 +32,7 @@ import tempfile
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path, PurePosixPath
 from typing import TypeVar
 
@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 PROGRESS_SECONDS = 5.0  # one progress line per this many seconds of moving
 PLAN_LOGGED = 20  # moves a relabel lists one per line (a dry run lists all; the journal too)
 JOURNAL_BATCH = 10_000  # journal lines encoded and written at a time
+LIST_PAGE = 1000  # keys per page of an S3 listing
 
 
 class RelabelError(UserError, RuntimeError):
@@ -226,21 +227,62 @@ def _target_key(src: str, corrected: str, suffix: str = "") -> str:
     return "/".join([corrected, *parts[1:-1], str(name)])
 
 
-def _look(root: str, src: str, corrected: str) -> tuple[ObjectInfo | None, str, bool]:
-    """What planning needs to know of one source: its head, its content MD5 (the head's ETag
-    locally; an S3 ETag is one only for single-part, unencrypted objects), and whether its
-    plain destination is taken."""
-    src_uri = storage.join(root, src)
-    info = storage.head(src_uri)
+def _listed(root: str, pairs: list[tuple[str, str]], class_sizes: dict[str, int] | None,
+            workers: int) -> dict[str, ObjectInfo] | None:
+    """On S3, when listing the class folders the moves touch takes fewer requests than two
+    HEADs per move (by `class_sizes`, images per class), the listed objects among the
+    sources and candidate destinations (key relative to `root` -> info); None otherwise, or
+    when a listing fails (planning then asks file by file)."""
+    if not storage.is_s3(root) or not class_sizes:
+        return None
+    folders = sorted({src.split("/")[0] for src, _ in pairs} | {c for _, c in pairs})
+    pages = sum(max(1, -(-class_sizes.get(f, 0) // LIST_PAGE)) for f in folders)
+    if pages >= 2 * len(pairs):
+        return None
+    wanted = {key for src, corrected in pairs
+              for key in (src, _target_key(src, corrected), _suffixed_key(src, corrected))}
+
+    def listing(folder: str) -> dict[str, ObjectInfo]:
+        found = (replace(info, key=f"{folder}/{info.key}")
+                 for info in storage.list_objects(storage.join(root, folder)))
+        return {info.key: info for info in found if info.key in wanted}
+
+    known: dict[str, ObjectInfo] = {}
+    try:
+        for _, _, part in _in_parallel(listing, folders, workers):
+            known.update(part)
+    except StorageError as err:
+        log.info("listing the class folders failed (%s); checking file by file", err)
+        return None
+    return known
+
+
+def _look(root: str, src: str, corrected: str, known: dict[str, ObjectInfo] | None,
+          ) -> tuple[ObjectInfo | None, str, bool]:
+    """What planning needs to know of one source: its head (or its entry in the listing
+    `known`), its content MD5 (the head's ETag locally; an S3 ETag is one only for
+    single-part, unencrypted objects), and whether its plain destination is taken."""
+    src_uri, dst = storage.join(root, src), _target_key(src, corrected)
+    info = storage.head(src_uri) if known is None else known.get(src)
     if info is None:
         return None, "", False
     md5 = info.etag if not storage.is_s3(root) else _content_md5(src_uri)
-    return info, md5, storage.exists(storage.join(root, _target_key(src, corrected)))
+    taken = storage.exists(storage.join(root, dst)) if known is None else dst in known
+    return info, md5, taken
 
 
-def plan_moves(root: str, rows: pd.DataFrame, workers: int | None = None) -> list[Move]:
+def _suffixed_key(src: str, corrected: str) -> str:
+    """The destination of a move whose plain destination is taken."""
+    tag = hashlib.sha1(src.encode(), usedforsecurity=False).hexdigest()[:8]
+    return _target_key(src, corrected, f".relabel-{tag}")
+
+
+def plan_moves(root: str, rows: pd.DataFrame, workers: int | None = None,
+               class_sizes: dict[str, int] | None = None) -> list[Move]:
     """Moves for the selected rows, with a source check and clash-free destinations. The
-    store is read with `workers` requests in flight (default: `storage.parallelism`)."""
+    store is read with `workers` requests in flight (default: `storage.parallelism`); on
+    S3, with `class_sizes` (images per class folder), by listing the class folders involved
+    where that takes fewer requests than asking file by file."""
     records = rows.to_dict("records")
     pairs = [(str(row["filename"]), str(row["corrected_label"])) for row in records]
     for pair in pairs:
@@ -249,9 +291,10 @@ def plan_moves(root: str, rows: pd.DataFrame, workers: int | None = None) -> lis
             if reason:
                 raise RelabelError(f"refusing to relabel {key!r}: {reason}")
     workers = storage.parallelism(root) if workers is None else workers
+    known = _listed(root, pairs, class_sizes, workers) if pairs else None
     progress = Progress("planned", "files checked", len(pairs))
     looked: list[tuple[ObjectInfo | None, str, bool]] = [(None, "", False)] * len(pairs)
-    for i, _, found in _in_parallel(lambda p: _look(root, *p), pairs, workers):
+    for i, _, found in _in_parallel(lambda p: _look(root, *p, known), pairs, workers):
         looked[i] = found
         progress.step()
     moves: list[Move] = []
@@ -263,9 +306,9 @@ def plan_moves(root: str, rows: pd.DataFrame, workers: int | None = None) -> lis
                                "since the audit?")
         dst = _target_key(src, corrected)
         if dst in taken or plain_taken:
-            tag = hashlib.sha1(src.encode(), usedforsecurity=False).hexdigest()[:8]
-            dst = _target_key(src, corrected, f".relabel-{tag}")
-            if dst in taken or storage.exists(storage.join(root, dst)):
+            dst = _suffixed_key(src, corrected)
+            if dst in taken or (storage.exists(storage.join(root, dst)) if known is None
+                                else dst in known):
                 raise RelabelError(f"both {_target_key(src, corrected)!r} and {dst!r} exist")
         taken.add(dst)
         moves.append(Move(src=src, dst=dst, label=str(row["label"]), corrected_label=corrected,
@@ -582,7 +625,8 @@ def relabel(results: pd.DataFrame, root: str, journal_uri: str, sensitivity: flo
     validate_results(results, sorted(set(results["label"].astype(str)))
                      if classes is None else classes)
     rows = select_rows(results, sensitivity, min_preds) if decided is None else decided.rows
-    moves = plan_moves(root, rows, workers)
+    sizes = results["label"].astype(str).value_counts()
+    moves = plan_moves(root, rows, workers, {str(k): int(v) for k, v in sizes.items()})
     for m in moves if dry_run else moves[:PLAN_LOGGED]:
         log.info("%s %s -> %s (%s)", "would move" if dry_run else "move", m.src, m.dst,
                  "decided" if decided else f"{m.pct:.0f}% of {m.num_preds} predictions")
