@@ -15,7 +15,15 @@ process (`os.wait4`):
   4), whose results.csv must be byte-identical to the merge's (the benchmark fails
   otherwise);
 - report: `tasks.report.write_report` (the dataset holds no images: thumbnails are
-  placeholders, so this is the cost of reading the results and rendering).
+  placeholders, so this is the cost of reading the results and rendering);
+- relabel (cases of at most RELABEL_MAX images): on the SeaweedFS test server
+  (tests/s3server.py, telemetry off) N small objects of distinct content in the case's class
+  folders (at most RELABEL_CLASSES), a run folder whose results.csv moves every one to the
+  next class, then `tasks.relabel.relabel_results` and `tasks.relabel.undo`, each timed on
+  its own (moves/s; planning and moving apart), with the MD5 of every object read back before,
+  after the relabel (the same content under the new keys, nothing lost) and after the undo
+  (all as before); the benchmark fails otherwise. Its wall, CPU and RSS columns include
+  starting the server, the upload and the checks; the server's own CPU is in the notes.
 
 Stages plug in: add a `Stage` to `STAGES` (a name and a function of the run folder and the
 case, run in the child). Results go to `--out` (benchmarks/SCALE_RESULTS.md) with the growth
@@ -53,6 +61,10 @@ NOISE = 0.1
 CHUNK_CELLS = 1 << 24  # rows x classes of probabilities generated at a time
 # The issue's memory budgets: 1.5 GB for 10 classes, 4 GB for 1,000 classes.
 BUDGET_GB = {10: 1.5, 1000: 4.0}
+RELABEL_MAX = 100_000  # the relabel stage runs for cases of at most this many images
+RELABEL_CLASSES = 10
+RELABEL_BUCKET = "scale-bench"
+RELABEL_TARGET = 500  # moves/s, issue 15, for 100k objects
 
 
 @dataclass(frozen=True)
@@ -218,8 +230,115 @@ def stage_report(run: str, case: Case) -> dict:
     return {"bytes": out.stat().st_size}
 
 
+def _proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a running process (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _bucket_md5s(client, prefix: str, workers: int = 8) -> dict[str, str]:
+    """key (relative to `prefix`) -> MD5 of the content of every object under it, read back
+    with a plain client."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    keys = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=RELABEL_BUCKET,
+                                                                 Prefix=prefix):
+        keys += [o["Key"] for o in page.get("Contents", [])]
+
+    def md5(key: str) -> str:
+        body = client.get_object(Bucket=RELABEL_BUCKET, Key=key)["Body"].read()
+        return hashlib.md5(body, usedforsecurity=False).hexdigest()
+
+    with ThreadPoolExecutor(workers) as pool:
+        return dict(zip([k[len(prefix):] for k in keys], pool.map(md5, keys), strict=True))
+
+
+class _Finished(logging.Handler):
+    """When the relabel's planning finished (its last `planned ...` line)."""
+
+    planned_at = 0.0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("planned ") and " in " in record.getMessage():
+            self.planned_at = record.created
+
+
+def stage_relabel(run: str, case: Case) -> dict:
+    """Relabel and undo `case.n` objects on a SeaweedFS test server (see the module
+    docstring); the server and its data live beside the run folder and go afterwards."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pandas as pd
+
+    from tasks import relabel, runs, storage
+    from tasks.config import AuditConfig
+    from tests.s3server import SeaweedS3
+
+    work = Path(run).parent / "relabel"
+    server = SeaweedS3(work / "seaweedfs")
+    server.start()
+    try:
+        os.environ.update(server.env())
+        client = server.client()
+        client.create_bucket(Bucket=RELABEL_BUCKET)
+        classes = [f"n{i:08d}" for i in range(min(case.classes, RELABEL_CLASSES))]
+        names = [f"{classes[i % len(classes)]}/{i:08d}.png" for i in range(case.n)]
+
+        def put(name: str) -> None:
+            body = hashlib.sha256(name.encode()).digest() * 3  # distinct, about 100 bytes
+            client.put_object(Bucket=RELABEL_BUCKET, Key=f"ds/{name}", Body=body)
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(put, names))
+        before = _bucket_md5s(client, "ds/")
+        labels = [n.split("/")[0] for n in names]
+        results = pd.DataFrame({
+            "filename": names, "label": labels,
+            "corrected_label": [classes[(classes.index(c) + 1) % len(classes)] for c in labels],
+            "num_preds": 5, "%": 100.0, "label_quality": 0.05, "suggested_quality": 0.95,
+            "is_label_issue": True})
+        rel_run = str(work / "run")
+        runs.write_config(rel_run, AuditConfig(data_path=f"s3://{RELABEL_BUCKET}/ds",
+                                               work_uri=str(work), sensitivity=50, min_preds=2))
+        storage.write_text(storage.join(rel_run, "classes.json"), json.dumps(classes))
+        storage.write_text(runs.results_uri(rel_run), results.to_csv(index=False))
+        seen = _Finished()
+        logging.getLogger("tasks.relabel").addHandler(seen)
+
+        server_cpu, t0 = _proc_cpu_s(server.proc.pid), time.time()
+        journal = relabel.relabel_results(runs.results_uri(rel_run))
+        relabel_s, relabel_server = time.time() - t0, _proc_cpu_s(server.proc.pid) - server_cpu
+        plan_s = seen.planned_at - t0
+        if journal is None:
+            raise SystemExit("relabel stage: nothing was moved")
+        moves = relabel.Journal(journal).read()[1]
+        after = _bucket_md5s(client, "ds/")
+        expected = dict(before)
+        for m in moves:
+            expected[m.dst] = expected.pop(m.src)
+        if after != expected:
+            lost = len(set(before.values()) - set(after.values()))
+            raise SystemExit(f"relabel stage: the bucket after the relabel is not the plan's "
+                             f"({lost} contents lost)")
+
+        server_cpu, t0 = _proc_cpu_s(server.proc.pid), time.time()
+        relabel.undo(journal)
+        undo_s, undo_server = time.time() - t0, _proc_cpu_s(server.proc.pid) - server_cpu
+        if _bucket_md5s(client, "ds/") != before:
+            raise SystemExit("relabel stage: the bucket after the undo is not as before")
+    finally:
+        server.kill()
+        shutil.rmtree(work, ignore_errors=True)
+    return {"moves": len(moves), "relabel_s": relabel_s, "plan_s": plan_s,
+            "moves_per_s": len(moves) / relabel_s,
+            "moving_per_s": len(moves) / max(relabel_s - plan_s, 1e-9),
+            "undo_s": undo_s, "undo_moves_per_s": len(moves) / undo_s,
+            "server_cpu_s": relabel_server + undo_server, "checksums": "equal"}
+
+
 STAGES = [Stage("merge", stage_merge), Stage("merge_bucketed", stage_merge_bucketed),
-          Stage("report", stage_report)]
+          Stage("report", stage_report), Stage("relabel", stage_relabel)]
 BUILD = Stage("build", stage_build)
 
 
@@ -277,7 +396,7 @@ def write_results(path: Path, rows: list[Measure], argv: list[str], built_s: dic
     from importlib.metadata import version
 
     lines = [
-        "# Scale benchmark: merge and report at millions of images",
+        "# Scale benchmark: merge, report and relabel at millions of images",
         "",
         "Written by `benchmarks/scale_bench.py` (see its docstring for what each stage does); "
         "synthetic run folders, 5 predictions per image, no training.",
@@ -299,6 +418,14 @@ def write_results(path: Path, rows: list[Measure], argv: list[str], built_s: dic
             notes = "results.csv identical to merge's" if same else "RESULTS DIFFER"
         elif m.stage == "merge":
             notes = f"{m.facts['rows']:,} rows; run folder built in {built_s[m.case]:.0f} s"
+        elif m.stage == "relabel":
+            f = m.facts
+            notes = (f"{f['moves']:,} moves on SeaweedFS: relabel {f['relabel_s']:.1f} s, "
+                     f"{f['moves_per_s']:.0f} moves/s ({f['plan_s']:.1f} s planning, then "
+                     f"{f['moving_per_s']:.0f} moves/s); undo {f['undo_s']:.1f} s, "
+                     f"{f['undo_moves_per_s']:.0f} moves/s; server CPU "
+                     f"{f['server_cpu_s']:.0f} s; checksums {f['checksums']} after relabel "
+                     "and undo; columns include setup and checks")
         budget = f"{m.facts['memory_gb']:.3g} GB" if "memory_gb" in m.facts else ""
         buckets = str(m.facts.get("buckets", ""))
         lines.append(f"| {m.case.name} | {m.stage} | {budget} | {buckets} | {m.wall_s:.1f} | "
@@ -333,6 +460,12 @@ def write_results(path: Path, rows: list[Measure], argv: list[str], built_s: dic
         ok = ratio <= 5.5 and five.peak_rss_gb <= 1.5
         checks.append(f"- 5M x 10 merge within 5.5x the 1M time and 1.5 GB: {ratio:.2f}x, "
                       f"{five.peak_rss_gb:.2f} GB — {'met' if ok else 'MISSED'}")
+    relabelled = next((m for m in rows if (m.case.n, m.stage) == (100_000, "relabel")), None)
+    if relabelled:
+        rate = relabelled.facts["moves_per_s"]
+        checks.append(f"- 100k relabel on SeaweedFS: >= {RELABEL_TARGET} moves/s, nothing lost: "
+                      f"{rate:.0f} moves/s, checksums {relabelled.facts['checksums']} — "
+                      f"{'met' if rate >= RELABEL_TARGET else 'MISSED'}")
     if checks:
         lines += ["", "Targets (issue 15, 2-core machine):", "", *checks]
     text = "\n".join(lines) + "\n"
@@ -372,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
             run, built[case] = built_in.facts["run"], built_in.wall_s
             print(f"{case.name}: run folder built in {built[case]:.0f} s", flush=True)
             for stage in stages:
+                if stage.name == "relabel" and case.n > RELABEL_MAX:
+                    continue
                 m = measure(stage, run, case)
                 rows.append(m)
                 print(f"{case.name} {stage.name}: {m.wall_s:.1f} s wall, {m.cpu_s:.1f} CPU s, "

@@ -15,6 +15,11 @@ reported (where it was, where it came from) and recorded in the journal, and und
 everything else. The results are validated before planning (one row per file, suggestions
 that are classes of the run), and the next relabel or undo removes the temporary files a
 killed one left in the class folders.
+At scale (hundreds of thousands of moves) planning and moving keep a bounded number of
+requests in flight (`storage.parallelism`: the S3 connection pool; local folders move one
+file at a time), the journal is written once, streamed, and never per move (the store is
+the record of each move's progress), and the log gets one progress line every
+PROGRESS_SECONDS (done/total, objects/s, ETA) instead of one per move.
 """
 
 from __future__ import annotations
@@ -23,20 +28,28 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
-from collections.abc import Collection
-from dataclasses import asdict, dataclass, fields
-from pathlib import PurePosixPath
+from collections.abc import Callable, Collection, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, fields, replace
+from pathlib import Path, PurePosixPath
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
 
 from tasks import storage
 from tasks.decide import relabel_ceiling_values
-from tasks.errors import MissingFileError, UserError
-from tasks.storage import unsafe_key_reason
+from tasks.errors import MissingFileError, StorageError, UserError
+from tasks.storage import ObjectInfo, unsafe_key_reason
 
 log = logging.getLogger(__name__)
+
+PROGRESS_SECONDS = 5.0  # one progress line per this many seconds of moving
+PLAN_LOGGED = 20  # moves a relabel lists one per line (a dry run lists all; the journal too)
+JOURNAL_BATCH = 10_000  # journal lines encoded and written at a time
+LIST_PAGE = 1000  # keys per page of an S3 listing
 
 
 class RelabelError(UserError, RuntimeError):
@@ -201,33 +214,94 @@ def _target_key(src: str, corrected: str, suffix: str = "") -> str:
     return "/".join([corrected, *parts[1:-1], str(name)])
 
 
-def plan_moves(root: str, rows: pd.DataFrame) -> list[Move]:
-    """Moves for the selected rows, with a source check and clash-free destinations."""
-    moves: list[Move] = []
-    taken: set[str] = set()
-    for row in rows.to_dict("records"):
-        src, corrected = str(row["filename"]), str(row["corrected_label"])
-        for key in (src, corrected):
+def _listed(root: str, pairs: list[tuple[str, str]], class_sizes: dict[str, int] | None,
+            workers: int) -> dict[str, ObjectInfo] | None:
+    """On S3, when listing the class folders the moves touch takes fewer requests than two
+    HEADs per move (by `class_sizes`, images per class), the listed objects among the
+    sources and candidate destinations (key relative to `root` -> info); None otherwise, or
+    when a listing fails (planning then asks file by file)."""
+    if not storage.is_s3(root) or not class_sizes:
+        return None
+    folders = sorted({src.split("/")[0] for src, _ in pairs} | {c for _, c in pairs})
+    pages = sum(max(1, -(-class_sizes.get(f, 0) // LIST_PAGE)) for f in folders)
+    if pages >= 2 * len(pairs):
+        return None
+    wanted = {key for src, corrected in pairs
+              for key in (src, _target_key(src, corrected), _suffixed_key(src, corrected))}
+
+    def listing(folder: str) -> dict[str, ObjectInfo]:
+        found = (replace(info, key=f"{folder}/{info.key}")
+                 for info in storage.list_objects(storage.join(root, folder)))
+        return {info.key: info for info in found if info.key in wanted}
+
+    known: dict[str, ObjectInfo] = {}
+    try:
+        for _, _, part in _in_parallel(listing, folders, workers):
+            known.update(part)
+    except StorageError as err:
+        log.info("listing the class folders failed (%s); checking file by file", err)
+        return None
+    return known
+
+
+def _look(root: str, src: str, corrected: str, known: dict[str, ObjectInfo] | None,
+          ) -> tuple[ObjectInfo | None, str, bool]:
+    """What planning needs to know of one source: its head (or its entry in the listing
+    `known`), its content MD5 (the head's ETag locally; an S3 ETag is one only for
+    single-part, unencrypted objects), and whether its plain destination is taken."""
+    src_uri, dst = storage.join(root, src), _target_key(src, corrected)
+    info = storage.head(src_uri) if known is None else known.get(src)
+    if info is None:
+        return None, "", False
+    md5 = info.etag if not storage.is_s3(root) else _content_md5(src_uri)
+    taken = storage.exists(storage.join(root, dst)) if known is None else dst in known
+    return info, md5, taken
+
+
+def _suffixed_key(src: str, corrected: str) -> str:
+    """The destination of a move whose plain destination is taken."""
+    tag = hashlib.sha1(src.encode(), usedforsecurity=False).hexdigest()[:8]
+    return _target_key(src, corrected, f".relabel-{tag}")
+
+
+def plan_moves(root: str, rows: pd.DataFrame, workers: int | None = None,
+               class_sizes: dict[str, int] | None = None) -> list[Move]:
+    """Moves for the selected rows, with a source check and clash-free destinations. The
+    store is read with `workers` requests in flight (default: `storage.parallelism`); on
+    S3, with `class_sizes` (images per class folder), by listing the class folders involved
+    where that takes fewer requests than asking file by file."""
+    records = rows.to_dict("records")
+    pairs = [(str(row["filename"]), str(row["corrected_label"])) for row in records]
+    for pair in pairs:
+        for key in pair:
             reason = unsafe_key_reason(key)
             if reason:
                 raise RelabelError(f"refusing to relabel {key!r}: {reason}")
-        src_uri = storage.join(root, src)
-        info = storage.head(src_uri)
+    workers = storage.parallelism(root) if workers is None else workers
+    known = _listed(root, pairs, class_sizes, workers) if pairs else None
+    progress = Progress("planned", "files checked", len(pairs))
+    looked: list[tuple[ObjectInfo | None, str, bool]] = [(None, "", False)] * len(pairs)
+    for i, _, found in _in_parallel(lambda p: _look(root, *p, known), pairs, workers):
+        looked[i] = found
+        progress.step()
+    moves: list[Move] = []
+    taken: set[str] = set()
+    for row, (src, corrected), (info, md5, plain_taken) in zip(records, pairs, looked,
+                                                               strict=True):
         if info is None:
-            raise RelabelError(f"{src_uri} is missing; was the dataset changed since the audit?")
-        # Local head() is the content MD5 already; an S3 ETag is one only for single-part,
-        # unencrypted objects.
-        md5 = info.etag if not storage.is_s3(root) else _content_md5(src_uri)
+            raise RelabelError(f"{storage.join(root, src)} is missing; was the dataset changed "
+                               "since the audit?")
         dst = _target_key(src, corrected)
-        if dst in taken or storage.exists(storage.join(root, dst)):
-            tag = hashlib.sha1(src.encode(), usedforsecurity=False).hexdigest()[:8]
-            dst = _target_key(src, corrected, f".relabel-{tag}")
-            if dst in taken or storage.exists(storage.join(root, dst)):
+        if dst in taken or plain_taken:
+            dst = _suffixed_key(src, corrected)
+            if dst in taken or (storage.exists(storage.join(root, dst)) if known is None
+                                else dst in known):
                 raise RelabelError(f"both {_target_key(src, corrected)!r} and {dst!r} exist")
         taken.add(dst)
         moves.append(Move(src=src, dst=dst, label=str(row["label"]), corrected_label=corrected,
                           pct=float(row["%"]), num_preds=int(row["num_preds"]),
                           size=info.size, etag=info.etag, md5=md5))
+    progress.finish()
     return moves
 
 
@@ -269,6 +343,95 @@ def _move_one(root: str, move: Move, src_key: str, dst_key: str) -> str:
     return "moved"
 
 
+def _move_fast(root: str, move: Move, src_key: str, dst_key: str) -> str:
+    """`_move_one` in fewer requests where the store checks both ends itself (S3): a copy made
+    only if the source is still the planned version and the destination is free, verified by
+    the ETag the copy reports (else a HEAD and the MD5), then the delete. Anything else (the
+    source gone or changed, the destination taken, an error) goes to `_move_one`, which reads
+    both ends and decides."""
+    src_uri, dst_uri = storage.join(root, src_key), storage.join(root, dst_key)
+    try:
+        etag = storage.copy(src_uri, dst_uri, expect=ObjectInfo(src_key, move.size, move.etag))
+    except StorageError:
+        return _move_one(root, move, src_key, dst_key)
+    if etag != move.etag and not _same(storage.head(dst_uri), dst_uri, move):
+        raise RelabelError(f"copy {dst_uri} does not match {src_uri} (size/checksum); "
+                           "source kept")
+    storage.delete(src_uri)
+    return "moved"
+
+
+def _duration(seconds: float) -> str:
+    """`42s`, `3m 05s` or `2h 07m`."""
+    whole = round(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m {whole % 60:02d}s"
+    return f"{whole // 3600}h {whole // 60 % 60:02d}m"
+
+
+class Progress:
+    """Progress of `total` steps in the log: a line every PROGRESS_SECONDS (done/total,
+    objects/s, ETA) and one at the end, instead of a line per step."""
+
+    def __init__(self, what: str, unit: str, total: int) -> None:
+        self.what, self.unit, self.total, self.done = what, unit, total, 0
+        self.t0 = self.last = time.monotonic()
+
+    def step(self, n: int = 1) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_SECONDS and self.done < self.total:
+            self.last = now
+            rate = self.done / max(now - self.t0, 1e-9)
+            log.info("%s %s/%s %s, %.0f objects/s, ETA %s", self.what, f"{self.done:,}",
+                     f"{self.total:,}", self.unit, rate,
+                     _duration((self.total - self.done) / max(rate, 1e-9)))
+
+    def finish(self) -> None:
+        secs = time.monotonic() - self.t0
+        if self.total:
+            log.info("%s %s/%s %s in %s, %.0f objects/s", self.what, f"{self.done:,}",
+                     f"{self.total:,}", self.unit, _duration(secs),
+                     self.done / max(secs, 1e-9))
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _in_parallel(fn: Callable[[T], R], items: Iterable[T], workers: int,
+                 ) -> Iterator[tuple[int, T, R]]:
+    """(position, item, fn(item)) for every item, in the order they finish, with at most
+    `workers` calls running (serially, in order, for one). The first error stops new calls,
+    waits for the running ones and is raised."""
+    if workers <= 1:
+        for i, item in enumerate(items):
+            yield i, item, fn(item)
+        return
+    todo = enumerate(items)
+    pending: dict[Future[R], tuple[int, T]] = {}
+    pool = ThreadPoolExecutor(max_workers=workers)
+
+    def fill() -> None:
+        for i, item in todo:
+            pending[pool.submit(fn, item)] = (i, item)
+            if len(pending) >= 4 * workers:  # bounded: never a future per move at once
+                return
+
+    try:
+        fill()
+        while pending:
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                i, item = pending.pop(future)
+                yield i, item, future.result()
+            fill()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 _MOVE_TYPES = {f.name: (int, float) if f.type == "float" else
                {"int": int, "str": str}[str(f.type)] for f in fields(Move)}
 
@@ -280,8 +443,18 @@ class Journal:
         self.uri = uri
 
     def write(self, header: dict, moves: list[Move]) -> None:
-        lines = [json.dumps(header)] + [json.dumps({"type": "move", **asdict(m)}) for m in moves]
-        storage.write_text(self.uri, "\n".join(lines) + "\n")
+        """Write the whole journal atomically, encoded JOURNAL_BATCH lines at a time into a
+        local file that is then uploaded (streamed), never held as one string."""
+        names = [f.name for f in fields(Move)]
+        with tempfile.TemporaryDirectory(prefix="relabel-journal-") as tmp:
+            path = Path(tmp) / "journal.jsonl"
+            with path.open("w", encoding="utf-8") as f:
+                f.write(json.dumps(header) + "\n")
+                for a in range(0, len(moves), JOURNAL_BATCH):
+                    f.write("".join(
+                        json.dumps({"type": "move", **{k: getattr(m, k) for k in names}}) + "\n"
+                        for m in moves[a:a + JOURNAL_BATCH]))
+            storage.write_file(self.uri, path)
 
     def _bad(self, what: str) -> RelabelError:
         return RelabelError(f"{self.uri} is not a relabel journal ({what}); pass the "
@@ -363,34 +536,55 @@ def _clean_temporaries(root: str, moves: list[Move]) -> None:
         log.info("removed %d temporary file(s) left by an interrupted relabel or undo", removed)
 
 
-def _execute(root: str, moves: list[Move], reverse: bool) -> tuple[dict[str, int], list[dict]]:
-    """Bring every move to its end state (its start state with `reverse`). A relabel stops at
-    the first problem; an undo goes on past files that are gone or changed and returns them
-    (`src`: where the file belongs, `dst`: where it was moved, `reason`)."""
-    counts: dict[str, int] = {}
-    gone: list[dict] = []
-    for i, m in enumerate(moves, 1):
+def _chained(moves: list[Move]) -> bool:
+    """True when a move's destination is another's source (plans never make one, but a
+    hand-written journal could): those must run in order."""
+    return not {m.src for m in moves}.isdisjoint(m.dst for m in moves)
+
+
+def _execute(root: str, moves: list[Move], reverse: bool, workers: int | None = None,
+             ) -> tuple[dict[str, int], list[dict]]:
+    """Bring every move to its end state (its start state with `reverse`), `workers` at a
+    time (default: `storage.parallelism`). A relabel stops at the first problem (the moves
+    already running finish); an undo goes on past files that are gone or changed and returns
+    them in the order of `moves` (`src`: where the file belongs, `dst`: where it was moved,
+    `reason`)."""
+    workers = storage.parallelism(root) if workers is None else workers
+    if workers > 1 and _chained(moves):
+        workers = 1
+    step = _move_fast if storage.is_s3(root) else _move_one
+
+    def run(m: Move) -> tuple[str, GoneError | None]:
         src, dst = (m.dst, m.src) if reverse else (m.src, m.dst)
         try:
-            done = _move_one(root, m, src, dst)
+            return step(root, m, src, dst), None
         except GoneError as err:
             if not reverse:
                 raise
+            return "not restored", err
+
+    counts: dict[str, int] = {}
+    gone: list[tuple[int, dict]] = []
+    progress = Progress("undo" if reverse else "relabel", "moves", len(moves))
+    for i, m, (done, err) in _in_parallel(run, moves, workers):
+        if err is not None:
             log.warning("cannot restore %s: %s", m.src, err)
-            gone.append({"src": m.src, "dst": m.dst, "reason": str(err)})
-            done = "not restored"
+            gone.append((i, {"src": m.src, "dst": m.dst, "reason": str(err)}))
         counts[done] = counts.get(done, 0) + 1
-        if i % 500 == 0 or i == len(moves):
-            log.info("%s %d/%d", "undo" if reverse else "relabel", i, len(moves))
-    return counts, gone
+        progress.step()
+    progress.finish()
+    return counts, [x for _, x in sorted(gone, key=lambda g: g[0])]
+
+
 def relabel(results: pd.DataFrame, root: str, journal_uri: str, sensitivity: float,
             min_preds: int, dry_run: bool = False,
             classes: Collection[str] | None = None,
-            decided: Decided | None = None) -> list[Move]:
+            decided: Decided | None = None, workers: int | None = None) -> list[Move]:
     """Relabel `root` from `results` (the rows `select_rows` picks, or with `decided` exactly
     the decided rows); resumes an unfinished journal at `journal_uri`. `classes` are the
     run's (default: the results' given labels, as every class folder has images); the results
-    are validated against them before planning. Returns the moves
+    are validated against them before planning. Moves run `workers` at a time (default:
+    `storage.parallelism`, 16 on S3, 1 locally). Returns the moves
     (planned only, with `dry_run`)."""
     journal = Journal(journal_uri)
     if storage.exists(journal_uri):
@@ -402,7 +596,8 @@ def relabel(results: pd.DataFrame, root: str, journal_uri: str, sensitivity: flo
             log.info("resuming interrupted relabel from %s (%d moves)", journal_uri, len(moves))
             if not dry_run:
                 _clean_temporaries(header["root"], moves)
-                counts, _ = _execute(header["root"], _distinct(moves), reverse=False)
+                counts, _ = _execute(header["root"], _distinct(moves), reverse=False,
+                                     workers=workers)
                 journal.set_state("complete")
                 log.info("relabel finished: %s", counts)
             return moves
@@ -417,10 +612,14 @@ def relabel(results: pd.DataFrame, root: str, journal_uri: str, sensitivity: flo
     validate_results(results, sorted(set(results["label"].astype(str)))
                      if classes is None else classes)
     rows = select_rows(results, sensitivity, min_preds) if decided is None else decided.rows
-    moves = plan_moves(root, rows)
-    for m in moves:
+    sizes = results["label"].astype(str).value_counts()
+    moves = plan_moves(root, rows, workers, {str(k): int(v) for k, v in sizes.items()})
+    for m in moves if dry_run else moves[:PLAN_LOGGED]:
         log.info("%s %s -> %s (%s)", "would move" if dry_run else "move", m.src, m.dst,
                  "decided" if decided else f"{m.pct:.0f}% of {m.num_preds} predictions")
+    if not dry_run and len(moves) > PLAN_LOGGED:
+        log.info("... and %s more moves (the journal %s lists every one)",
+                 f"{len(moves) - PLAN_LOGGED:,}", journal_uri)
     if decided is None:
         log.info("%d images %s at sensitivity %s, min_preds %d", len(moves),
                  "would move" if dry_run else "to move", sensitivity, min_preds)
@@ -437,14 +636,15 @@ def relabel(results: pd.DataFrame, root: str, journal_uri: str, sensitivity: flo
     journal_root = root if storage.is_s3(root) else os.path.abspath(root)
     journal.write({"type": "header", "root": journal_root, "state": "started", **source,
                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, moves)
-    counts, _ = _execute(root, moves, reverse=False)
+    counts, _ = _execute(root, moves, reverse=False, workers=workers)
     journal.set_state("complete")
     log.info("relabel finished: %s; journal %s", counts, journal_uri)
     return moves
 
 
-def undo(journal_uri: str) -> list[Move]:
-    """Reverse every move of a journal (finishing an interrupted relabel or undo first).
+def undo(journal_uri: str, workers: int | None = None) -> list[Move]:
+    """Reverse every move of a journal (finishing an interrupted relabel or undo first),
+    `workers` at a time (default: `storage.parallelism`).
     Files that are gone or changed since are skipped, listed in the header
     (`not_restored`) and reported in one RelabelError after everything else is restored;
     undo again retries just those."""
@@ -462,7 +662,7 @@ def undo(journal_uri: str) -> list[Move]:
         log.info("%s was undone except %d file(s); trying those again", journal_uri, len(todo))
     journal.set_state("undoing")
     _clean_temporaries(root, todo)
-    counts, gone = _execute(root, list(reversed(todo)), reverse=True)
+    counts, gone = _execute(root, list(reversed(todo)), reverse=True, workers=workers)
     journal.set_state("undone", not_restored=gone)
     log.info("undo finished: %s", counts)
     if gone:

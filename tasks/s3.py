@@ -152,6 +152,12 @@ def _log_failed_attempt(attempts: int = 0, response: Any = None, caught_exceptio
         log.warning("S3 %s attempt %d failed (%s)", name, attempts, reason)
 
 
+def _copy_etag(resp: Mapping[str, Any]) -> str | None:
+    """The new object's ETag from a CopyObject response."""
+    etag = (resp.get("CopyObjectResult") or {}).get("ETag")
+    return str(etag).strip('"') if etag else None
+
+
 class S3Backend:
     """Objects in an S3-compatible store; the same methods as `storage.LocalBackend`."""
 
@@ -365,36 +371,55 @@ class S3Backend:
         found.sort(key=lambda info: info.key)
         yield from found
 
-    def copy(self, src: str, dst: str) -> None:
+    def copy(self, src: str, dst: str, expect: ObjectInfo | None = None) -> str | None:
         """Server-side copy that never overwrites: a HEAD check first, then a conditional
-        write (If-None-Match: *) where the server supports it."""
+        write (If-None-Match: *) where the server supports it. With `expect` (the source as
+        the caller last saw it), the source is not looked up again and is copied only if its
+        ETag is still `expect.etag` (CopySourceIfMatch). Returns the copy's ETag (None after
+        a multipart copy)."""
         (src_bucket, src_key), (dst_bucket, dst_key) = split_uri(src), split_uri(dst)
-        info = self.head(src)
+        info = expect or self.head(src)
         if info is None:
             raise StorageError(f"{src} does not exist")
         if self.head(dst) is not None:
             raise StorageError(f"refusing to overwrite {dst}")
         source = {"Bucket": src_bucket, "Key": src_key}
+        match = {"CopySourceIfMatch": f'"{expect.etag}"'} if expect else {}
+        refused = (f"refusing to overwrite {dst}" if expect is None else
+                   f"refusing to copy {src} to {dst}: {dst} exists, or {src} is no longer "
+                   f"ETag {expect.etag}")
         with self._errors(dst, "copy to"):
-            if info.size > COPY_OBJECT_LIMIT:
-                self.client.copy(source, dst_bucket, dst_key, Config=self.transfer)
-                return
-            if self._conditional_copy is not False:
-                try:
-                    self.client.copy_object(Bucket=dst_bucket, Key=dst_key, CopySource=source,
-                                            IfNoneMatch="*")
-                    self._conditional_copy = True
-                    return
-                except ClientError as err:
-                    code = str(err.response.get("Error", {}).get("Code"))
-                    if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
-                        raise StorageError(f"refusing to overwrite {dst}") from None
-                    if code not in _NOT_SUPPORTED or self._conditional_copy:
-                        raise
-                    log.info("this S3 server does not support conditional copies (%s); "
-                             "relying on the existence check", code)
-                    self._conditional_copy = False
-            self.client.copy_object(Bucket=dst_bucket, Key=dst_key, CopySource=source)
+            try:
+                if info.size > COPY_OBJECT_LIMIT:
+                    self.client.copy(source, dst_bucket, dst_key, ExtraArgs=match,
+                                     Config=self.transfer)
+                    return None
+                if self._conditional_copy is not False:
+                    try:
+                        resp = self.client.copy_object(Bucket=dst_bucket, Key=dst_key,
+                                                       CopySource=source, IfNoneMatch="*",
+                                                       **match)
+                        self._conditional_copy = True
+                        return _copy_etag(resp)
+                    except ClientError as err:
+                        code = str(err.response.get("Error", {}).get("Code"))
+                        if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                            raise StorageError(refused) from None
+                        if code not in _NOT_SUPPORTED or self._conditional_copy:
+                            raise
+                        log.info("this S3 server does not support conditional copies (%s); "
+                                 "relying on the existence check", code)
+                        self._conditional_copy = False
+                resp = self.client.copy_object(Bucket=dst_bucket, Key=dst_key,
+                                               CopySource=source, **match)
+                return _copy_etag(resp)
+            except ClientError as err:
+                code = str(err.response.get("Error", {}).get("Code"))
+                if code in _MISSING:  # the source: the destination is written, never read
+                    raise StorageError(f"{src} does not exist") from None
+                if code in ("PreconditionFailed", "412"):
+                    raise StorageError(refused) from None
+                raise
 
     def delete(self, uri: str) -> None:
         bucket, key = split_uri(uri)

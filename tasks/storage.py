@@ -264,7 +264,10 @@ class LocalBackend:
         yield from sorted(_walk(base, os.path.realpath(base), "", set()),
                           key=lambda info: info.key.encode())
 
-    def copy(self, src: str, dst: str) -> None:
+    def copy(self, src: str, dst: str, expect: ObjectInfo | None = None) -> str | None:
+        if expect is not None and (not Path(src).is_file() or _file_etag(Path(src)) != expect.etag):
+            raise StorageError(f"refusing to copy {src}: it is missing or no longer ETag "
+                               f"{expect.etag}")
         dst_path = Path(dst)
         dst_path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=dst_path.parent, prefix=_temp_prefix(dst_path.name),
@@ -280,6 +283,7 @@ class LocalBackend:
             raise StorageError(f"{src} does not exist") from None
         finally:
             Path(tmp).unlink(missing_ok=True)
+        return None
 
     def delete(self, uri: str) -> None:
         Path(uri).unlink(missing_ok=True)
@@ -346,11 +350,21 @@ def list_objects(root: str) -> Iterator[ObjectInfo]:
     return _backend(root).list(root)
 
 
-def copy(src: str, dst: str) -> None:
-    """Copy within one store (server-side on S3); never overwrites an existing dst."""
+def copy(src: str, dst: str, expect: ObjectInfo | None = None) -> str | None:
+    """Copy within one store (server-side on S3); never overwrites an existing dst. With
+    `expect` (size and ETag of the source as the caller last saw it) the source is copied
+    only if it still has that ETag (a StorageError otherwise; one request on S3). Returns the
+    copy's ETag where the store reports it (S3), else None."""
     if is_s3(src) != is_s3(dst):
         raise StorageError(f"copy between stores is not supported: {src} -> {dst}")
-    _backend(src).copy(src, dst)
+    return _backend(src).copy(src, dst, expect)
+
+
+def parallelism(uri: str) -> int:
+    """How many requests to keep in flight against the store of `uri`: the S3 client's
+    connection pool (ACL_S3_CONCURRENCY, default 16); 1 for local files (a local disk gains
+    little, and serial work leaves at most one temporary file when killed)."""
+    return _backend(uri).concurrency if is_s3(uri) else 1
 
 
 def delete(uri: str) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -733,3 +735,207 @@ def test_relabel_from_the_results_copy_finds_its_run(tmp_path, capsys):
     assert cli.main(["relabel", "--results", str(stray)]) == 2
     assert one_error_line(capsys).startswith(f"error: {stray}.run.json does not name a run")
     assert snapshot(data) == before
+
+
+# --- at scale (issue 15): parallel moves, progress lines, the batched journal -------------
+
+PARALLEL_CHILD = """
+import sys
+import pandas as pd
+from tasks import relabel
+
+root, journal = sys.argv[1], sys.argv[2]
+relabel.relabel(pd.read_json(sys.stdin), root, journal, 60.0, 2, classes=["cat", "dog"],
+                workers=16)
+"""
+
+
+def bucket_dataset(s3, prefix: str, n: int) -> tuple[str, pd.DataFrame]:
+    """`n` small objects in `cat/` of a dataset in the bucket (and one in `dog/`), and results
+    that move every `cat/` one to `dog/` (the first onto an existing name). Returns (root,
+    results)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = s3.server.client()
+    names = [f"cat/img-{i:05d}.png" for i in range(n)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda k: client.put_object(Bucket=s3.bucket, Key=f"{prefix}/{k}",
+                                                  Body=content(k)),
+                      [*names, "dog/img-00000.png"]))
+    results = pd.DataFrame({"filename": names, "label": "cat", "corrected_label": "dog",
+                            "%": 100.0, "num_preds": 4, "label_quality": 0.1,
+                            "is_label_issue": True, "suggested_quality": 1.0})
+    return f"s3://{s3.bucket}/{prefix}", results
+
+
+def content(name: str) -> bytes:
+    return name.encode() * 3
+
+
+def bucket_snapshot(s3, root: str) -> dict[str, str]:
+    from tests.test_s3 import snapshot as s3_snapshot
+
+    return s3_snapshot(s3, root.split("/", 3)[3] + "/")
+
+
+def moved_bucket(before: dict[str, str], moves) -> dict[str, str]:
+    after = dict(before)
+    for m in moves:
+        after[m.dst] = after.pop(m.src)
+    return after
+
+
+def test_parallel_moves_in_the_bucket_survive_a_kill_and_a_changed_source(s3, caplog):
+    """A relabel with 16 moves in flight, killed (SIGKILL) mid-way; a re-run that meets a
+    source changed since the plan stops without deleting it, the moves in flight finish;
+    with the source put back, a re-run finishes and undo restores every object."""
+    import time
+
+    n = 400
+    root, results = bucket_dataset(s3, f"{s3.prefix}/ds", n)
+    journal = f"{s3.root}/work/relabel-journal.jsonl"
+    before = bucket_snapshot(s3, root)
+    child = subprocess.Popen([sys.executable, "-c", PARALLEL_CHILD, root, journal],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT)
+    child.stdin.write(results.to_json().encode())
+    child.stdin.close()
+    client, prefix = s3.server.client(), f"{s3.prefix}/ds/dog/"
+    deadline = time.monotonic() + 120
+    while (child.poll() is None and time.monotonic() < deadline
+           and client.list_objects_v2(Bucket=s3.bucket, Prefix=prefix)["KeyCount"] < n // 4):
+        time.sleep(0.05)
+    if child.poll() is None:
+        os.kill(child.pid, signal.SIGKILL)
+    child.wait(timeout=30)
+    log = child.stdout.read().decode()
+    assert child.returncode == -signal.SIGKILL, log[-2000:]
+    middle = bucket_snapshot(s3, root)
+    header, moves = Journal(journal).read()
+    assert header["state"] == "started" and len(moves) == n
+    after = moved_bucket(before, moves)
+    assert middle != before and middle != after
+    assert not Counter(before.values()) - Counter(middle.values())  # nothing lost
+
+    # A source not yet moved changes: the re-run stops there and deletes nothing of it.
+    left = sorted((m for m in moves if m.src in middle and m.dst not in middle),
+                  key=lambda m: m.src)
+    changed = left[len(left) // 2]
+    changed_key = f"{s3.prefix}/ds/{changed.src}"
+    client.put_object(Bucket=s3.bucket, Key=changed_key, Body=b"edited by someone")
+    with pytest.raises(RelabelError, match=f"{changed.src} changed since the plan"):
+        relabel(results, root, journal, 60.0, 2, classes=["cat", "dog"], workers=16)
+    assert client.get_object(Bucket=s3.bucket, Key=changed_key)["Body"].read() == (
+        b"edited by someone")
+    assert Journal(journal).read()[0]["state"] == "started"
+    client.put_object(Bucket=s3.bucket, Key=changed_key, Body=content(changed.src))
+
+    with caplog.at_level(logging.INFO, logger="tasks.relabel"):
+        relabel(results, root, journal, 60.0, 2, classes=["cat", "dog"], workers=16)
+    assert "resuming interrupted relabel" in caplog.text
+    assert bucket_snapshot(s3, root) == after
+    assert Journal(journal).read()[0]["state"] == "complete"
+    assert moves[0].dst.startswith("dog/img-00000.relabel-")  # the existing dog kept its name
+    undo(journal, workers=16)
+    assert bucket_snapshot(s3, root) == before
+
+
+def test_parallel_and_serial_relabels_write_the_same_journal(s3):
+    """16 moves in flight or one at a time: the same journal (but the root and the times),
+    the same objects moved; an undo in parallel lists the files it cannot restore in the
+    order a serial one does."""
+    out = {}
+    for workers in (1, 16):
+        root, results = bucket_dataset(s3, f"{s3.prefix}/w{workers}", 60)
+        journal = f"{s3.root}/work{workers}/relabel-journal.jsonl"
+        before = bucket_snapshot(s3, root)
+        moves = relabel(results, root, journal, 60.0, 2, classes=["cat", "dog"],
+                        workers=workers)
+        assert bucket_snapshot(s3, root) == moved_bucket(before, moves)
+        lines = storage.read_text(journal).splitlines()
+        header = json.loads(lines[0])
+        assert header.pop("root") == root
+        for key in ("created", "updated"):
+            assert header.pop(key)
+        client = s3.server.client()
+        for m in moves[5:50:7]:  # moved objects deleted by hand since
+            client.delete_object(Bucket=s3.bucket, Key=f"{root.split('/', 3)[3]}/{m.dst}")
+        with pytest.raises(RelabelError, match="restored all but 7 of 60"):
+            undo(journal, workers=workers)
+        not_restored = Journal(journal).read()[0]["not_restored"]
+        out[workers] = (header, lines[1:], [(x["src"], x["dst"]) for x in not_restored])
+    assert out[1] == out[16]
+    assert len(out[1][1]) == 60 and len(out[1][2]) == 7
+
+
+def test_the_journal_is_written_in_batches_with_the_same_bytes(tmp_path, monkeypatch):
+    data = make_dataset(tmp_path)
+    journal = str(tmp_path / "journal.jsonl")
+    do_relabel(data, journal)
+    header, moves = Journal(journal).read()
+    whole = "\n".join([json.dumps(header)] + [json.dumps({"type": "move", **m.__dict__})
+                                              for m in moves]) + "\n"
+    assert Path(journal).read_text() == whole
+    monkeypatch.setattr("tasks.relabel.JOURNAL_BATCH", 2)
+    Journal(journal).write(header, moves)
+    assert Path(journal).read_text() == whole
+    assert not [p for p in Path(tmp_path).iterdir() if p.name.startswith(".")]
+
+
+def test_local_moves_in_parallel_match_the_serial_ones(tmp_path):
+    data = make_dataset(tmp_path / "a")
+    before = snapshot(data)
+    journal = str(tmp_path / "a" / "journal.jsonl")
+    moves = relabel(results_frame(), str(data), journal, SENSITIVITY, MIN_PREDS, workers=4)
+    assert {m.src: m.dst for m in moves} == MOVED
+    assert snapshot(data) == expected_after(before)
+    undo(journal, workers=4)
+    assert snapshot(data) == before
+
+
+PROGRESS = re.compile(r"^(planned|relabel|undo) ([\d,]+)/([\d,]+) (files checked|moves), "
+                      r"(\d+) objects/s, ETA (\d+s|\d+m \d\ds|\d+h \d\dm)$")
+FINISHED = re.compile(r"^(planned|relabel|undo) ([\d,]+)/([\d,]+) (files checked|moves) in "
+                      r"(\d+s|\d+m \d\ds|\d+h \d\dm), (\d+) objects/s$")
+
+
+def test_progress_is_one_line_every_few_seconds_not_one_per_move(case, monkeypatch, caplog):
+    data, journal = case
+    with caplog.at_level(logging.INFO, logger="tasks.relabel"):
+        do_relabel(data, journal)
+    lines = [r.getMessage() for r in caplog.records]
+    assert not [x for x in lines if PROGRESS.match(x)]  # a few files: done before 5 s
+    assert [FINISHED.match(x).group(1, 2, 3, 4) for x in lines if FINISHED.match(x)] == [
+        ("planned", "6", "6", "files checked"), ("relabel", "6", "6", "moves")]
+    undo(journal)
+    caplog.clear()
+    monkeypatch.setattr("tasks.relabel.PROGRESS_SECONDS", 0.0)  # a line after every step
+    with caplog.at_level(logging.INFO, logger="tasks.relabel"):
+        do_relabel(data, journal)
+        undo(journal)
+    lines = [r.getMessage() for r in caplog.records]
+    for what, unit in (("planned", "files checked"), ("relabel", "moves"), ("undo", "moves")):
+        steps = [m for x in lines if (m := PROGRESS.match(x)) and m[1] == what]
+        assert [(int(m[2]), int(m[3]), m[4]) for m in steps] == [
+            (i, len(MOVED), unit) for i in range(1, len(MOVED))], (what, lines)
+        finished = [m for x in lines if (m := FINISHED.match(x)) and m[1] == what]
+        assert len(finished) == 1
+
+
+def test_a_relabel_lists_a_few_moves_and_a_dry_run_all(case, monkeypatch, caplog):
+    from tasks import relabel as module
+
+    data, journal = case
+    monkeypatch.setattr(module, "PLAN_LOGGED", 2)
+    with caplog.at_level(logging.INFO, logger="tasks.relabel"):
+        do_relabel(data, journal, dry_run=True)
+        dry = [r.getMessage() for r in caplog.records]
+        caplog.clear()
+        do_relabel(data, journal)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len([x for x in dry if x.startswith("would move ")]) == len(MOVED)
+    assert [x.split(" (")[0] for x in lines if x.startswith("move ")] == [
+        f"move {src} -> {dst}" for src, dst in list(MOVED.items())[:2]]
+    assert f"... and {len(MOVED) - 2} more moves (the journal {journal} lists every one)" in lines
+    assert module._duration(42.4) == "42s" and module._duration(185) == "3m 05s"
+    assert module._duration(2 * 3600 + 7 * 60 + 9) == "2h 07m"

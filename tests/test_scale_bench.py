@@ -1,6 +1,7 @@
 """benchmarks/scale_bench.py at a tiny size: it builds run folders with the project's writers,
-measures each stage in its own process, writes a row per case and stage, and the bucketed
-merge's results.csv is the in-memory merge's."""
+measures each stage in its own process, writes a row per case and stage, the bucketed
+merge's results.csv is the in-memory merge's, and the relabel stage moves every object on
+SeaweedFS and back with the same checksums."""
 
 from __future__ import annotations
 
@@ -25,5 +26,8 @@ def test_the_scale_benchmark_at_a_tiny_size(tmp_path):
         assert merge[4] == "1" and int(bucketed[4]) >= 3  # in memory vs several buckets
         assert bucketed[8].strip() == "results.csv identical to merge's"
         assert float(merge[7]) > 0.05 and float(merge[6]) > 0  # peak RSS (GB) and CPU time
+        n = int(float(case.split()[0].rstrip("k")) * (1000 if "k" in case else 1))
+        assert rows[(case, "relabel")][8].startswith(f"{n:,} moves on SeaweedFS: relabel ")
+        assert "checksums equal after relabel and undo" in rows[(case, "relabel")][8]
     assert "Growth between sizes" not in text  # one size per class count
     assert "RESULTS DIFFER" not in text
