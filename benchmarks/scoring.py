@@ -365,7 +365,7 @@ def bound_check(target: str, value: object, bound: float, op: str, fmt: str,
     if not ok:
         gap = abs(v - bound)
         measured += (f" (misses by {format(gap, fmt)})" if gap
-                     else f" (must be above {format(bound, fmt)})")
+                     else f" (must be above {bound:g})")
     return target, measured, ok
 
 
