@@ -72,7 +72,7 @@ def demo_lines(run: Path, truth_path: Path) -> list[str]:
 
     cfg = read_config(str(run))
     truth = pd.read_csv(truth_path, dtype=str)
-    m = score_against_truth(pd.read_csv(run / "results.csv"), truth, cfg.sensitivity,
+    m = score_against_truth(read_results(run / "results.csv"), truth, cfg.sensitivity,
                             cfg.min_preds, run_guard(run))
     n_wrong = int((truth["true_label"] != truth["given_label"]).sum())
     return [
@@ -85,6 +85,11 @@ def demo_lines(run: Path, truth_path: Path) -> list[str]:
         f"recall {m['relabel_recall']:.3f}; correct labels moved {m['correct_moved']} "
         f"({m['correct_moved_share']:.2%}); label accuracy {m['net_acc_change_pp']:+.2f} pp)",
     ]
+
+
+def read_results(path: Path) -> pd.DataFrame:
+    """A results CSV with its names as text (class folders such as `0` or `01` stay names)."""
+    return pd.read_csv(path, dtype={"filename": str, "label": str, "corrected_label": str})
 
 
 def metrics_line(m: dict[str, object]) -> str:
@@ -111,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(demo_lines(run, ROOT / DEMO_DATA.with_name("sample.truth.csv"))))
             return 0
         results = Path(a.results)
-        m = score_against_truth(pd.read_csv(results), pd.read_csv(a.truth), a.sensitivity,
+        m = score_against_truth(read_results(results), pd.read_csv(a.truth, dtype=str),
+                                a.sensitivity,
                                 a.min_preds, run_guard(results.parent))
     except (ValueError, FileNotFoundError) as err:  # mismatched files, a missing run
         print(f"error: {err}", file=sys.stderr)

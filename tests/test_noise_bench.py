@@ -413,3 +413,16 @@ def test_recipe_sweep_trains_and_scores_a_tiny_plan(tmp_path, capsys):
         assert 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1
         assert 0 < r["pooled_acc_true"] <= 1 and 0 <= r["auroc"] <= 1
     assert "relabelled_votes_only" in default and "tiny  default" in capsys.readouterr().out
+
+
+def test_score_results_keeps_numeric_class_names(tmp_path, capsys):
+    results, truth, *_ = _synthetic()
+    for frame, columns in ((results, ["label", "corrected_label"]),
+                           (truth, ["true_label", "given_label"])):
+        for c in columns:
+            frame[c] = frame[c].str.replace("c", "0")  # class folders 00, 01, 02
+    results.to_csv(tmp_path / "results.csv", index=False)
+    truth.to_csv(tmp_path / "truth.csv", index=False)
+    assert score_main([str(tmp_path / "results.csv"), str(tmp_path / "truth.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "precision=1.0000" in out and "guard=None" in out  # no summary.json beside it
