@@ -17,12 +17,15 @@ From the default audit's out-of-sample mean probabilities (`predictions.parquet`
 extra training, it also scores cleanlab's `find_label_issues` for every `filter_by`, and
 candidate flag rules for the default (e.g. a cleanlab filter AND the vote disagrees).
 
-Metrics per row (`benchmarks.scoring`): precision, recall, F1 of the flagged set; AUROC and
-average precision of `label_quality` as a ranking (unpredicted images ranked last, tied);
-correction accuracy (share of relabelled images whose new label is the true one); coverage;
-wall time; trainings and epochs trained. Tables (`benchmarks.results_md`) go to stdout and
-to `--out` (RESULTS.md), with the command, machine, date, seeds and versions. Run from the
-repository root:
+Metrics per row (`benchmarks.scoring.rule_metrics`): precision, recall, F1 of the flagged
+set; precision at k (k = the number of wrong labels), AUROC and average precision of a
+ranking (the default audit's `p_label_wrong`, else `label_quality`; unpredicted images last,
+tied); relabel precision and recall, correctly labelled images moved, the net change of the
+label accuracy; for the default audit the share of wrong labels in the issue and review tiers
+and the guard's verdict (`<run>/summary.json`); coverage; wall time; trainings and epochs
+trained. Every row is checked against issue 14's targets (and the target row against issue
+5's). Tables (`benchmarks.results_md`) go to stdout and to `--out` (RESULTS.md), with the
+command, machine, date, seeds and versions. Run from the repository root:
 
     python -m benchmarks.noise_bench                       # everything, config defaults
     python -m benchmarks.noise_bench --datasets fmnist20k --noise sym20
@@ -166,18 +169,22 @@ def shard_counts(run: str) -> tuple[int, int]:
 
 
 def load_predictions(run: str, truth_path: Path) -> Predictions:
-    """A finished run's predictions.parquet (results columns + mean_probs), with the truth."""
+    """A finished run's predictions.parquet (results columns + mean_probs) and the guard's
+    verdict from its summary.json (none for a run merged before summaries), with the truth."""
     import io
 
     from tasks import storage
     from tasks.index import read_manifest
+    from tasks.merge import read_summary
 
     preds = pd.read_parquet(io.BytesIO(storage.read_bytes(storage.join(run,
                                                                        "predictions.parquet"))))
     _, classes = read_manifest(run)
     truth = pd.read_csv(truth_path, dtype=str)
+    summary = read_summary(run)
     return predictions_from_frames(preds.drop(columns=["mean_probs"]), truth, classes,
-                                   preds[["filename", "mean_probs"]])
+                                   preds[["filename", "mean_probs"]],
+                                   guard=summary["guard"] if summary else None)
 
 
 def bench_one(args: argparse.Namespace, base: dict, dataset: str, noise: str,
@@ -292,9 +299,12 @@ def main(argv: list[str] | None = None) -> int:
         t = bench_one(args, base, dataset, noise, prefix)
         tables.append(t)
         print(f"\n{t.title}: {t.summary}\n{text_table(t.rows)}\n", flush=True)
-    for where, items in all_checks(tables):
+    checks = all_checks(tables)
+    for where, items in checks:
         for target, measured, ok in items:
             print(f"{'PASS' if ok else 'FAIL'}  {where}: {target}: {measured}")
+    failed = sum(not ok for _, items in checks for _, _, ok in items)
+    print(f"{failed} of {sum(len(items) for _, items in checks)} target checks fail")
     out = Path(args.out)
     write_results(out, args, argv, info, base, tables, started, time.perf_counter() - t0)
     print(f"wrote {out} in {(time.perf_counter() - t0) / 60:.1f} min")

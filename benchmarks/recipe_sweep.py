@@ -6,7 +6,7 @@ variant (config overrides) trains the planned repeats with the product's own tra
 (`tasks.train.fit_model` / `predict`), pools the out-of-sample probabilities with
 `tasks.merge.aggregate` / `score`, and prints: accuracy of the pooled prediction against the
 true labels, precision/recall/F1 of `is_label_issue`, AUROC of `label_quality`, and the
-correction accuracy of the relabel rule (`noise_bench`'s own rows: the product's rule, and
+relabel precision of the relabel rule (`noise_bench`'s own rows: the product's rule, and
 by votes only). `--original` also runs each variant the original
 way (random splits, hard votes). No files are written except `--json`.
 
@@ -92,7 +92,7 @@ def run_variant(cfg: AuditConfig, images: torch.Tensor, true: np.ndarray, given:
     else:
         votes_only = votes_only_row(p, sensitivity, cfg.min_preds)
         out["relabelled_votes_only"] = votes_only["relabelled"]
-        out["corr_acc_votes_only"] = votes_only["correction_acc"]
+        out["relabel_precision_votes_only"] = votes_only["relabel_precision"]
         out.update(next(iter(default_rows(p, sensitivity, cfg.min_preds).values())))
     return out
 

@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 
 from benchmarks.noise_bench import parse_args
-from benchmarks.results_md import markdown_table
-from benchmarks.score_results import score_against_truth
+from benchmarks.results_md import markdown_table, write_results
+from benchmarks.score_results import demo_lines, demo_run, score_against_truth
+from benchmarks.score_results import main as score_main
 from benchmarks.scoring import (
     CLEANLAB_FILTERS,
     BenchTable,
@@ -18,7 +19,10 @@ from benchmarks.scoring import (
     candidate_rows,
     cleanlab_flags,
     cleanlab_rows,
+    decision_checks,
+    default_metrics,
     default_rows,
+    missed_targets,
     original_rows,
     predictions_from_frames,
     ranking_scores,
@@ -42,7 +46,7 @@ def test_rule_metrics_by_hand():
     assert m["f1"] == pytest.approx(0.8)
     # Wrong rows rank 1st (q 0.1) and last (unscored): of 2 x 4 pairs, 4 + 0 won -> 0.5.
     assert m["auroc"] == pytest.approx(0.5)
-    assert m["correction_acc"] == pytest.approx(0.5)
+    assert m["relabel_precision"] == pytest.approx(0.5)
     assert m["coverage"] == pytest.approx(5 / 6)
 
 
@@ -51,7 +55,8 @@ def test_rule_metrics_nothing_flagged():
     none = np.zeros(3, dtype=bool)
     m = rule_metrics(true, given, none, np.array([0.2, 0.9, 0.8]), none, given, ~none)
     assert np.isnan(m["precision"]) and m["recall"] == 0 and m["f1"] == 0
-    assert np.isnan(m["correction_acc"]) and m["auroc"] == pytest.approx(1.0)
+    assert np.isnan(m["relabel_precision"]) and m["auroc"] == pytest.approx(1.0)
+    assert m["relabel_recall"] == 0 and m["correct_moved"] == 0 and m["net_acc_change_pp"] == 0
 
 
 def test_ranking_scores_put_unscored_last_and_tied():
@@ -59,9 +64,71 @@ def test_ranking_scores_put_unscored_last_and_tied():
     assert s[2] > s[0] > s[1] and s[1] == s[3]
 
 
-def _synthetic(n: int = 60, k: int = 3, seed: int = 0, unpredicted: int = 0):
+def test_ranking_by_p_label_wrong_breaks_ties_by_label_quality():
+    s = ranking_scores(np.array([0.05, 0.3, 0.1, np.nan]), np.array([0.9, 1.0, 1.0, np.nan]))
+    assert s[2] > s[1] > s[0] > s[3]
+    assert len(ranking_scores(np.array([]), np.array([]))) == 0
+
+
+def _ten_images():
+    """10 images, rows 0-2 wrong; row 0 moved to its true class, row 5 (correct) moved away."""
+    true = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    given = np.array([1, 2, 0, 0, 1, 2, 0, 1, 2, 0])
+    new_label = given.copy()
+    new_label[0], new_label[5] = 0, 0
+    relabel = np.zeros(10, dtype=bool)
+    relabel[[0, 5]] = True
+    flagged = relabel.copy()
+    flagged[1] = True
+    quality = np.array([0.1, 0.2, 0.6, 0.9, 0.8, 0.3, 0.9, 0.9, 0.9, 0.9])
+    return true, given, flagged, quality, relabel, new_label
+
+
+def test_relabel_metrics_by_hand():
+    true, given, flagged, quality, relabel, new_label = _ten_images()
+    m = rule_metrics(true, given, flagged, quality, relabel, new_label, np.ones(10, bool))
+    assert m["relabelled"] == 2 and m["relabel_precision"] == pytest.approx(0.5)
+    assert m["relabel_recall"] == pytest.approx(1 / 3)
+    assert m["correct_moved"] == 1 and m["correct_moved_share"] == pytest.approx(1 / 7)
+    assert m["net_acc_change_pp"] == pytest.approx(0.0)
+    # k = 3; by label_quality the top 3 are rows 0, 1 and 5 (correct): 2 of 3
+    assert m["precision_at_k"] == pytest.approx(2 / 3) and m["ranked_by"] == "label_quality"
+    assert np.isnan(m["tiers_coverage"]) and m["guard"] is None  # no tiers, no guard
+    # Also fix row 1; move row 2 to a class that is wrong too (not fixed, accuracy unchanged).
+    relabel[[1, 2]] = True
+    new_label[1], new_label[2] = 1, 1
+    m = rule_metrics(true, given, flagged, quality, relabel, new_label, np.ones(10, bool))
+    assert m["relabelled"] == 4 and m["relabel_precision"] == pytest.approx(0.5)
+    assert m["relabel_recall"] == pytest.approx(2 / 3) and m["correct_moved"] == 1
+    assert m["net_acc_change_pp"] == pytest.approx(10.0)  # (2 fixed - 1 broken) / 10
+    # A row "moved" to its own label moves nothing.
+    relabel[:] = False
+    relabel[3] = True
+    m = rule_metrics(true, given, flagged, quality, relabel, given, np.ones(10, bool))
+    assert m["relabelled"] == 0 and m["correct_moved"] == 0
+
+
+def test_decision_metrics_rank_by_p_label_wrong_with_tiers_and_guard():
+    true, given, flagged, quality, relabel, new_label = _ten_images()
+    p_wrong = np.array([0.9, 0.8, 0.95, 0.1, 0.1, 0.2, 0, 0, 0, 0])
+    tier = np.array(["issue", "issue", "review"] + ["ok"] * 7)
+    m = rule_metrics(true, given, flagged, quality, relabel, new_label, np.ones(10, bool),
+                     p_wrong=p_wrong, tier=tier, guard={"trusted": True, "reasons": []})
+    assert m["precision_at_k"] == 1 and m["auroc"] == 1 and m["ranked_by"] == "p_label_wrong"
+    assert m["tiers_coverage"] == 1 and m["guard"] == "trusted"
+    tier[2] = "ok"
+    m = rule_metrics(true, given, flagged, quality, relabel, new_label, np.ones(10, bool),
+                     p_wrong=p_wrong, tier=tier,
+                     guard={"trusted": False, "reasons": ["the models are near chance"]})
+    assert m["tiers_coverage"] == pytest.approx(2 / 3)
+    assert m["guard"] == "untrusted" and m["guard_reasons"] == "the models are near chance"
+
+
+def _synthetic(n: int = 60, k: int = 3, seed: int = 0, unpredicted: int = 0,
+               decision: bool = False):
     """A results frame, truth and mean probabilities where every wrong label is confidently
-    predicted as its true class (pct 100) and clean labels as themselves."""
+    predicted as its true class (pct 100) and clean labels as themselves; with `decision`,
+    the decision layer's columns too (every wrong label an issue, no review tier)."""
     rng = np.random.default_rng(seed)
     classes = [f"c{i}" for i in range(k)]
     true = np.arange(n) % k
@@ -87,6 +154,10 @@ def _synthetic(n: int = 60, k: int = 3, seed: int = 0, unpredicted: int = 0):
         "is_label_issue": (corrected != given) & (num_preds > 0),
         "suggested_quality": probs[np.arange(n), corrected],
     })
+    if decision:
+        results["p_label_wrong"] = np.where(num_preds > 0, 1 - quality, np.nan)
+        results["p_suggestion"] = np.where(num_preds > 0, results["suggested_quality"], np.nan)
+        results["tier"] = np.where(results["is_label_issue"], "issue", "ok")
     truth = pd.DataFrame({"filename": names, "true_label": cls[true], "given_label": cls[given]})
     mean = pd.DataFrame({"filename": names, "mean_probs": list(probs)})
     return results, truth, classes, mean, wrong
@@ -108,7 +179,7 @@ def test_perfect_audit_scores_one_everywhere():
         m = rows[name]
         assert (m["precision"], m["recall"], m["f1"]) == (1, 1, 1), name
         assert m["auroc"] == 1 and m["ap"] == pytest.approx(1)
-        assert m["correction_acc"] == 1 and m["coverage"] == 1
+        assert m["relabel_precision"] == 1 and m["coverage"] == 1
     default = next(v for k, v in rows.items() if k.startswith("default audit"))
     assert default["f1"] == 1 and default["relabelled"] == 12
 
@@ -149,23 +220,153 @@ def test_predictions_from_frames_rejects_mismatched_truth():
         predictions_from_frames(results, bad, classes, mean)
 
 
-def test_targets_pass_and_fail():
-    def row(f1, auroc=0.99, acc=0.97, cov=1.0):
-        return {"f1": f1, "auroc": auroc, "correction_acc": acc, "coverage": cov,
-                "trainings": 10}
+def _row(**over):
+    """A default-audit row that meets every target."""
+    return {"trainings": 10, "flagged": 100, "precision": 0.9, "recall": 0.9, "f1": 0.95,
+            "precision_at_k": 0.9, "auroc": 0.99, "ap": 0.95, "ranked_by": "p_label_wrong",
+            "relabelled": 50,
+            "relabel_precision": 0.97, "relabel_recall": 0.7, "correct_moved": 1,
+            "correct_moved_share": 0.001, "net_acc_change_pp": 1.5, "tiers_coverage": 0.97,
+            "guard": "trusted", "guard_reasons": "", "coverage": 1.0, **over}
 
-    rows = {"original (random splits, hard votes)": row(0.70),
-            "default audit (x)": row(0.92), "cleanlab both": row(0.91)}
+
+def test_targets_pass_and_fail():
+    rows = {"original (random splits, hard votes)": _row(f1=0.70),
+            "default audit (x)": _row(f1=0.92), "cleanlab both": _row(f1=0.91)}
     assert all(ok for _, _, ok in target_checks(rows))
-    rows["cleanlab prune_by_class"] = row(0.93)
-    rows["default audit (x)"] = row(0.92, auroc=0.97, acc=float("nan"))
+    rows["cleanlab prune_by_class"] = _row(f1=0.93)
+    rows["default audit (x)"] = _row(f1=0.92, auroc=0.97, relabel_precision=float("nan"))
     failed = {t for t, _, ok in target_checks(rows) if not ok}
     assert failed == {"F1 >= best cleanlab filter F1", "AUROC >= 0.98",
-                      "correction accuracy >= 0.95"}
+                      "relabel precision >= 0.95"}
     checks = all_checks([BenchTable("fmnist20k", "sym20", 300, 60, rows),
                          BenchTable("digits", "asym20", 1797, 359, rows)])
-    assert checks[0][0] == "fmnist20k sym20 (capped at 300 images)" and checks[1] == (
-        "digits asym20", [("F1 > original F1", "0.920 vs 0.700", True)])
+    assert checks[0][0] == "fmnist20k sym20 (capped at 300 images)"
+    assert checks[1][0] == "digits asym20"
+    assert checks[1][1][-1] == ("F1 > original F1", "0.920 vs 0.700", True)
+    # Issue 5's checks join issue 14's on the target row, without a second relabel precision.
+    targets = [t for t, _, _ in checks[0][1]]
+    assert targets.count("relabel precision >= 0.95") == 1
+    assert {"F1 >= 0.938", "F1 >= 0.90", "F1 >= 1.2 x original F1", "coverage 100%"} <= set(
+        targets)
+    # ... and the original-method comparisons only when the original audit ran.
+    del rows["original (random splits, hard votes)"]
+    (_, items), (_, asym) = all_checks([BenchTable("fmnist20k", "sym20", 20000, 4000, rows),
+                                        BenchTable("digits", "asym20", 1797, 359, rows)])
+    assert not any("original" in t for t, _, _ in items + asym)
+
+
+def test_decision_checks_by_row():
+    targets = {t for t, _, ok in decision_checks("fmnist5k", "sym10", _row()) if ok}
+    assert targets == {"relabel precision >= 0.95", "correct labels moved <= 0.5%",
+                       "net label accuracy change > 0", "relabel recall >= 0.6",
+                       "flag precision >= 0.85", "flag recall >= 0.8",
+                       "issue + review tiers hold >= 95% of the wrong labels",
+                       "the guard trusts the audit"}
+    # Asymmetric noise: no tiers target; a row outside the lists: no recall/flag targets.
+    targets = {t for t, _, _ in decision_checks("fmnist2k", "asym10", _row())}
+    assert targets == {"relabel precision >= 0.95", "correct labels moved <= 0.5%",
+                       "net label accuracy change > 0", "the guard trusts the audit"}
+    bad = _row(relabel_precision=0.9, correct_moved=18, correct_moved_share=0.01,
+               net_acc_change_pp=0.0, recall=0.75, tiers_coverage=float("nan"),
+               guard="untrusted", guard_reasons="the models are near chance")
+    got = {t: (m, ok) for t, m, ok in decision_checks("fmnist5k", "sym5", bad)}
+    assert got["relabel precision >= 0.95"] == ("0.9000 (misses by 0.0500)", False)
+    assert got["correct labels moved <= 0.5%"] == ("18 (1.00%) (misses by 0.50%)", False)
+    assert got["net label accuracy change > 0"] == ("+0.00 pp (must be above 0)", False)
+    assert got["flag recall >= 0.8"] == ("0.750 (misses by 0.050)", False)
+    assert got["flag precision >= 0.85"] == ("0.900", True)
+    assert got["issue + review tiers hold >= 95% of the wrong labels"] == ("not measured",
+                                                                          False)
+    assert got["the guard trusts the audit"] == (
+        "untrusted: the models are near chance", False)
+    nothing = decision_checks("digits", "sym2", _row(relabelled=0,
+                                                     relabel_precision=float("nan")))
+    assert nothing[0] == ("relabel precision >= 0.95 (where anything moves)", "nothing moved",
+                          True)
+    missed = missed_targets([("fmnist5k sym5", decision_checks("fmnist5k", "sym5", bad))])
+    assert "fmnist5k sym5: relabel precision >= 0.95: 0.9000 (misses by 0.0500)" in missed
+    assert len(missed) == 6
+
+
+def test_results_md_lists_checks_and_misses(tmp_path):
+    import argparse
+
+    rows = {"default audit (x)": _row(precision=0.8, wall_s=1.0, epochs=20),
+            "cleanlab both": _row(wall_s=1.0, epochs=20, tiers_coverage=float("nan"),
+                                  guard=None)}
+    out = tmp_path / "RESULTS.md"
+    info = {"machine": "m", "software": "s", "commit": "c", "load": "0"}
+    base = {"n_repeats": 10, "num_epochs": 8, "patience": 2}
+    write_results(out, argparse.Namespace(seed=0, sensitivity=60.0), ["--reuse"], info, base,
+                  [BenchTable("fmnist5k", "sym10", 5000, 500, rows)], pd.Timestamp.now(), 1.0)
+    text = out.read_text()
+    assert "7 of 8 checks pass" in text
+    assert "| fmnist5k sym10 | flag precision >= 0.85 | 0.800 (misses by 0.050) | FAIL |" in text
+    missed = text.split("### Where a target is missed")[1].split("\n## ")[0]
+    assert missed.strip() == "- fmnist5k sym10: flag precision >= 0.85: 0.800 (misses by 0.050)"
+    table = next(line for line in text.splitlines() if line.startswith("| cleanlab both |"))
+    assert table.split(" | ").count("—") == 2  # no tiers, no guard
+
+
+def test_predictions_read_the_decision_layer_and_relabel_on_p_suggestion():
+    results, truth, classes, mean, wrong = _synthetic(decision=True, unpredicted=3)
+    guard = {"trusted": False, "reasons": ["a class the models never learnt"]}
+    p = predictions_from_frames(results, truth, classes, mean, guard=guard)
+    assert (p.tier == np.where(p.is_label_issue, "issue", "ok")).all()
+    assert np.isnan(p.p_label_wrong[:3]).all() and p.guard is guard
+    m = default_metrics(p, 60, 2)
+    assert m["ranked_by"] == "p_label_wrong" and m["guard"] == "untrusted"
+    missed = int(np.isin(wrong, np.arange(3)).sum())  # unpredicted wrong labels: tier ok
+    assert m["tiers_coverage"] == pytest.approx(1 - missed / len(wrong))
+    assert m["relabelled"] == len(wrong) - missed and m["relabel_precision"] == 1
+    # The relabel rule reads p_suggestion (the decision layer's), not suggested_quality.
+    results["p_suggestion"] = 0.5
+    p = predictions_from_frames(results, truth, classes, mean)
+    assert default_metrics(p, 60, 2)["relabelled"] == 0 and p.guard is None
+    # An audit from before the decision layer: nothing derived, the metrics missing.
+    old = results.drop(columns=["p_label_wrong", "p_suggestion", "tier"])
+    p = predictions_from_frames(old, truth, classes, mean)
+    assert p.p_label_wrong is None and p.p_suggestion is None and p.tier is None
+    m = default_metrics(p, 60, 2)
+    assert m["ranked_by"] == "label_quality" and np.isnan(m["tiers_coverage"])
+    assert m["guard"] is None and m["relabelled"] == len(wrong) - missed
+    cells = markdown_table({"default audit": {**m, "trainings": 2, "epochs": 2,
+                                              "wall_s": 1.0}}).splitlines()[2].split(" | ")
+    assert cells.count("—") == 2
+
+
+def test_score_results_demo_prints_the_readme_numbers(tmp_path, capsys):
+    from tasks import runs
+    from tasks.config import parse_config
+
+    results, truth, *_ = _synthetic(decision=True)
+    results.loc[results.index[:2], "is_label_issue"] = True  # flag the first two rows too
+    results.loc[results.index[:2], "tier"] = "issue"
+    n_wrong = int((truth["true_label"] != truth["given_label"]).sum())
+    (tmp_path / "data" / "sample").mkdir(parents=True)
+    truth.to_csv(tmp_path / "data" / "sample.truth.csv", index=False)
+    for name, data in (("other", "data/other"), ("sample-abc", "data/sample")):
+        run = tmp_path / "work" / "runs" / name
+        run.mkdir(parents=True)
+        runs.write_config(str(run), parse_config({"data_path": data, "work_uri": "work"},
+                                                 check_installed=False))
+        results.to_csv(run / "results.csv", index=False)
+    run = demo_run(tmp_path)
+    assert run.name == "sample-abc"
+    (run / "summary.json").write_text('{"guard": {"trusted": true, "reasons": []}}')
+    lines = demo_lines(run, tmp_path / "data" / "sample.truth.csv")
+    flagged = n_wrong + int((truth["true_label"] == truth["given_label"]).iloc[:2].sum())
+    assert lines[0].endswith("relabel at sensitivity 60, min_preds 2; guard: trusted)")
+    assert lines[1] == f"flag precision {n_wrong / flagged:.3f} ({flagged} flagged; recall 1.000)"
+    assert lines[2].startswith(f"relabel precision 1.000 ({n_wrong} moved; relabel recall 1.000; "
+                               "correct labels moved 0 (0.00%)")
+    # The CSV mode reads the guard beside the results, and says what is wrong in one line.
+    assert score_main([str(run / "results.csv"), str(tmp_path / "data" / "sample.truth.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "relabel_precision=1.0000" in out and "guard=trusted" in out
+    assert score_main(["--demo", "--run", str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_markdown_table_is_well_formed():
@@ -212,3 +413,16 @@ def test_recipe_sweep_trains_and_scores_a_tiny_plan(tmp_path, capsys):
         assert 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1
         assert 0 < r["pooled_acc_true"] <= 1 and 0 <= r["auroc"] <= 1
     assert "relabelled_votes_only" in default and "tiny  default" in capsys.readouterr().out
+
+
+def test_score_results_keeps_numeric_class_names(tmp_path, capsys):
+    results, truth, *_ = _synthetic()
+    for frame, columns in ((results, ["label", "corrected_label"]),
+                           (truth, ["true_label", "given_label"])):
+        for c in columns:
+            frame[c] = frame[c].str.replace("c", "0")  # class folders 00, 01, 02
+    results.to_csv(tmp_path / "results.csv", index=False)
+    truth.to_csv(tmp_path / "truth.csv", index=False)
+    assert score_main([str(tmp_path / "results.csv"), str(tmp_path / "truth.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "precision=1.0000" in out and "guard=None" in out  # no summary.json beside it
