@@ -19,7 +19,7 @@ candidate flag rules for the default (e.g. a cleanlab filter AND the vote disagr
 
 Metrics per row (`benchmarks.scoring.rule_metrics`): precision, recall, F1 of the flagged
 set; precision at k (k = the number of wrong labels), AUROC and average precision of a
-ranking (the default audit's `p_label_wrong`, else `label_quality`; unpredicted images last,
+ranking (`label_quality`, lowest first; unpredicted images last,
 tied); relabel precision and recall, correctly labelled images moved, the net change of the
 label accuracy; for the default audit the share of wrong labels in the issue and review tiers
 and the guard's verdict (`<run>/summary.json`); coverage; wall time; trainings and epochs

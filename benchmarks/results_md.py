@@ -21,12 +21,12 @@ RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
 
 COLUMNS = [("method", None), ("trainings", "d"), ("epochs", "d"), ("flagged", "d"),
            ("precision", ".3f"), ("recall", ".3f"), ("f1", ".3f"), ("precision_at_k", ".3f"),
-           ("auroc", ".4f"), ("ap", ".4f"), ("ranked_by", None), ("relabelled", "d"),
+           ("auroc", ".4f"), ("ap", ".4f"), ("relabelled", "d"),
            ("relabel_precision", ".4f"), ("relabel_recall", ".3f"), ("correct_moved", "d"),
            ("correct_moved_share", ".2%"), ("net_acc_change_pp", "+.2f"),
            ("tiers_coverage", ".3f"), ("guard", None), ("coverage", ".2%"), ("wall_s", ".0f")]
 HEADERS = {"wall_s": "wall s", "f1": "F1", "auroc": "AUROC", "ap": "AP",
-           "precision_at_k": "P@k", "ranked_by": "ranked by", "relabel_precision": "relabel prec",
+           "precision_at_k": "P@k", "relabel_precision": "relabel prec",
            "relabel_recall": "relabel recall", "correct_moved": "correct moved",
            "correct_moved_share": "correct moved %", "net_acc_change_pp": "Δ acc pp",
            "tiers_coverage": "tiers cov"}
@@ -134,10 +134,8 @@ def write_results(path: Path, args: argparse.Namespace, argv: list[str], info: d
         "flagged (default audit: `is_label_issue`, tier `issue`); precision, recall, F1 of the "
         "flagged set against the planted wrong labels; `P@k` the share of wrong labels among "
         "the k most suspicious images, k = the number of wrong labels; AUROC and AP of the same "
-        "ranking over all images (unpredicted images ranked last, tied); `ranked by` the "
-        "ranking: the default audit's own `p_label_wrong` (ties broken by `label_quality`), "
-        "every other row `label_quality` (and the default audit of a run merged before "
-        "`p_label_wrong` existed); `relabelled` the images moved, `relabel prec` the share of "
+        "ranking (`label_quality`, lowest first) over all images (unpredicted images ranked "
+        "last, tied); `relabelled` the images moved, `relabel prec` the share of "
         "them moved to their true class, `relabel recall` the share of the wrong labels so "
         "fixed, `correct moved` / `correct moved %` the correctly labelled images moved "
         "(count, share of the correctly labelled images), `Δ acc pp` the change of the "

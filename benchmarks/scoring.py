@@ -56,8 +56,6 @@ class Predictions:
     mean_probs: np.ndarray | None  # N x K out-of-sample mean probabilities (nan rows allowed)
     classes: list[str] = field(default_factory=list)
     # The decision layer (`tasks.decide`); None for an audit merged before it existed.
-    p_label_wrong: np.ndarray | None = None
-    p_suggestion: np.ndarray | None = None
     tier: np.ndarray | None = None  # "issue" / "review" / "ok"
     guard: dict | None = None       # summary.json's "guard": {"trusted", "reasons", ...}
 
@@ -70,38 +68,27 @@ class Predictions:
         return self.predicted & (self.corrected != self.given)
 
 
-def ranking_scores(quality: np.ndarray, p_wrong: np.ndarray | None = None) -> np.ndarray:
-    """Suspicion score (higher = more suspicious): by `p_wrong` (p_label_wrong) when given,
-    ties broken by label_quality, else by label_quality alone; unscored images (nan) rank
-    last, tied with each other."""
+def ranking_scores(quality: np.ndarray) -> np.ndarray:
+    """Suspicion score (higher = more suspicious) from label_quality; unscored images (nan)
+    rank last, tied with each other."""
     score = -np.asarray(quality, dtype=float)
     has = ~np.isnan(score)
     floor = (score[has].min() if has.any() else 0.0) - 1.0
-    score = np.where(has, score, floor)
-    if p_wrong is None or len(score) == 0:
-        return score
-    first = np.nan_to_num(np.asarray(p_wrong, dtype=float), nan=-np.inf)
-    order = np.lexsort((score, first))
-    a, b = first[order], score[order]
-    step = np.r_[True, (a[1:] != a[:-1]) | (b[1:] != b[:-1])]
-    rank = np.empty(len(score))
-    rank[order] = np.cumsum(step)  # dense rank of (p_wrong, -label_quality)
-    return rank
+    return np.where(has, score, floor)
 
 
 def rule_metrics(true: np.ndarray, given: np.ndarray, flagged: np.ndarray,
                  quality: np.ndarray, relabel: np.ndarray, new_label: np.ndarray,
-                 predicted: np.ndarray, *, p_wrong: np.ndarray | None = None,
-                 tier: np.ndarray | None = None,
+                 predicted: np.ndarray, *, tier: np.ndarray | None = None,
                  guard: dict | None = None) -> dict[str, object]:
     """One row's metrics against the truth.
 
-    Flags: precision, recall, F1 of `flagged`. Ranking (`ranking_scores`: by `p_wrong` when
-    given, else by `quality`; `ranked_by` names it) over all images, unscored last: AUROC,
-    AP, and precision at k = the number of wrong labels. Moves (the `relabel` rows whose
-    `new_label` differs from the given one): relabel precision (share moved to their true
-    class), relabel recall (wrong labels so fixed / wrong labels), correct labels moved
-    (count, and share of the correctly labelled images), the net change of the label
+    Flags: precision, recall, F1 of `flagged`. Ranking by `quality` (`ranking_scores`) over
+    all images, unscored last: AUROC, AP, and precision at k = the number of wrong labels.
+    Moves (the `relabel` rows whose `new_label` differs from the given one): relabel
+    precision (share moved to their true class), relabel recall (wrong labels so fixed /
+    wrong labels), correct labels moved (count, and share of the correctly labelled
+    images), the net change of the label
     accuracy in percentage points ((correct after - correct before) / N x 100). Coverage:
     share of `predicted`. With `tier` (the default audit's tiers): the share of wrong labels
     in tier issue or review; with `guard` (summary.json's): "trusted" or "untrusted". Missing
@@ -117,7 +104,7 @@ def rule_metrics(true: np.ndarray, given: np.ndarray, flagged: np.ndarray,
     f1 = (2 * precision * recall / (precision + recall)
           if tp and precision + recall > 0 else 0.0)
     both = wrong.any() and not wrong.all()
-    score = ranking_scores(quality, p_wrong)
+    score = ranking_scores(quality)
     k = int(wrong.sum())
     top = np.argsort(-score, kind="stable")[:k]
     fixed = int((moved & (new_label == true)).sum())
@@ -131,7 +118,6 @@ def rule_metrics(true: np.ndarray, given: np.ndarray, flagged: np.ndarray,
         "precision_at_k": float(wrong[top].mean()) if k else float("nan"),
         "auroc": float(roc_auc_score(wrong, score)) if both else float("nan"),
         "ap": float(average_precision_score(wrong, score)) if both else float("nan"),
-        "ranked_by": "label_quality" if p_wrong is None else "p_label_wrong",
         "relabelled": int(moved.sum()),
         "relabel_precision": fixed / moved.sum() if moved.any() else float("nan"),
         "relabel_recall": fixed / k if k else float("nan"),
@@ -174,8 +160,6 @@ def default_relabel(p: Predictions, sensitivity: float, min_preds: int) -> np.nd
                           "%": p.pct, "suggested_quality": p.suggested_quality,
                           "num_preds": p.num_preds,
                           "is_label_issue": p.is_label_issue})
-    if p.p_suggestion is not None:  # the decision layer's rule; else the one before it
-        frame["p_suggestion"] = p.p_suggestion
     mask = np.zeros(len(frame), dtype=bool)
     mask[select_rows(frame, sensitivity, min_preds).index.to_numpy()] = True
     return mask
@@ -183,11 +167,11 @@ def default_relabel(p: Predictions, sensitivity: float, min_preds: int) -> np.nd
 
 def default_metrics(p: Predictions, sensitivity: float, min_preds: int) -> dict[str, object]:
     """The default audit's metrics as the product runs it: flagged = `is_label_issue` (tier
-    issue), moved = the product's relabel rule, ranked by its own `p_label_wrong`, with its
-    tiers and guard (label_quality and nothing else for an audit from before them)."""
+    issue), moved = the product's relabel rule, ranked by label_quality, with its tiers and
+    guard (none for an audit from before them)."""
     relabel = default_relabel(p, sensitivity, min_preds)
     return rule_metrics(p.true, p.given, p.is_label_issue, p.quality, relabel, p.corrected,
-                        p.predicted, p_wrong=p.p_label_wrong, tier=p.tier, guard=p.guard)
+                        p.predicted, tier=p.tier, guard=p.guard)
 
 
 def default_rows(p: Predictions, sensitivity: float,
@@ -255,8 +239,7 @@ def predictions_from_frames(results: pd.DataFrame, truth: pd.DataFrame, classes:
                             guard: dict | None = None) -> Predictions:
     """Align a results frame (as merge writes it) and a truth file (filename, true_label,
     given_label); `mean_probs`: predictions.parquet's `filename` and `mean_probs` columns;
-    `guard`: the run summary's verdict. The decision layer's columns (`p_label_wrong`,
-    `p_suggestion`, `tier`) are read when the results have them."""
+    `guard`: the run summary's verdict. The `tier` column is read when the results have it."""
     df = results.merge(truth, on="filename", how="inner", validate="one_to_one")
     if len(df) != len(truth) or len(df) != len(results):
         raise ValueError(f"results ({len(results)} rows) and truth ({len(truth)} rows) do not "
@@ -285,18 +268,9 @@ def predictions_from_frames(results: pd.DataFrame, truth: pd.DataFrame, classes:
         is_label_issue=df["is_label_issue"].astype(str).str.lower().eq("true").to_numpy(),
         mean_probs=probs,
         classes=names,
-        p_label_wrong=_optional_numbers(df, "p_label_wrong"),
-        p_suggestion=_optional_numbers(df, "p_suggestion"),
         tier=df["tier"].astype(str).to_numpy() if "tier" in df.columns else None,
         guard=guard,
     )
-
-
-def _optional_numbers(df: pd.DataFrame, column: str) -> np.ndarray | None:
-    """A numeric column as floats (nan: empty), or None when the frame lacks it."""
-    if column not in df.columns:
-        return None
-    return pd.to_numeric(df[column], errors="coerce").to_numpy(float)
 
 
 def format_metric(value: object, fmt: str | None) -> str:
@@ -324,7 +298,7 @@ def target_checks(rows: dict[str, dict[str, float]]) -> list[tuple[str, str, boo
         ("F1 >= best cleanlab filter F1", f"{f1:.3f} vs {best['f1']:.3f} ({best_name})",
          f1 >= best["f1"]),
         *vs_original,
-        ("AUROC >= 0.98", f"{default['auroc']:.4f} (by {default['ranked_by']})",
+        ("AUROC >= 0.98", f"{default['auroc']:.4f}",
          default["auroc"] >= 0.98),
         ("relabel precision >= 0.95", format_metric(default["relabel_precision"], ".4f"),
          default["relabel_precision"] >= 0.95),

@@ -64,12 +64,6 @@ def test_ranking_scores_put_unscored_last_and_tied():
     assert s[2] > s[0] > s[1] and s[1] == s[3]
 
 
-def test_ranking_by_p_label_wrong_breaks_ties_by_label_quality():
-    s = ranking_scores(np.array([0.05, 0.3, 0.1, np.nan]), np.array([0.9, 1.0, 1.0, np.nan]))
-    assert s[2] > s[1] > s[0] > s[3]
-    assert len(ranking_scores(np.array([]), np.array([]))) == 0
-
-
 def _ten_images():
     """10 images, rows 0-2 wrong; row 0 moved to its true class, row 5 (correct) moved away."""
     true = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
@@ -92,7 +86,7 @@ def test_relabel_metrics_by_hand():
     assert m["correct_moved"] == 1 and m["correct_moved_share"] == pytest.approx(1 / 7)
     assert m["net_acc_change_pp"] == pytest.approx(0.0)
     # k = 3; by label_quality the top 3 are rows 0, 1 and 5 (correct): 2 of 3
-    assert m["precision_at_k"] == pytest.approx(2 / 3) and m["ranked_by"] == "label_quality"
+    assert m["precision_at_k"] == pytest.approx(2 / 3)
     assert np.isnan(m["tiers_coverage"]) and m["guard"] is None  # no tiers, no guard
     # Also fix row 1; move row 2 to a class that is wrong too (not fixed, accuracy unchanged).
     relabel[[1, 2]] = True
@@ -108,17 +102,15 @@ def test_relabel_metrics_by_hand():
     assert m["relabelled"] == 0 and m["correct_moved"] == 0
 
 
-def test_decision_metrics_rank_by_p_label_wrong_with_tiers_and_guard():
+def test_decision_metrics_with_tiers_and_guard():
     true, given, flagged, quality, relabel, new_label = _ten_images()
-    p_wrong = np.array([0.9, 0.8, 0.95, 0.1, 0.1, 0.2, 0, 0, 0, 0])
     tier = np.array(["issue", "issue", "review"] + ["ok"] * 7)
     m = rule_metrics(true, given, flagged, quality, relabel, new_label, np.ones(10, bool),
-                     p_wrong=p_wrong, tier=tier, guard={"trusted": True, "reasons": []})
-    assert m["precision_at_k"] == 1 and m["auroc"] == 1 and m["ranked_by"] == "p_label_wrong"
+                     tier=tier, guard={"trusted": True, "reasons": []})
     assert m["tiers_coverage"] == 1 and m["guard"] == "trusted"
     tier[2] = "ok"
     m = rule_metrics(true, given, flagged, quality, relabel, new_label, np.ones(10, bool),
-                     p_wrong=p_wrong, tier=tier,
+                     tier=tier,
                      guard={"trusted": False, "reasons": ["the models are near chance"]})
     assert m["tiers_coverage"] == pytest.approx(2 / 3)
     assert m["guard"] == "untrusted" and m["guard_reasons"] == "the models are near chance"
@@ -128,7 +120,7 @@ def _synthetic(n: int = 60, k: int = 3, seed: int = 0, unpredicted: int = 0,
                decision: bool = False):
     """A results frame, truth and mean probabilities where every wrong label is confidently
     predicted as its true class (pct 100) and clean labels as themselves; with `decision`,
-    the decision layer's columns too (every wrong label an issue, no review tier)."""
+    the tier column too (every wrong label an issue, no review tier)."""
     rng = np.random.default_rng(seed)
     classes = [f"c{i}" for i in range(k)]
     true = np.arange(n) % k
@@ -155,8 +147,6 @@ def _synthetic(n: int = 60, k: int = 3, seed: int = 0, unpredicted: int = 0,
         "suggested_quality": probs[np.arange(n), corrected],
     })
     if decision:
-        results["p_label_wrong"] = np.where(num_preds > 0, 1 - quality, np.nan)
-        results["p_suggestion"] = np.where(num_preds > 0, results["suggested_quality"], np.nan)
         results["tier"] = np.where(results["is_label_issue"], "issue", "ok")
     truth = pd.DataFrame({"filename": names, "true_label": cls[true], "given_label": cls[given]})
     mean = pd.DataFrame({"filename": names, "mean_probs": list(probs)})
@@ -223,7 +213,7 @@ def test_predictions_from_frames_rejects_mismatched_truth():
 def _row(**over):
     """A default-audit row that meets every target."""
     return {"trainings": 10, "flagged": 100, "precision": 0.9, "recall": 0.9, "f1": 0.95,
-            "precision_at_k": 0.9, "auroc": 0.99, "ap": 0.95, "ranked_by": "p_label_wrong",
+            "precision_at_k": 0.9, "auroc": 0.99, "ap": 0.95,
             "relabelled": 50,
             "relabel_precision": 0.97, "relabel_recall": 0.7, "correct_moved": 1,
             "correct_moved_share": 0.001, "net_acc_change_pp": 1.5, "tiers_coverage": 0.97,
@@ -309,27 +299,22 @@ def test_results_md_lists_checks_and_misses(tmp_path):
     assert table.split(" | ").count("—") == 2  # no tiers, no guard
 
 
-def test_predictions_read_the_decision_layer_and_relabel_on_p_suggestion():
+def test_predictions_read_the_tiers_and_the_guard():
     results, truth, classes, mean, wrong = _synthetic(decision=True, unpredicted=3)
     guard = {"trusted": False, "reasons": ["a class the models never learnt"]}
     p = predictions_from_frames(results, truth, classes, mean, guard=guard)
-    assert (p.tier == np.where(p.is_label_issue, "issue", "ok")).all()
-    assert np.isnan(p.p_label_wrong[:3]).all() and p.guard is guard
+    assert (p.tier == np.where(p.is_label_issue, "issue", "ok")).all() and p.guard is guard
     m = default_metrics(p, 60, 2)
-    assert m["ranked_by"] == "p_label_wrong" and m["guard"] == "untrusted"
+    assert m["guard"] == "untrusted"
     missed = int(np.isin(wrong, np.arange(3)).sum())  # unpredicted wrong labels: tier ok
     assert m["tiers_coverage"] == pytest.approx(1 - missed / len(wrong))
     assert m["relabelled"] == len(wrong) - missed and m["relabel_precision"] == 1
-    # The relabel rule reads p_suggestion (the decision layer's), not suggested_quality.
-    results["p_suggestion"] = 0.5
-    p = predictions_from_frames(results, truth, classes, mean)
-    assert default_metrics(p, 60, 2)["relabelled"] == 0 and p.guard is None
-    # An audit from before the decision layer: nothing derived, the metrics missing.
-    old = results.drop(columns=["p_label_wrong", "p_suggestion", "tier"])
+    # An audit from before the tiers: nothing derived, the metrics missing.
+    old = results.drop(columns=["tier"])
     p = predictions_from_frames(old, truth, classes, mean)
-    assert p.p_label_wrong is None and p.p_suggestion is None and p.tier is None
+    assert p.tier is None
     m = default_metrics(p, 60, 2)
-    assert m["ranked_by"] == "label_quality" and np.isnan(m["tiers_coverage"])
+    assert np.isnan(m["tiers_coverage"])
     assert m["guard"] is None and m["relabelled"] == len(wrong) - missed
     cells = markdown_table({"default audit": {**m, "trainings": 2, "epochs": 2,
                                               "wall_s": 1.0}}).splitlines()[2].split(" | ")
