@@ -253,6 +253,11 @@ class LocalBackend:
         return ObjectInfo(key=path.name, size=path.stat().st_size, etag=_file_etag(path))
 
     def list(self, root: str) -> Iterator[ObjectInfo]:
+        # Sorted by key as a bucket lists them, whatever the walk's order.
+        yield from sorted((info for page in self.list_pages(root) for info in page),
+                          key=lambda info: info.key.encode())
+
+    def list_pages(self, root: str, page_size: int = 10_000) -> Iterator[list[ObjectInfo]]:
         base = Path(root)
         if not base.is_dir():
             raise StorageError(f"{root} is not a folder")
@@ -260,9 +265,14 @@ class LocalBackend:
             os.scandir(base).close()
         except OSError as err:
             raise StorageError(f"{root} cannot be read ({err.strerror or err})") from None
-        # Sorted by key as a bucket lists them, whatever the walk's order.
-        yield from sorted(_walk(base, os.path.realpath(base), "", set()),
-                          key=lambda info: info.key.encode())
+        page: list[ObjectInfo] = []
+        for info in _walk(base, os.path.realpath(base), "", set()):
+            page.append(info)
+            if len(page) >= page_size:
+                yield page
+                page = []
+        if page:
+            yield page
 
     def copy(self, src: str, dst: str) -> None:
         dst_path = Path(dst)
@@ -344,6 +354,13 @@ def head(uri: str) -> ObjectInfo | None:
 def list_objects(root: str) -> Iterator[ObjectInfo]:
     """Every file under root, recursively, keys relative to root, in sorted order."""
     return _backend(root).list(root)
+
+
+def list_pages(root: str) -> Iterator[list[ObjectInfo]]:
+    """What `list_objects` finds, in pages (lists of up to some thousands) and in no
+    particular order, for listings too large to hold as Python objects at once (the caller
+    sorts what it keeps). On S3 the top-level folders are listed concurrently."""
+    return _backend(root).list_pages(root)
 
 
 def copy(src: str, dst: str) -> None:
