@@ -15,6 +15,7 @@ import logging
 import multiprocessing
 import os
 import tempfile
+import threading
 import time
 import unicodedata
 from collections import deque
@@ -256,12 +257,10 @@ def _check_chunk(data_path: str, keys: list[str], sizes: list[int], etags: list[
     return kept, kept_etags, listed, failed, hidden
 
 
-def _start_worker(env: dict[str, str], cwd: str) -> None:
-    """A check worker runs with the environment and folder of the process that started it
-    (a forkserver child would otherwise have the server's)."""
-    os.environ.clear()
-    os.environ.update(env)
-    os.chdir(cwd)
+def _start_worker(s3_env: dict[str, str]) -> None:
+    """A check worker reaches the object store with the settings `storage.configure_s3`
+    gave this process (a spawned worker inherits the environment, not those)."""
+    os.environ.update(s3_env)
 
 
 def index_workers() -> int:
@@ -286,10 +285,13 @@ def _checked_chunks(data_path: str, table: pa.Table, workers: int,
         for start in starts:
             yield start, _check_chunk(data_path, *_chunk_args(table, start, rows))
         return
-    env = {**os.environ, **storage.subprocess_env()}
+    # Forked where this process runs no other thread (fast, and a script without a
+    # __main__ guard works); spawned where it does, since a fork copies locks other threads
+    # may hold.
+    method = "fork" if threading.active_count() == 1 else "spawn"
     pool = ProcessPoolExecutor(max_workers=min(workers, len(starts)),
-                               mp_context=multiprocessing.get_context("forkserver"),
-                               initializer=_start_worker, initargs=(env, os.getcwd()))
+                               mp_context=multiprocessing.get_context(method),
+                               initializer=_start_worker, initargs=(storage.subprocess_env(),))
     try:
         todo = iter(starts)
         pending: deque[tuple[int, Future]] = deque()

@@ -161,16 +161,16 @@ def _walk(folder: Path, real_root: str, prefix: str, seen: set[str]) -> Iterator
                          f"folder cannot be read ({type(err).__name__}: {err.strerror or err})")
         return
     for entry in entries:
-        key = prefix + _display_name(entry.name)
-        path = Path(entry.path)
         try:
             entry.name.encode("utf-8")
         except UnicodeEncodeError:
             kind = "folder" if entry.is_dir() else "file"
-            yield ObjectInfo(key, 0, "", f"{kind} name is not valid UTF-8; rename it")
+            yield ObjectInfo(prefix + _display_name(entry.name), 0, "",
+                             f"{kind} name is not valid UTF-8; rename it")
             continue
+        key = prefix + entry.name
         if entry.is_symlink():
-            target = os.path.realpath(path)
+            target = os.path.realpath(entry.path)
             if not os.path.exists(target):
                 yield ObjectInfo(key, 0, "", "dangling symbolic link")
                 continue
@@ -181,11 +181,12 @@ def _walk(folder: Path, real_root: str, prefix: str, seen: set[str]) -> Iterator
             if target in seen:
                 yield ObjectInfo(key, 0, "", "symbolic link loop")
                 continue
-        if path.is_dir():
-            yield from _walk(path, real_root, key + "/", seen)
-        elif path.is_file():
+        # The scandir entry's methods follow links, like Path's, and mostly need no call.
+        if entry.is_dir():
+            yield from _walk(Path(entry.path), real_root, key + "/", seen)
+        elif entry.is_file():
             try:
-                st = path.stat()
+                st = entry.stat()
             except OSError as err:  # removed since the listing
                 yield ObjectInfo(key, 0, "", f"cannot be read ({type(err).__name__}: "
                                  f"{err.strerror or err})")
