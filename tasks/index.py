@@ -375,40 +375,47 @@ def _file_md5(path: str) -> str:
         return ""
 
 
-def check_resumable(run_uri: str, data_path: str, listing: list[storage.ObjectInfo],
-                    workers: int = 8) -> None:
+def check_resumable(run_uri: str, data_path: str,
+                    listing: Listing | Iterable[storage.ObjectInfo], workers: int = 8) -> None:
     """Before a run resumes, check that the dataset still holds every image of its manifest
     with the same size and content (S3: the listed ETag; local: the content MD5, so an edit
     that kept size and modification time is found too). Raises DatasetError naming the run,
     how many images differ and one of them; images added since are logged, not indexed."""
-    manifest, _ = read_manifest(run_uri)
-    listed = {info.key: info for info in listing if not info.problem}
-    gone = [k for k, size in zip(manifest["key"], manifest["size"], strict=True)
-            if k not in listed or listed[k].size != size]
+    manifest = pq.read_table(io.BytesIO(storage.read_bytes(
+        storage.join(run_uri, "manifest.parquet"))), columns=["key", "size", "etag"])
+    table = as_listing(listing).table
+    usable = table.filter(pc.equal(table.column("problem"), ""))
+    manifest = manifest.cast(pa.schema([("key", pa.large_string()), ("size", pa.int64()),
+                                        ("etag", pa.large_string())])).combine_chunks()
+    keys = manifest.column("key").chunk(0) if manifest.num_rows else pa.array([], pa.large_string())
+    at = pc.index_in(keys, value_set=usable.column("key"))  # null where not listed
+    differs = pc.not_equal(usable.column("size").take(at), manifest.column("size"))
+    gone = keys.filter(pc.fill_null(differs, True)).to_pylist()
     changed: list[str] = []
     if not gone:
-        keys, etags = manifest["key"].tolist(), manifest["etag"].tolist()
         if storage.is_s3(data_path):
-            now = [listed[k].etag for k in keys]
+            now = usable.column("etag").take(at)
         else:
             with ThreadPoolExecutor(max_workers=workers) as pool:
-                now = list(pool.map(_file_md5, [storage.join(data_path, k) for k in keys]))
-        changed = [k for k, old, new in zip(keys, etags, now, strict=True) if old != new]
+                now = pa.array(pool.map(_file_md5, (storage.join(data_path, k.as_py())
+                                                    for k in keys)), pa.large_string())
+        changed = keys.filter(pc.not_equal(now, manifest.column("etag"))).to_pylist()
     run_id = storage.basename(run_uri)
     redo = ("its manifest and predictions are stale: start a new run (pass a new --run-id, "
             "or drop --run-id to use the one derived from the dataset as it is now)")
     if gone:
-        raise DatasetError(f"run {run_id!r} cannot resume: {len(gone)} of its {len(manifest)} "
+        raise DatasetError(f"run {run_id!r} cannot resume: {len(gone)} of its {len(keys)} "
                            f"images are gone from {data_path} or changed size since it was "
                            f"indexed (e.g. {gone[0]!r}); {redo}")
     if changed:
         raise DatasetError(f"run {run_id!r} cannot resume: {len(changed)} of its "
-                           f"{len(manifest)} images changed content since it was indexed "
+                           f"{len(keys)} images changed content since it was indexed "
                            f"(e.g. {changed[0]!r}); {redo}")
-    skipped = set(read_skipped_names(run_uri))
-    known = set(manifest["key"])
-    new = [info.key for info in listing if info.key not in known and info.key not in skipped
-           and _classify(info)[0] is not None]
+    skipped = pa.array(read_skipped_names(run_uri), pa.large_string())
+    known = pc.or_(pc.is_in(table.column("key"), value_set=keys),
+                   pc.is_in(table.column("key"), value_set=skipped))
+    new = [info.key for info in Listing(table.filter(pc.invert(known)))
+           if _classify(info)[0] is not None]
     if new:
         log.warning("%d images were added to %s since run %s was indexed and are not part of "
                     "it (e.g. %r); start a new run to audit them", len(new), data_path,
