@@ -24,6 +24,12 @@ process (`os.wait4`):
   after the relabel (the same content under the new keys, nothing lost) and after the undo
   (all as before); the benchmark fails otherwise. Its wall, CPU and RSS columns include
   starting the server, the upload and the checks; the server's own CPU is in the notes.
+- index: `tasks.index.list_dataset`, `index_dataset` and `write_index` over a local tree of
+  real files (one 8x8 PNG's bytes copied to N paths across the case's class folders, written
+  by a child first, not measured), for cases of up to 1M images x 10 classes; CPU time and
+  peak RSS include the check workers (peak RSS: the largest of the processes, not the sum);
+- index_s3: the same over a SeaweedFS test server (`tests/s3server.py`, telemetry off)
+  holding that tree, with a fresh object cache, for cases of up to 100k images x 10 classes.
 
 Stages plug in: add a `Stage` to `STAGES` (a name and a function of the run folder and the
 case, run in the child). Results go to `--out` (benchmarks/SCALE_RESULTS.md) with the growth
@@ -32,6 +38,7 @@ ratios between sizes and the issue's targets. Run from the repository root:
     python -m benchmarks.scale_bench                          # every case (long: 5M images)
     python -m benchmarks.scale_bench --sizes 100kx10,100kx1000
     python -m benchmarks.scale_bench --sizes 2000x10 --out /tmp/scale.md   # smoke test
+    python -m benchmarks.scale_bench --sizes 100kx10,1mx10 --stages index,index_s3
 """
 
 from __future__ import annotations
@@ -82,10 +89,14 @@ class Case:
 
 @dataclass(frozen=True)
 class Stage:
-    """A step measured in its own process: `run(run_uri, case)` returns extra facts."""
+    """A step measured in its own process: `run(input, case)` returns extra facts. Its
+    input is the case's run folder, or what the `prepare` stage (run first, in its own
+    process, not measured) returned as "input"; `applies` says which cases it runs for."""
 
     name: str
     run: Callable[[str, Case], dict]
+    prepare: str = "build"
+    applies: Callable[[Case], bool] = lambda case: True
 
 
 def _count(n: int) -> str:
@@ -337,9 +348,97 @@ def stage_relabel(run: str, case: Case) -> dict:
             "server_cpu_s": relabel_server + undo_server, "checksums": "equal"}
 
 
+
+# --- the index over a tree of files ----------------------------------------------------------
+
+INDEX_MAX = {"index": 1_000_000, "index_s3": 100_000}  # images, at 10 classes
+
+
+def tiny_png() -> bytes:
+    """One 8x8 RGB PNG."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), np.uint8)).save(
+        buf, format="PNG")
+    return buf.getvalue()
+
+
+def tree_keys(case: Case) -> list[str]:
+    """`<class>/<image>.png` keys of `case`, images spread evenly over the classes."""
+    return [f"c{i % case.classes:04d}/{i:08d}.png" for i in range(case.n)]
+
+
+def stage_tree(work: str, case: Case) -> dict:
+    """Not measured: writes the tree of `case` under `work`/tree."""
+    root = Path(work) / "tree"
+    data = tiny_png()
+    for c in range(case.classes):
+        (root / f"c{c:04d}").mkdir(parents=True, exist_ok=True)
+    for key in tree_keys(case):
+        with open(root / key, "wb") as f:
+            f.write(data)
+    return {"input": str(root)}
+
+
+def stage_tree_s3(work: str, case: Case) -> dict:
+    """Not measured: starts a SeaweedFS test server (left running: the parent kills it by
+    PID) and uploads the tree of `case` into it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.s3server import SeaweedS3
+
+    server = SeaweedS3(Path(work) / "seaweedfs")
+    server.start()
+    client = server.client()
+    client.create_bucket(Bucket="acl-bench")
+    data = tiny_png()
+    with ThreadPoolExecutor(32) as pool:
+        for _ in pool.map(lambda k: client.put_object(Bucket="acl-bench", Key=f"tree/{k}",
+                                                      Body=data), tree_keys(case)):
+            pass
+    env = {**server.env(), "ACL_CACHE_DIR": str(Path(work) / "cache")}
+    return {"input": "s3://acl-bench/tree", "env": env, "pid": server.proc.pid}
+
+
+def stage_index(root: str, case: Case) -> dict:
+    from tasks.config import AuditConfig
+    from tasks.index import index_dataset, index_workers, list_dataset, write_index
+
+    work = Path(tempfile.mkdtemp(prefix="scale-index-"))
+    try:
+        cfg = AuditConfig(data_path=root, work_uri=str(work))
+        t0 = time.perf_counter()
+        listing = list_dataset(root)
+        listed = time.perf_counter() - t0
+        index = index_dataset(cfg, listing)
+        write_index(index, str(work / "run"))
+        wall = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    rows = index.table.num_rows
+    if rows != case.n or len(index.skipped):
+        raise SystemExit(f"index of {root}: {rows} images, {len(index.skipped)} skipped; "
+                         f"expected {case.n} and none")
+    return {"rows": rows, "list_s": listed, "files_per_s": rows / wall,
+            "workers": index_workers()}
+
+
+def _index_case(name: str) -> Callable[[Case], bool]:
+    return lambda case: case.classes == 10 and case.n <= INDEX_MAX[name]
+
+
 STAGES = [Stage("merge", stage_merge), Stage("merge_bucketed", stage_merge_bucketed),
-          Stage("report", stage_report), Stage("relabel", stage_relabel)]
+          Stage("report", stage_report),
+          Stage("index", stage_index, "tree", _index_case("index")),
+          Stage("index_s3", stage_index, "tree_s3", _index_case("index_s3")),
+          Stage("relabel", stage_relabel, applies=lambda case: case.n <= RELABEL_MAX)]
 BUILD = Stage("build", stage_build)
+PREPARE = {"build": BUILD, "tree": Stage("tree", stage_tree),
+           "tree_s3": Stage("tree_s3", stage_tree_s3)}
 
 
 # --- measuring ------------------------------------------------------------------------------
@@ -354,7 +453,7 @@ class Measure:
     facts: dict
 
 
-def measure(stage: Stage, run: str, case: Case) -> Measure:
+def measure(stage: Stage, run: str, case: Case, env: dict | None = None) -> Measure:
     """Run one stage in a child process; its wall time, CPU time and peak RSS. (Linux counts
     the memory a child had before exec in its peak RSS: this process stays small, building
     the run folders in children too, and imports nothing heavy.)"""
@@ -362,7 +461,8 @@ def measure(stage: Stage, run: str, case: Case) -> Measure:
            "--sizes", f"{case.n}x{case.classes}", "--memory-gb", str(case.memory_gb)]
     with tempfile.TemporaryFile() as out:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})})
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -378,7 +478,7 @@ def measure(stage: Stage, run: str, case: Case) -> Measure:
 
 def child(stage_name: str, run: str, case: Case) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    stage = next(s for s in [*STAGES, BUILD] if s.name == stage_name)
+    stage = next(s for s in [*STAGES, *PREPARE.values()] if s.name == stage_name)
     print(json.dumps(stage.run(run, case)))
 
 
@@ -389,6 +489,7 @@ TARGETS = [
     ((1_000_000, 10), "merge", 15.0, 1.5),
     ((1_000_000, 1000), "merge", 180.0, 4.0),
 ]
+INDEX_TARGET = ((1_000_000, 10), "index", 10_000)  # files/s at least
 
 
 def write_results(path: Path, rows: list[Measure], argv: list[str], built_s: dict) -> str:
@@ -426,12 +527,16 @@ def write_results(path: Path, rows: list[Measure], argv: list[str], built_s: dic
                      f"{f['undo_moves_per_s']:.0f} moves/s; server CPU "
                      f"{f['server_cpu_s']:.0f} s; checksums {f['checksums']} after relabel "
                      "and undo; columns include setup and checks")
+        elif m.stage.startswith("index"):
+            notes = (f"{m.facts['files_per_s']:,.0f} files/s, {m.facts['workers']} workers; "
+                     f"listing {m.facts['list_s']:.1f} s; files written in "
+                     f"{built_s[(m.case, m.stage)]:.0f} s")
         budget = f"{m.facts['memory_gb']:.3g} GB" if "memory_gb" in m.facts else ""
         buckets = str(m.facts.get("buckets", ""))
         lines.append(f"| {m.case.name} | {m.stage} | {budget} | {buckets} | {m.wall_s:.1f} | "
                      f"{m.cpu_s:.1f} | {m.peak_rss_gb:.2f} | {notes} |")
     growth = []
-    for stage in ("merge", "report"):
+    for stage in ("merge", "report", "index"):
         for classes in sorted({m.case.classes for m in rows}):
             sized = sorted((m for m in rows if m.stage == stage and m.case.classes == classes),
                            key=lambda m: m.case.n)
@@ -466,11 +571,32 @@ def write_results(path: Path, rows: list[Measure], argv: list[str], built_s: dic
         checks.append(f"- 100k relabel on SeaweedFS: >= {RELABEL_TARGET} moves/s, nothing lost: "
                       f"{rate:.0f} moves/s, checksums {relabelled.facts['checksums']} — "
                       f"{'met' if rate >= RELABEL_TARGET else 'MISSED'}")
+    (n, classes), stage, rate = INDEX_TARGET
+    m = next((m for m in rows if (m.case.n, m.case.classes, m.stage) == (n, classes, stage)),
+             None)
+    if m is not None:
+        ok = m.facts["files_per_s"] >= rate
+        checks.append(f"- {m.case.name} {stage}: >= {rate:,} files/s: "
+                      f"{m.facts['files_per_s']:,.0f} — {'met' if ok else 'MISSED'}")
     if checks:
         lines += ["", "Targets (issue 15, 2-core machine):", "", *checks]
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text
+
+
+def _measure_prepared(stage: Stage, folder: Path, case: Case, built: dict) -> Measure:
+    """Prepare the input of `stage` in its own process, then measure the stage on it; a
+    server the preparation left running is killed after."""
+    prepared = measure(PREPARE[stage.prepare], str(folder), case)
+    built[(case, stage.name)] = prepared.wall_s
+    try:
+        return measure(stage, prepared.facts["input"], case, prepared.facts.get("env"))
+    finally:
+        if "pid" in prepared.facts:
+            import signal
+
+            os.kill(prepared.facts["pid"], signal.SIGKILL)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -498,20 +624,24 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--stages: choose from {', '.join(s.name for s in STAGES)}")
     work = Path(args.work or tempfile.mkdtemp(prefix="scale-bench-"))
     rows: list[Measure] = []
-    built: dict[Case, float] = {}
+    built: dict = {}  # seconds to prepare: per case (run folder), per (case, stage) (trees)
     try:
         for case in cases:
-            built_in = measure(BUILD, str(work / f"{case.n}x{case.classes}"), case)
-            run, built[case] = built_in.facts["run"], built_in.wall_s
-            print(f"{case.name}: run folder built in {built[case]:.0f} s", flush=True)
-            for stage in stages:
-                if stage.name == "relabel" and case.n > RELABEL_MAX:
-                    continue
-                m = measure(stage, run, case)
+            folder = work / f"{case.n}x{case.classes}"
+            todo = [s for s in stages if s.applies(case)]
+            if any(s.prepare == "build" for s in todo):
+                built_in = measure(BUILD, str(folder), case)
+                run, built[case] = built_in.facts["run"], built_in.wall_s
+                print(f"{case.name}: run folder built in {built[case]:.0f} s", flush=True)
+            for stage in todo:
+                if stage.prepare == "build":
+                    m = measure(stage, run, case)
+                else:
+                    m = _measure_prepared(stage, folder / stage.name, case, built)
                 rows.append(m)
                 print(f"{case.name} {stage.name}: {m.wall_s:.1f} s wall, {m.cpu_s:.1f} CPU s, "
                       f"{m.peak_rss_gb:.2f} GB peak RSS {m.facts}", flush=True)
-            shutil.rmtree(work / f"{case.n}x{case.classes}", ignore_errors=True)
+            shutil.rmtree(folder, ignore_errors=True)
             write_results(Path(args.out), rows, argv, built)
     finally:
         if not args.work:

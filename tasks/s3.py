@@ -19,6 +19,7 @@ import hashlib
 import io
 import logging
 import os
+import queue
 import re
 import tempfile
 import threading
@@ -339,37 +340,110 @@ class S3Backend:
     def list(self, root: str) -> Iterator[ObjectInfo]:
         """Every object under the prefix `root`, keys relative to it, sorted. Folder
         markers (keys ending in '/') are skipped. A prefix without objects is an error."""
+        found = [info for page in self.list_pages(root) for info in page]
+        found.sort(key=lambda info: info.key)
+        yield from found
+
+    def list_pages(self, root: str) -> Iterator[list[ObjectInfo]]:
+        """What `list` finds, page by page and unsorted: the objects directly under `root`
+        first, then every top-level folder (class prefix) listed concurrently, pages
+        handed over through a bounded queue so memory holds a few pages, not the bucket."""
         bucket, prefix = split_uri(root)
         prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
-        found: list[ObjectInfo] = []
+        folders: list[str] = []
         seen = 0
+        for contents, common in self._pages(bucket, prefix, root, delimiter="/"):
+            seen += len(contents) + len(common)
+            folders += common
+            page = self._infos(contents, prefix)
+            if page:
+                yield page
+        if seen == 0:
+            raise StorageError(f"{root} is empty or does not exist: no objects under prefix "
+                               f"{prefix!r} in bucket {bucket!r}")
+        yield from self._folder_pages(bucket, prefix, root, folders)
+
+    def _folder_pages(self, bucket: str, prefix: str, root: str,
+                      folders: list[str]) -> Iterator[list[ObjectInfo]]:
+        """The pages of each folder, listed by up to `concurrency` threads."""
+        if not folders:
+            return
+        pages: queue.Queue = queue.Queue(maxsize=4 * self.concurrency)
+        stop = threading.Event()
+
+        def put(item: object) -> None:
+            while not stop.is_set():
+                try:
+                    pages.put(item, timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
+
+        def work(folder: str) -> None:
+            try:
+                for contents, _ in self._pages(bucket, folder, root):
+                    if stop.is_set():
+                        return
+                    put(self._infos(contents, prefix))
+            except BaseException as err:  # handed to the consumer, raised there
+                put(err)
+            finally:
+                put(None)
+
+        pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(folders)))
+        try:
+            for folder in folders:
+                pool.submit(work, folder)
+            finished = 0
+            while finished < len(folders):
+                item = pages.get()
+                if item is None:
+                    finished += 1
+                elif isinstance(item, BaseException):
+                    raise item
+                elif item:
+                    yield item
+        finally:
+            stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _pages(self, bucket: str, prefix: str, root: str,
+               delimiter: str = "") -> Iterator[tuple[list[dict], list[str]]]:
+        """(objects, common prefixes) of each page of one listing request."""
         start_after = ""
         while True:
             # Pages continue after the last key (StartAfter), not with the continuation
             # token: some servers (SeaweedFS 4.x) mangle a token holding a control
-            # character and end the listing early.
+            # character and end the listing early. After a common prefix, StartAfter is the
+            # prefix followed by the highest code point, past every key below it.
             args: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": self.page_size}
+            if delimiter:
+                args["Delimiter"] = delimiter
             if start_after:
                 args["StartAfter"] = start_after
             with self._errors(root, "list"):
                 page = self.client.list_objects_v2(**args)
             contents = page.get("Contents", [])
-            seen += len(contents)
-            for obj in contents:
-                rel = obj["Key"][len(prefix):]
-                if rel and not rel.endswith("/"):
-                    found.append(ObjectInfo(key=rel, size=int(obj["Size"]),
-                                            etag=str(obj["ETag"]).strip('"')))
+            common = [p["Prefix"] for p in page.get("CommonPrefixes", [])]
+            yield contents, common
             if not page.get("IsTruncated"):
-                break
-            if not contents or contents[-1]["Key"] <= start_after:
+                return
+            ends = [contents[-1]["Key"]] if contents else []
+            ends += [common[-1] + "\U0010ffff"] if common else []
+            if not ends or max(ends) <= start_after:
                 raise StorageError(f"listing {root} stopped advancing at {start_after!r}")
-            start_after = contents[-1]["Key"]
-        if seen == 0:
-            raise StorageError(f"{root} is empty or does not exist: no objects under prefix "
-                               f"{prefix!r} in bucket {bucket!r}")
-        found.sort(key=lambda info: info.key)
-        yield from found
+            start_after = max(ends)
+
+    @staticmethod
+    def _infos(contents: list[dict], prefix: str) -> list[ObjectInfo]:
+        """Listed objects, keys relative to `prefix`, folder markers left out."""
+        out = []
+        for obj in contents:
+            rel = obj["Key"][len(prefix):]
+            if rel and not rel.endswith("/"):
+                out.append(ObjectInfo(key=rel, size=int(obj["Size"]),
+                                      etag=str(obj["ETag"]).strip('"')))
+        return out
 
     def copy(self, src: str, dst: str, expect: ObjectInfo | None = None) -> str | None:
         """Server-side copy that never overwrites: a HEAD check first, then a conditional

@@ -161,16 +161,16 @@ def _walk(folder: Path, real_root: str, prefix: str, seen: set[str]) -> Iterator
                          f"folder cannot be read ({type(err).__name__}: {err.strerror or err})")
         return
     for entry in entries:
-        key = prefix + _display_name(entry.name)
-        path = Path(entry.path)
         try:
             entry.name.encode("utf-8")
         except UnicodeEncodeError:
             kind = "folder" if entry.is_dir() else "file"
-            yield ObjectInfo(key, 0, "", f"{kind} name is not valid UTF-8; rename it")
+            yield ObjectInfo(prefix + _display_name(entry.name), 0, "",
+                             f"{kind} name is not valid UTF-8; rename it")
             continue
+        key = prefix + entry.name
         if entry.is_symlink():
-            target = os.path.realpath(path)
+            target = os.path.realpath(entry.path)
             if not os.path.exists(target):
                 yield ObjectInfo(key, 0, "", "dangling symbolic link")
                 continue
@@ -181,11 +181,12 @@ def _walk(folder: Path, real_root: str, prefix: str, seen: set[str]) -> Iterator
             if target in seen:
                 yield ObjectInfo(key, 0, "", "symbolic link loop")
                 continue
-        if path.is_dir():
-            yield from _walk(path, real_root, key + "/", seen)
-        elif path.is_file():
+        # The scandir entry's methods follow links, like Path's, and mostly need no call.
+        if entry.is_dir():
+            yield from _walk(Path(entry.path), real_root, key + "/", seen)
+        elif entry.is_file():
             try:
-                st = path.stat()
+                st = entry.stat()
             except OSError as err:  # removed since the listing
                 yield ObjectInfo(key, 0, "", f"cannot be read ({type(err).__name__}: "
                                  f"{err.strerror or err})")
@@ -253,6 +254,11 @@ class LocalBackend:
         return ObjectInfo(key=path.name, size=path.stat().st_size, etag=_file_etag(path))
 
     def list(self, root: str) -> Iterator[ObjectInfo]:
+        # Sorted by key as a bucket lists them, whatever the walk's order.
+        yield from sorted((info for page in self.list_pages(root) for info in page),
+                          key=lambda info: info.key.encode())
+
+    def list_pages(self, root: str, page_size: int = 10_000) -> Iterator[list[ObjectInfo]]:
         base = Path(root)
         if not base.is_dir():
             raise StorageError(f"{root} is not a folder")
@@ -260,9 +266,14 @@ class LocalBackend:
             os.scandir(base).close()
         except OSError as err:
             raise StorageError(f"{root} cannot be read ({err.strerror or err})") from None
-        # Sorted by key as a bucket lists them, whatever the walk's order.
-        yield from sorted(_walk(base, os.path.realpath(base), "", set()),
-                          key=lambda info: info.key.encode())
+        page: list[ObjectInfo] = []
+        for info in _walk(base, os.path.realpath(base), "", set()):
+            page.append(info)
+            if len(page) >= page_size:
+                yield page
+                page = []
+        if page:
+            yield page
 
     def copy(self, src: str, dst: str, expect: ObjectInfo | None = None) -> str | None:
         if expect is not None and (not Path(src).is_file() or _file_etag(Path(src)) != expect.etag):
@@ -348,6 +359,13 @@ def head(uri: str) -> ObjectInfo | None:
 def list_objects(root: str) -> Iterator[ObjectInfo]:
     """Every file under root, recursively, keys relative to root, in sorted order."""
     return _backend(root).list(root)
+
+
+def list_pages(root: str) -> Iterator[list[ObjectInfo]]:
+    """What `list_objects` finds, in pages (lists of up to some thousands) and in no
+    particular order, for listings too large to hold as Python objects at once (the caller
+    sorts what it keeps). On S3 the top-level folders are listed concurrently."""
+    return _backend(root).list_pages(root)
 
 
 def copy(src: str, dst: str, expect: ObjectInfo | None = None) -> str | None:

@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -396,3 +397,31 @@ def test_resuming_with_new_images_warns_and_keeps_the_run(tmp_path, caplog):
     assert warnings == [f"1 images were added to {data} since run mine was indexed and are "
                         "not part of it (e.g. 'cat/new.png'); start a new run to audit them"]
     assert len(read_manifest(run)[0]) == 10
+
+
+def test_index_in_worker_processes_gives_the_single_process_result(tmp_path, caplog,
+                                                                  monkeypatch):
+    """Chunks of a few entries checked by two worker processes, with a progress line per
+    chunk: the same manifest, classes and skipped list as one process checking one chunk."""
+    data = tmp_path / "data"
+    bad_input_dataset(data)
+    raw = os.fsencode(data)
+    with open(raw + b"/cat/caf\xe9.png", "wb") as f:
+        f.write(image_bytes(50))
+    (data / "dog" / "gone.png").symlink_to(tmp_path / "nothing.png")
+    cfg = tiny_config(data, tmp_path / "work")
+    single = index_dataset(cfg, workers=1, chunk_rows=10_000)
+    monkeypatch.setattr(index, "PROGRESS_SECONDS", 0.0)
+    with caplog.at_level(logging.INFO, logger="tasks.index"):
+        parallel = index_dataset(cfg, workers=2, chunk_rows=3)
+    pd.testing.assert_frame_equal(parallel.manifest, single.manifest)
+    # PIL names the BytesIO object it could not read, at its address: not compared.
+    pd.testing.assert_frame_equal(*(s.replace(r" at 0x[0-9a-f]+>", ">", regex=True)
+                                    for s in (parallel.skipped, single.skipped)))
+    assert parallel.classes == single.classes == ["bird", "cat", "dog"]
+    assert len(single.manifest) == 24 and len(single.skipped) == 8
+    n = len(list_dataset(cfg.data_path))
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("checked ")]
+    assert len(progress) == -(-n // 3)  # a line per chunk here; one every few seconds at scale
+    assert re.fullmatch(r"checked 3/\d+ files \([\d,]+ files/s, ETA \d+m\d\ds\)", progress[0])
+    assert progress[-1].startswith(f"checked {n}/{n} files")

@@ -330,7 +330,7 @@ def test_bad_keys_in_the_bucket_are_skipped_and_reported(s3, sample_dataset):
 
     # SeaweedFS refuses '..' and absolute keys and turns '\\' into '/'; AWS S3 stores them
     # as they are. The listing a bucket on AWS would give holds them next to the real keys:
-    listing = list_dataset(root)
+    listing = list(list_dataset(root))  # an Arrow-backed Listing; here, to add entries
     info = listing[0]
     escaping = ["../escape.png", "/abs/x.png", "coat/../../up.png", "coat/./dot.png",
                 "coat//empty.png", "coat/..\\..\\win.png"]

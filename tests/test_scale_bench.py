@@ -1,7 +1,8 @@
 """benchmarks/scale_bench.py at a tiny size: it builds run folders with the project's writers,
 measures each stage in its own process, writes a row per case and stage, the bucketed
-merge's results.csv is the in-memory merge's, and the relabel stage moves every object on
-SeaweedFS and back with the same checksums."""
+merge's results.csv is the in-memory merge's, the index stages index a tree of files and the
+same tree in a SeaweedFS bucket, and the relabel stage moves every object on SeaweedFS and
+back with the same checksums."""
 
 from __future__ import annotations
 
@@ -20,7 +21,15 @@ def test_the_scale_benchmark_at_a_tiny_size(tmp_path):
         r"^\| ([\d.,kM]+ x [\d,]+) \| (\w+) \| ([^|]*) \| (\d*) \| ([\d.]+) \| ([\d.]+) \| "
         r"([\d.]+) \| ([^|]*) \|$", text, flags=re.M)}
     cases = ["1.5k x 10", "600 x 300"]
-    assert set(rows) == {(c, s.name) for c in cases for s in scale_bench.STAGES}
+    merge_stages = {"merge", "merge_bucketed", "report"}
+    # The index stages run at 10 classes only (a tree of files, a bucket of objects).
+    assert set(rows) == ({(c, s) for c in cases for s in merge_stages | {"relabel"}}
+                         | {("1.5k x 10", "index"), ("1.5k x 10", "index_s3")})
+    assert {s.name for s in scale_bench.STAGES} == merge_stages | {"index", "index_s3",
+                                                                   "relabel"}
+    for stage in ("index", "index_s3"):
+        assert re.fullmatch(r"[\d,]+ files/s, \d+ workers; listing [\d.]+ s; files written "
+                            r"in \d+ s", rows[("1.5k x 10", stage)][8].strip())
     for case in cases:
         merge, bucketed = rows[(case, "merge")], rows[(case, "merge_bucketed")]
         assert merge[4] == "1" and int(bucketed[4]) >= 3  # in memory vs several buckets
