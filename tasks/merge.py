@@ -30,6 +30,7 @@ import pandas as pd
 
 from tasks import runs, storage
 from tasks.config import AuditConfig
+from tasks.embeddings import neighbour_columns
 from tasks.errors import MissingFileError, UserError
 from tasks.index import read_manifest
 from tasks.plan import plan_repeats, split_for_repeat
@@ -171,6 +172,7 @@ def merge_run(run: str) -> str:
         "votes": [_votes_text(v, classes) for v in agg["votes"]],
         "id": manifest["id"],
     })
+    results = results.join(neighbour_columns(results, run))  # method embeddings: kNN columns
     results = sort_most_suspicious(results)
     out = runs.results_uri(run)
     csv = results.to_csv(index=False)

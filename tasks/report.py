@@ -43,6 +43,7 @@ from PIL import Image
 
 from tasks import images, runs, storage
 from tasks.decisions import COLUMNS, OPTIONAL_COLUMNS
+from tasks.embeddings import neighbour_sections
 from tasks.index import read_manifest
 from tasks.merge import read_results, too_few_predictions
 from tasks.relabel import relabel_ceiling, select_rows
@@ -361,7 +362,7 @@ def render_page(*, cfg, run: str, results: pd.DataFrame, classes: list[str], top
         sensitivity=f"{cfg.sensitivity:g}", min_preds=cfg.min_preds, cards=cards,
         page_cards=PAGE_CARDS, run_id=storage.basename(run), classes=classes,
         decision_columns=",".join(COLUMNS + OPTIONAL_COLUMNS), n_skipped=len(skipped),
-        skipped=_skipped(skipped))
+        skipped=_skipped(skipped), neighbours=neighbour_sections(results))
 
 
 def write_report(run: str, seconds: float | None = None) -> str:
