@@ -57,9 +57,9 @@ LARGE_GROUP_SHARE = 0.01  # a duplicate group this large a share of the images i
 
 def _standardise(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Both parts scaled by the training part's per-dimension mean and spread."""
-    mean = train.mean(0, dtype=np.float64)
-    std = train.std(0, dtype=np.float64) + 1e-6
-    return (((train - mean) / std).astype(np.float32), ((test - mean) / std).astype(np.float32))
+    mean = train.mean(0, dtype=np.float64).astype(np.float32)
+    std = train.std(0, dtype=np.float64).astype(np.float32) + np.float32(1e-6)
+    return (train - mean) / std, (test - mean) / std  # float32: no float64 copy of N x dim
 
 
 def logistic_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
