@@ -1,7 +1,9 @@
 """Embedding mode (method: embeddings) with real torch, scikit-learn and faiss on tiny data:
-the backbone without its head, embedding chunks written and resumed, probe shards that merge
-reads unchanged, the blocked neighbour search against brute force, planted duplicates under
-two classes listed as a label conflict, and one audit through the CLI."""
+the backbone without its head, embedding chunks written and resumed, a torchvision backbone
+with the run's staged weights and its own preprocessing, probe shards that merge reads
+unchanged, the neighbour columns merge appends by id (in memory and bucketed), the blocked
+neighbour search against brute force, planted duplicates under two classes listed as a
+label conflict, and one audit through the CLI."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
 from tasks import runs, shards
@@ -23,10 +26,12 @@ from tasks.audit import prepare_run
 from tasks.config import parse_config
 from tasks.embed import ChunkError, backbone, run_chunk
 from tasks.embeddings import NEIGHBOUR_COLUMNS, EmbeddingsError, neighbour_sections
-from tasks.merge import merge_run, read_results
-from tasks.models import SmallCNN
+from tasks.images import decode_for
+from tasks.merge import RESULT_COLUMNS, MissingShardsError, merge_run, read_results
+from tasks.models import SmallCNN, model_transform
 from tasks.plan import plan_repeats
 from tasks.probe import duplicate_groups, nearest_neighbours, neighbour_frame, run_probes
+from tasks.weights import staged_weights
 from tests.datasets import tiny_config
 
 COLOURS = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (30, 40, 200)}
@@ -114,6 +119,40 @@ def test_embed_chunks_are_written_normalised_and_resumed(tmp_path, weights) -> N
     assert "chunk 1/3 already done" in proc.stdout
 
 
+def test_a_torchvision_backbone_embeds_with_the_staged_weights_and_its_preprocessing(
+        tmp_path, caplog) -> None:
+    torch.manual_seed(0)
+    path = tmp_path / "resnet18.pt"
+    torch.save(torchvision.models.resnet18(num_classes=5).state_dict(), path)
+    data = tmp_path / "data"
+    colour_dataset(data, per_class=4)
+    cfg = tiny_config(data, tmp_path / "work", method="embeddings", model_name="resnet18",
+                      model_weights=str(path), image_size=32)
+    run = prepare_run(cfg, "r1")
+    caplog.set_level("INFO", logger="tasks.embed")
+    run_chunk(run, 0)
+    assert "random weights" not in caplog.text
+    table = pq.read_table(runs.embedding_chunk_uri(run, 0))
+    emb = table.column("embedding").combine_chunks().values.to_numpy(
+        zero_copy_only=False).reshape(12, 512).astype(np.float32)
+    # What the trainers see: resnet18's resize and centre crop, its weights' mean and std.
+    prep = model_transform("resnet18", 32)
+    assert prep.resize == 37 and prep.crop == 32
+    keys = pd.read_parquet(Path(run, "manifest.parquet"))["key"]
+    x = torch.stack([torch.from_numpy(decode_for(str(data / k), prep)).permute(2, 0, 1)
+                     for k in keys]).float() / 255
+    x = (x - torch.tensor(prep.mean).view(1, 3, 1, 1)) / torch.tensor(prep.std).view(1, 3, 1, 1)
+    model = backbone("resnet18", staged_weights(runs.read_config(run), run), 3, 32)
+    with torch.inference_mode():
+        want = torch.nn.functional.normalize(model(x), dim=1).numpy()
+    np.testing.assert_allclose(emb, want, atol=3e-3)
+    # model_weights none: random weights, and the embedder says so.
+    plain = prepare_run(cfg.model_copy(update={"model_weights": "none",
+                                                "work_uri": str(tmp_path / "w2")}), "r2")
+    run_chunk(plain, 0)
+    assert "resnet18 embeds with random weights" in caplog.text
+
+
 def test_probe_shards_are_ordinary_shards_that_merge_reads(tmp_path, weights) -> None:
     run = embedding_run(tmp_path, weights, n_repeats=4)
     with pytest.raises(EmbeddingsError, match=r"3 of 3 embedding chunks are missing or stale"):
@@ -142,6 +181,42 @@ def test_probe_shards_are_ordinary_shards_that_merge_reads(tmp_path, weights) ->
     run_probes(run)
     changed = {p for p in stamps if p.stat().st_mtime_ns != stamps[p]}
     assert changed == {Path(runs.neighbours_uri(run))}
+
+
+def test_merge_appends_the_neighbour_columns_by_id_in_memory_and_bucketed(
+        tmp_path, weights) -> None:
+    run = embedding_run(tmp_path, weights, n_repeats=2)
+    for c in range(3):
+        run_chunk(run, c)
+    run_probes(run)
+    cfg = runs.read_config(run)
+    csv = Path(merge_run(run)).read_bytes()
+    header = csv.split(b"\n", 1)[0].decode().split(",")
+    assert header == RESULT_COLUMNS + NEIGHBOUR_COLUMNS
+    results = read_results(runs.results_uri(run))
+    want = pd.read_parquet(runs.neighbours_uri(run)).set_index("id").loc[results["id"]]
+    np.testing.assert_allclose(results["knn_agreement"].astype(float),
+                               want["knn_agreement"], rtol=0, atol=0)
+    np.testing.assert_allclose(results["outlier_score"].astype(float),
+                               want["outlier_score"], rtol=0, atol=0)
+    group = pd.to_numeric(results["duplicate_group"].replace("", None)).to_numpy()
+    np.testing.assert_array_equal(group, want["duplicate_group"].to_numpy(float))
+    assert results["duplicate_conflict"].tolist() == [str(v) for v in want["duplicate_conflict"]]
+    assert np.isnan(group).any() and (group > 0).any()  # empty and numbered groups both
+    preds = pd.read_parquet(Path(run, "predictions.parquet"))
+    assert preds.columns[-4:].tolist() == NEIGHBOUR_COLUMNS
+    # Bucketed (one image a bucket, rows routed and sorted part by part): the same bytes.
+    runs.write_config(run, cfg.model_copy(update={"merge_memory_gb": 1e-6}))
+    assert Path(merge_run(run)).read_bytes() == csv
+    # A stale neighbours.parquet (knn_k changed, probes not re-run): no neighbour columns.
+    runs.write_config(run, cfg.model_copy(update={"knn_k": 3}))
+    stale = Path(merge_run(run)).read_bytes()
+    assert stale.split(b"\n", 1)[0].decode().split(",") == RESULT_COLUMNS
+    # Missing probe shards: the hint names the probe entrypoint, not the trainer.
+    runs.write_config(run, cfg)
+    Path(runs.shard_uri(run, 1)).unlink()
+    with pytest.raises(MissingShardsError, match=r"python -m tasks\.probe --run"):
+        merge_run(run)
 
 
 def test_mlp_probe_writes_shards_too(tmp_path, weights) -> None:
