@@ -10,7 +10,11 @@ An image whose predictions consistently disagree with its folder is probably mis
 repeats: round, fold, seed) → `train_repeat` (one mapped task per repeat, named
 `repeat r (round i, fold k)`) → `merge` (pool the shards into `results.csv`; fails naming
 the missing repeats when coverage is below `min_coverage`) → `report` (`report.html`) →
-`autocorrect` → `relabel` (only when the `autocorrect` param is on).
+`autocorrect` → `relabel` (only when the `autocorrect` param is on). With `method:
+embeddings` no model is trained (`train_repeat` is skipped): `embed_chunk` (one mapped task
+per chunk of `embed_chunk_size` images, a frozen backbone) → `probe` (a probe per repeat on
+the embeddings, writing the same shards, plus kNN agreement, near-duplicates and outliers)
+→ `merge`; with `method: train` those two are skipped.
 
 **Where things are**: every artefact lives in `<work_uri>/runs/<run id>/`: `manifest.parquet`,
 `shards/repeat-NNNN.parquet`, `results.csv` (one row per image, most suspicious first),
@@ -22,7 +26,9 @@ the missing repeats when coverage is below `min_coverage`) → `report` (`report
 
 **Runner** (`ACL_RUNNER`): `local` runs the trainer as a subprocess of the task and streams
 its log (per-epoch progress) into the task log; `kubernetes` runs each repeat as a GPU pod
-from the trainer image. Both run `python -m tasks.train --run <run uri> --repeat <r>`.
+from the trainer image. Both run `python -m tasks.train --run <run uri> --repeat <r>`
+(`python -m tasks.embed --run <run uri> --chunk <c>` and `python -m tasks.probe --run <run
+uri>` in embedding mode; the embedders are GPU pods, the probe pod runs without a GPU).
 With `ffcv` on, the run's `dataset.beton` is built once before the trainers: by `index` with
 the local runner, by the `build_beton` pod (trainer image, `python -m tasks.ffcv_data`) with
 the Kubernetes runner (skipped when `ffcv` is off).
@@ -38,6 +44,7 @@ from __future__ import annotations
 from typing import Any
 
 import pendulum
+from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.sdk import DAG, Asset, TriggerRule, task
 
 from tasks import airflow_adapter as acl
@@ -70,6 +77,30 @@ def plan_beton(run: str) -> list[dict[str, Any]]:
 def train_repeat(run: str, repeat: int, label: str) -> str:
     """Local runner: one repeat as a trainer subprocess; returns its shard URI."""
     return acl.run_repeat_local(run, repeat, label)
+
+
+@task
+def plan_embed(run: str) -> list[dict[str, Any]]:
+    """method embeddings: the embedding chunks, as the mapped embedder's arguments."""
+    return acl.plan_embed_kwargs(run, DEPLOYMENT.runner)
+
+
+@task
+def plan_probe(run: str) -> list[dict[str, Any]]:
+    """method embeddings: the probe step, as one mapped argument; none for method train."""
+    return acl.plan_probe_kwargs(run, DEPLOYMENT.runner)
+
+
+@task(map_index_template=acl.LOCAL_MAP_INDEX_TEMPLATE)
+def embed_chunk(run: str, chunk: int, label: str) -> str:
+    """Local runner: one embedding chunk as a subprocess; returns its file's URI."""
+    return acl.embed_chunk_local(run, chunk)
+
+
+@task(map_index_template=acl.PROBE_MAP_INDEX_TEMPLATE)
+def probe(run: str) -> str:
+    """Local runner: every repeat's probe and the neighbours, as a subprocess."""
+    return acl.probe_local(run)
 
 
 @task(trigger_rule=TriggerRule.ALL_DONE_MIN_ONE_SUCCESS)
@@ -108,8 +139,19 @@ def audit_flow(results_asset: Asset | None = None) -> None:
         beton >> trained
     else:
         trained = train_repeat.expand_kwargs(repeats)
+    # method embeddings: embed chunks, then the probes write the shards (skipped for train)
+    chunks, probes = plan_embed(run), plan_probe(run)
+    if DEPLOYMENT.runner == "kubernetes":
+        embedded = acl.embed_pod_operator(dep=DEPLOYMENT).expand_kwargs(chunks)
+        probed = acl.probe_pod_operator(dep=DEPLOYMENT).expand_kwargs(probes)
+    else:
+        embedded, probed = embed_chunk.expand_kwargs(chunks), probe.expand_kwargs(probes)
+    embedded >> probed
+    # The join of both modes: the mode not run is skipped, which would skip merge itself;
+    # none_failed passes skips, and merge still runs after a failed repeat (it names it).
+    shards_done = EmptyOperator(task_id="shards_done", trigger_rule=TriggerRule.NONE_FAILED)
     results = merge.override(outlets=[results_asset] if results_asset else [])(run)
-    trained >> results
+    [trained, probed] >> shards_done >> results
     report(run, results) >> autocorrect(run) >> relabel(results)
 
 

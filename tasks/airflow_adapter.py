@@ -49,6 +49,8 @@ POD_MAP_INDEX_TEMPLATE = (
     "fold {{ task.labels['acl-fold'] }})"
 )
 BETON_MAP_INDEX_TEMPLATE = "dataset.beton"
+EMBED_POD_MAP_INDEX_TEMPLATE = "chunk {{ task.labels['acl-chunk'] }}"
+PROBE_MAP_INDEX_TEMPLATE = "probes and neighbours"
 
 # Readable labels for the form's drop-downs: one for every value of every choice key
 # (tests/test_airflow_adapter.py checks them all).
@@ -68,6 +70,11 @@ VALUE_LABELS: dict[str, dict[str, str]] = {
         "finetune": "Fine-tune (lower backbone LR, warm-up, cosine)",
     },
     "device": {"auto": "Auto (CUDA when available)", "cpu": "CPU", "cuda": "CUDA GPU"},
+    "method": {
+        "train": "Train a model per repeat",
+        "embeddings": "Frozen embeddings + a probe per repeat (fast)",
+    },
+    "probe": {"logistic": "Logistic regression", "mlp": "Small MLP (one hidden layer)"},
     "split_strategy": {
         "rounds": "Rounds of K folds (each image predicted once per round)",
         "random": "Fresh random split per repeat (original tool)",
@@ -339,7 +346,10 @@ def plan_beton_kwargs(run: str) -> list[dict[str, Any]]:
 def plan_train_kwargs(run: str, runner: str = "local") -> list[dict[str, Any]]:
     """One small dict per repeat, the expand_kwargs input of the mapped trainer task."""
     use_aws_connection()
-    specs = plan_repeats(runs.read_config(run))
+    cfg = runs.read_config(run)
+    if cfg.method != "train":  # method embeddings: the probe step writes the shards
+        return []
+    specs = plan_repeats(cfg)
     if runner == "kubernetes":
         return [pod_kwargs(run, s.repeat, s.round, s.fold) for s in specs]
     return [{"run": run, "repeat": s.repeat, "label": s.label} for s in specs]
@@ -353,6 +363,39 @@ def pod_kwargs(run: str, repeat: int, round_: int, fold: int) -> dict[str, Any]:
                    "app.kubernetes.io/component": "trainer",
                    "acl-repeat": str(repeat), "acl-round": str(round_), "acl-fold": str(fold)},
     }
+
+
+def plan_embed_kwargs(run: str, runner: str = "local") -> list[dict[str, Any]]:
+    """method embeddings: one small dict per embedding chunk, the expand_kwargs input of the
+    mapped embed_chunk task; none for method train (the task is then skipped)."""
+    from tasks.embeddings import n_chunks
+    from tasks.index import read_manifest
+
+    use_aws_connection()
+    cfg = runs.read_config(run)
+    if cfg.method != "embeddings":
+        return []
+    manifest, _ = read_manifest(run)
+    chunks = range(n_chunks(len(manifest), cfg.embed_chunk_size))
+    if runner == "kubernetes":
+        return [{"arguments": ["-m", "tasks.embed", "--run", run, "--chunk", str(c)],
+                 "labels": {"app.kubernetes.io/name": "auto-correct-labels",
+                            "app.kubernetes.io/component": "embedder", "acl-chunk": str(c)}}
+                for c in chunks]
+    return [{"run": run, "chunk": c, "label": f"chunk {c}"} for c in chunks]
+
+
+def plan_probe_kwargs(run: str, runner: str = "local") -> list[dict[str, Any]]:
+    """method embeddings: the probe step (one task: every repeat's probe, the neighbours) as
+    expand_kwargs input; none for method train (the task is then skipped)."""
+    use_aws_connection()
+    if runs.read_config(run).method != "embeddings":
+        return []
+    if runner == "kubernetes":
+        return [{"arguments": ["-m", "tasks.probe", "--run", run],
+                 "labels": {"app.kubernetes.io/name": "auto-correct-labels",
+                            "app.kubernetes.io/component": "probe"}}]
+    return [{"run": run}]
 
 
 def trainer_record(line: str) -> tuple[int, str]:
@@ -378,6 +421,38 @@ def run_repeat_local(run: str, repeat: int, label: str | None = None) -> str:
     return shard
 
 
+def _run_local(command: list[str], what: str, resumes_at: str) -> None:
+    """Local runner: an entrypoint as a subprocess, its log lines passed to the task log."""
+    from tasks.audit import run_step_subprocess
+
+    use_aws_connection()
+    trainer_log = logging.getLogger(TRAINER_LOGGER)
+    run_step_subprocess(command, what, resumes_at,
+                        emit=lambda line: trainer_log.log(*trainer_record(line)))
+
+
+def embed_chunk_local(run: str, chunk: int) -> str:
+    """Local runner: one embedding chunk as a subprocess of `tasks.embed`; returns its URI."""
+    from tasks.audit import embed_command
+
+    log.info("embedding chunk %d of run %s", chunk, run)
+    _run_local(embed_command(run, chunk), f"embedding chunk {chunk}", "this chunk")
+    out = runs.embedding_chunk_uri(run, chunk)
+    if not storage.exists(out):
+        raise RuntimeError(f"embedding chunk {chunk} exited cleanly but {out} is missing")
+    return out
+
+
+def probe_local(run: str) -> str:
+    """Local runner: the probes and neighbours as a subprocess of `tasks.probe`; returns
+    the neighbours file's URI."""
+    from tasks.audit import probe_command
+
+    log.info("fitting the probes of run %s", run)
+    _run_local(probe_command(run), "the probe step", "the probes")
+    return runs.neighbours_uri(run)
+
+
 def merge_shards(run: str) -> str:
     """Merge whatever shards exist; fail (no retry) naming the missing repeats when coverage
     is below min_coverage. Returns the results CSV URI."""
@@ -387,6 +462,11 @@ def merge_shards(run: str) -> str:
     try:
         return merge_run(run)
     except MissingShardsError as err:
+        if runs.read_config(run).method == "embeddings":
+            raise _fail(RuntimeError(
+                f"{err}. In Airflow: clear the failed embed_chunk map indexes or the probe "
+                "task with 'Downstream' checked (finished chunks are not embedded again)")
+                ) from None
         raise _fail(RuntimeError(
             f"{err}. In Airflow: clear the failed train_repeat map indexes {err.missing} "
             "with 'Downstream' checked (or clear the whole run; finished repeats are not "
@@ -537,6 +617,27 @@ def beton_pod_operator(task_id: str = "build_beton", dep: Deployment | None = No
     return trainer_pod_operator(task_id, cpu_only, **{
         "name": "acl-build-beton", "pool": "default_pool",
         "map_index_template": BETON_MAP_INDEX_TEMPLATE, **overrides})
+
+
+def embed_pod_operator(task_id: str = "embed_chunk", dep: Deployment | None = None,
+                       **overrides: Any):
+    """method embeddings: the mapped pods of the embedding pass, trainer pods (image, GPU,
+    pool) named per chunk. Expand it with `.expand_kwargs(plan_embed_kwargs(run,
+    "kubernetes"))`."""
+    return trainer_pod_operator(task_id, dep, **{
+        "name": "acl-embed", "map_index_template": EMBED_POD_MAP_INDEX_TEMPLATE, **overrides})
+
+
+def probe_pod_operator(task_id: str = "probe", dep: Deployment | None = None,
+                       **overrides: Any):
+    """method embeddings: the probe pod (trainer image: scikit-learn, faiss, torch), placed
+    like the trainers but without a GPU and outside the GPU pool, as build_beton. Expand it
+    with `.expand_kwargs(plan_probe_kwargs(run, "kubernetes"))`."""
+    dep = dep or Deployment.from_env()
+    cpu_only = replace(dep, gpu_count=0, tolerations=pod_tolerations(dep))
+    return trainer_pod_operator(task_id, cpu_only, **{
+        "name": "acl-probe", "pool": "default_pool",
+        "map_index_template": PROBE_MAP_INDEX_TEMPLATE, **overrides})
 
 
 # --- scheduled audits ----------------------------------------------------------------------

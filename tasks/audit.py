@@ -173,6 +173,15 @@ def run_lock(run: str) -> Iterator[None]:
                 storage.delete(uri)
 
 
+def embedding_chunks(run: str) -> int:
+    """How many embedding chunks the run has (method embeddings)."""
+    from tasks.embeddings import n_chunks
+    from tasks.index import read_manifest
+
+    manifest, _ = read_manifest(run)
+    return n_chunks(len(manifest), runs.read_config(run).embed_chunk_size)
+
+
 def trainer_command(run: str, repeat: int) -> list[str]:
     """The trainer entrypoint, as a pod or a subprocess runs it."""
     return [sys.executable, "-m", "tasks.train", "--run", run, "--repeat", str(repeat)]
@@ -195,9 +204,17 @@ def _die_with_parent() -> None:
 def run_trainer_subprocess(run: str, repeat: int,
                            emit: Callable[[str], None] = print) -> None:
     """Run one repeat as a subprocess, passing each log line to `emit` as it comes."""
+    run_step_subprocess(trainer_command(run, repeat), f"trainer for repeat {repeat}",
+                        "this repeat", emit)
+
+
+def run_step_subprocess(command: list[str], what: str, resumes_at: str,
+                        emit: Callable[[str], None] = print) -> None:
+    """Run an entrypoint (trainer, embedder, probes) as a subprocess, passing each log line
+    to `emit` as it comes; a TrainerError naming `what` and its last ERROR line if it fails."""
     env = {**os.environ, **storage.subprocess_env(), "PYTHONUNBUFFERED": "1"}
     cause = ""
-    with subprocess.Popen(trainer_command(run, repeat), stdout=subprocess.PIPE,
+    with subprocess.Popen(command, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, env=env,
                           preexec_fn=_die_with_parent if sys.platform == "linux" else None,
                           ) as proc:
@@ -217,10 +234,37 @@ def run_trainer_subprocess(run: str, repeat: int,
         return
     cause = cause or "no error line in its log"
     if code == USER_ERROR_EXIT:
-        raise TrainerError(f"trainer for repeat {repeat} exited with code {code}: {cause}; "
+        raise TrainerError(f"{what} exited with code {code}: {cause}; "
                            "fix that, then run the audit again")
-    raise TrainerError(f"trainer for repeat {repeat} exited with code {code}: {cause}; "
-                       "re-running the audit resumes at this repeat")
+    raise TrainerError(f"{what} exited with code {code}: {cause}; "
+                       f"re-running the audit resumes at {resumes_at}")
+
+
+def embed_command(run: str, chunk: int) -> list[str]:
+    """The embedding entrypoint (method embeddings), as a pod or a subprocess runs it."""
+    return [sys.executable, "-m", "tasks.embed", "--run", run, "--chunk", str(chunk)]
+
+
+def probe_command(run: str) -> list[str]:
+    """The probe entrypoint (method embeddings), as a pod or a subprocess runs it."""
+    return [sys.executable, "-m", "tasks.probe", "--run", run]
+
+
+def run_embedding_steps(run: str, n_chunks: int, emit: Callable[[str], None] = print) -> None:
+    """method embeddings on this machine: each embedding chunk as a subprocess of
+    `tasks.embed`, then the probes and neighbours as a subprocess of `tasks.probe`."""
+    for chunk in range(n_chunks):
+        log.info("embedding chunk %d of %d", chunk + 1, n_chunks)
+        try:
+            run_step_subprocess(embed_command(run, chunk), f"embedding chunk {chunk}",
+                                "this chunk", emit)
+        except KeyboardInterrupt:
+            raise AuditInterrupted(
+                f"audit interrupted during embedding chunk {chunk} (of 0..{n_chunks - 1}): "
+                f"kept the finished chunks in {storage.join(run, 'embeddings')}; run the same "
+                f"command again to resume (run {storage.basename(run)})") from None
+    log.info("fitting the probes and scoring the neighbours")
+    run_step_subprocess(probe_command(run), "the probe step", "the probes", emit)
 
 
 class AuditInterrupted(KeyboardInterrupt):
@@ -241,8 +285,11 @@ def run_audit(cfg: AuditConfig, run_id: str | None = None,
 
         check_training(cfg)
     run = prepare_run(cfg, run_id)
-    specs: list[RepeatSpec] = plan_repeats(cfg)
+    # method embeddings: no training; the probe step writes the shards
+    specs: list[RepeatSpec] = plan_repeats(cfg) if cfg.method == "train" else []
     with run_lock(run):
+        if cfg.method == "embeddings":
+            run_embedding_steps(run, embedding_chunks(run), emit)
         done: list[int] = []
         for spec in specs:
             log.info("training %s of %d", spec.label, len(specs))

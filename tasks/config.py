@@ -65,6 +65,9 @@ TRAINING_KEYS = (
     "image_size", "augment", "weight_decay", "ffcv",
 )
 RECIPES = ("auto", "scratch", "finetune")
+# Keys that change what embedding mode's probes compute; in the fingerprint only when
+# `method` is not `train`, so the default mode's fingerprints (and run ids) stay as they were.
+EMBEDDING_KEYS = ("method", "probe")
 
 
 def weights_path_like(value: str) -> bool:
@@ -149,6 +152,15 @@ class AuditConfig(BaseModel):
         description="Where trainers run: auto picks CUDA when available.",
         json_schema_extra=_section("Model"),
     )
+    method: Literal["train", "embeddings"] = Field(
+        "train",
+        description="train: train a model per repeat (the default). embeddings: embed every "
+        "image once with the frozen model_name backbone (its classifier removed), then fit a "
+        "probe per repeat on the embeddings (seconds each, so many repeats are cheap), and "
+        "add kNN label agreement, near-duplicates and an outlier score to the results. "
+        "Give it pretrained model_weights: a random backbone's features are weak.",
+        json_schema_extra=_section("Model"),
+    )
     # --- training ---------------------------------------------------------------
     n_repeats: int = Field(
         10, ge=1, le=1000,
@@ -226,6 +238,34 @@ class AuditConfig(BaseModel):
     seed: int = Field(
         0, ge=0, le=2**31 - 1, description="Seed for splits and training.",
         json_schema_extra=_section("Training"),
+    )
+    # --- embedding mode -----------------------------------------------------------
+    embed_chunk_size: int = Field(
+        50000, ge=1, le=10_000_000,
+        description="method embeddings: images per embedding chunk, `<run>/embeddings/"
+        "chunk-NNNNN.parquet`; one pod (Kubernetes) or subprocess (local) embeds each chunk.",
+        json_schema_extra=_section("Embeddings"),
+    )
+    probe: Literal["logistic", "mlp"] = Field(
+        "logistic",
+        description="method embeddings: the probe fitted per repeat on the embeddings of its "
+        "training rows: logistic (multinomial logistic regression, scikit-learn) or mlp (one "
+        "hidden layer, torch).",
+        json_schema_extra=_section("Embeddings"),
+    )
+    knn_k: int = Field(
+        10, ge=1, le=1000,
+        description="method embeddings: neighbours per image for knn_agreement (share of its "
+        "k nearest neighbours with its given label), outlier_score (cosine distance to the "
+        "k-th) and the near-duplicate search.",
+        json_schema_extra=_section("Embeddings"),
+    )
+    duplicate_threshold: float = Field(
+        0.98, gt=0, le=1,
+        description="method embeddings: images whose cosine similarity (of mean-centred "
+        "embeddings) is at least this are near-duplicates, grouped transitively; a group "
+        "filed under more than one class is a label conflict. 1 keeps exact copies only.",
+        json_schema_extra=_section("Embeddings"),
     )
     # --- scoring and relabelling ------------------------------------------------
     max_label_quality: float = Field(
@@ -307,6 +347,9 @@ class AuditConfig(BaseModel):
                 f"image_size must be >= {least} for model_name {self.model_name!r}, "
                 f"got {self.input_size}"
             )
+        if self.method == "embeddings" and self.ffcv:
+            raise ValueError("ffcv is not used by method embeddings (the embedding pass reads "
+                             "each image once); set ffcv: false")
         # Where the FFCV steps run, their package must be there: fail now, not in a trainer.
         # Callers whose process never touches FFCV (an Airflow image that starts trainer pods,
         # reading back a finished run) validate with context {"check_installed": False}.
@@ -349,8 +392,10 @@ class AuditConfig(BaseModel):
         # and the recipe keys count only where the finetune recipe runs (so configs from
         # before these keys keep their run ids).
         data.update(image_size=self.input_size, model_weights=self.weights_request)
-        if self.fine_tunes:
+        if self.fine_tunes and self.method == "train":
             data["finetune"] = {"backbone_lr_mult": self.backbone_lr_mult}
+        if self.method != "train":
+            data.update({k: getattr(self, k) for k in EMBEDDING_KEYS})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

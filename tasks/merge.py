@@ -67,6 +67,7 @@ import pyarrow.parquet as pq
 
 from tasks import decide, runs, storage
 from tasks.config import AuditConfig
+from tasks.embeddings import NEIGHBOUR_COLUMNS, neighbour_table
 from tasks.errors import MissingFileError, UserError
 from tasks.index import DatasetError
 from tasks.plan import plan_repeats, planned_test
@@ -391,17 +392,18 @@ def _csv_floats(x: np.ndarray) -> pa.Array:
     return text
 
 
-def _csv_bytes(table: pa.Table) -> memoryview:
-    """The CSV lines (no header) of a results table, as pandas' `to_csv` writes them."""
+def _csv_bytes(table: pa.Table, columns: list[str] | None = None) -> memoryview:
+    """The CSV lines (no header) of `columns` (default RESULT_COLUMNS) of a results table,
+    as pandas' `to_csv` writes them (a missing value as an empty field)."""
     fields = []
-    for name in RESULT_COLUMNS:
+    for name in columns or RESULT_COLUMNS:
         col = table.column(name).combine_chunks()
         if pa.types.is_floating(col.type):
             fields.append(_csv_floats(col.to_numpy(zero_copy_only=False)))
         elif pa.types.is_boolean(col.type):
             fields.append(pc.if_else(col, "True", "False"))
         elif pa.types.is_integer(col.type):
-            fields.append(pc.cast(col, pa.string()))
+            fields.append(pc.fill_null(pc.cast(col, pa.string()), ""))
         else:
             fields.append(_csv_strings(col))
     fields = [f.cast(pa.large_string()) for f in fields]
@@ -501,13 +503,15 @@ def bucket_size(n_images: int, num_classes: int, memory_gb: float,
 
 
 class _ResultsWriter:
-    """results.csv and predictions.parquet under `folder`, written chunk by chunk in order."""
+    """results.csv (`columns`) and predictions.parquet (every column of the tables) under
+    `folder`, written chunk by chunk in order."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, columns: list[str]) -> None:
         self.csv_path = folder / "results.csv"
         self.parquet_path = folder / "predictions.parquet"
+        self.columns = columns
         self._csv = self.csv_path.open("wb")
-        self._csv.write((",".join(RESULT_COLUMNS) + "\n").encode())
+        self._csv.write((",".join(columns) + "\n").encode())
         self._parquet: pq.ParquetWriter | None = None
 
     def write(self, table: pa.Table) -> None:
@@ -516,7 +520,7 @@ class _ResultsWriter:
                                              use_dictionary=["label", "corrected_label"])
         for start in range(0, table.num_rows, WRITE_ROWS):
             part = table.slice(start, WRITE_ROWS)
-            self._csv.write(_csv_bytes(part))
+            self._csv.write(_csv_bytes(part, self.columns))
             self._parquet.write_table(part)
 
     def close(self) -> None:
@@ -561,6 +565,12 @@ class _Merge:
         self.pct = np.full(self.n, np.nan, dtype=np.float32)
         self.suggested_quality = np.full(self.n, np.nan, dtype=np.float32)
         self.tier = np.full(self.n, 2, dtype=np.int8)  # set after pass 2 (`tasks.decide`)
+        # method embeddings: the neighbour columns by id, appended to the results' columns
+        self.neighbours = None
+        if self.cfg.method == "embeddings":
+            self.neighbours = neighbour_table(
+                run, self.cfg, manifest.read(columns=["key", "etag", "label"]).to_pandas())
+        self.columns = RESULT_COLUMNS + (NEIGHBOUR_COLUMNS if self.neighbours is not None else [])
 
     @property
     def in_memory(self) -> bool:
@@ -767,10 +777,14 @@ def merge_run(run: str) -> str:
                         len(specs))
         if coverage < cfg.min_coverage or not m.found:
             shards.close()
+            redo = (f"Re-run those repeats (python -m tasks.train --run {run} --repeat N)"
+                    if cfg.method == "train" else
+                    f"Re-run the probes (python -m tasks.probe --run {run}; they name any "
+                    "embedding chunk to redo with python -m tasks.embed)")
             raise MissingShardsError(
                 f"only {coverage:.1%} of images have a prediction (min_coverage "
-                f"{cfg.min_coverage:.0%}); missing repeats: {missing}. Re-run those repeats "
-                f"(python -m tasks.train --run {run} --repeat N) and merge again", missing)
+                f"{cfg.min_coverage:.0%}); missing repeats: {missing}. {redo} and merge "
+                "again", missing)
         if why := too_few_predictions(m.num_preds, cfg):
             log.warning("%s", why)
         predicted = m.num_preds > 0
@@ -809,7 +823,7 @@ def merge_run(run: str) -> str:
                                  corrected=m.corrected, pct=m.pct,
                                  suggested_quality=m.suggested_quality, tier=m.tier,
                                  joint=joint)
-        writer = _ResultsWriter(Path(tmp))
+        writer = _ResultsWriter(Path(tmp), m.columns)
         _write_sorted(m, results, flags, Path(tmp, "sorted"), writer)
         writer.close()
         out = runs.results_uri(run)
@@ -842,7 +856,12 @@ def _write_sorted(m: _Merge, results: _Spill, flags: np.ndarray, folder: Path,
         ids = table.column("id").to_numpy()
         table = table.add_column(RESULT_COLUMNS.index("is_label_issue"), "is_label_issue",
                                  pa.array(flags[ids]))
-        return table.append_column("tier", tier_names.take(pa.array(m.tier[ids])))
+        table = table.append_column("tier", tier_names.take(pa.array(m.tier[ids])))
+        if m.neighbours is not None:
+            rows = m.neighbours.take(pa.array(ids))
+            for name in NEIGHBOUR_COLUMNS:
+                table = table.append_column(name, rows.column(name))
+        return table
 
     if m.in_memory:
         table = with_flags(pa.concat_tables(list(results.read(0))))

@@ -46,6 +46,7 @@ from PIL import Image
 
 from tasks import images, runs, storage
 from tasks.decisions import COLUMNS, OPTIONAL_COLUMNS
+from tasks.embeddings import NEIGHBOUR_COLUMNS, neighbour_sections
 from tasks.merge import RESULT_COLUMNS, read_results, too_few_predictions
 from tasks.relabel import relabel_ceiling, select_rows
 
@@ -363,7 +364,7 @@ def render_page(*, cfg, run: str, results: pd.DataFrame, classes: list[str], top
         sensitivity=f"{cfg.sensitivity:g}", min_preds=cfg.min_preds, cards=cards,
         page_cards=PAGE_CARDS, run_id=storage.basename(run), classes=classes,
         decision_columns=",".join(COLUMNS + OPTIONAL_COLUMNS), n_skipped=len(skipped),
-        skipped=_skipped(skipped))
+        skipped=_skipped(skipped), neighbours=neighbour_sections(results))
 
 
 # What the page's summary reads of every image; the review grid reads the top rows whole.
@@ -372,22 +373,26 @@ SUMMARY_COLUMNS = ["label", "corrected_label", "num_preds", "%", "label_quality"
 
 
 def load_results(run: str, top_n: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(every image with the `SUMMARY_COLUMNS`, the `top_n` most suspicious images with every
-    results column). Read from predictions.parquet, which the merge writes beside
-    results.csv with the same rows in the same order: only those columns, and only the first
-    row groups for the top rows, so it stays seconds at millions of images. A run without
-    predictions.parquet is read from results.csv."""
+    """(every image with the `SUMMARY_COLUMNS` (and, method embeddings, the file name and the
+    neighbour columns), the `top_n` most suspicious images with every results column). Read
+    from predictions.parquet, which the merge writes beside results.csv with the same rows in
+    the same order: only those columns, and only the first row groups for the top rows, so it
+    stays seconds at millions of images. A run without predictions.parquet is read from
+    results.csv."""
     uri = storage.join(run, "predictions.parquet")
     if not storage.exists(uri):
         results = read_results(runs.results_uri(run))
         return results, results.head(top_n)
     pf = pq.ParquetFile(storage.local_path(uri))
-    results = pf.read(columns=SUMMARY_COLUMNS).to_pandas()
+    names = pf.schema_arrow.names
+    # method embeddings: what the duplicates and outliers sections read
+    extra = ["filename", *NEIGHBOUR_COLUMNS] if set(NEIGHBOUR_COLUMNS) <= set(names) else []
+    results = pf.read(columns=SUMMARY_COLUMNS + extra).to_pandas()
     groups, rows = [], 0
     while rows < top_n and len(groups) < pf.num_row_groups:
         rows += pf.metadata.row_group(len(groups)).num_rows
         groups.append(len(groups))
-    columns = [c for c in RESULT_COLUMNS if c in pf.schema_arrow.names]
+    columns = [c for c in RESULT_COLUMNS + NEIGHBOUR_COLUMNS if c in names]
     top = pf.read_row_groups(groups, columns=columns).slice(0, top_n).to_pandas()
     return results, top
 

@@ -2,7 +2,8 @@
 
 `<work_uri>/runs/<run_id>/` holds config.json, manifest.parquet, classes.json,
 skipped.csv, shards/repeat-NNNN.parquet, predictions.parquet, results.csv,
-report.html and relabel-journal.jsonl.
+report.html and relabel-journal.jsonl; with method embeddings also
+embeddings/chunk-NNNNN.parquet and neighbours.parquet.
 """
 
 from __future__ import annotations
@@ -25,6 +26,16 @@ def run_uri(work_uri: str, run_id: str) -> str:
 def shard_uri(run: str, repeat: int) -> str:
     """Where repeat `repeat` writes its out-of-sample predictions."""
     return storage.join(run, "shards", f"repeat-{repeat:04d}.parquet")
+
+
+def embedding_chunk_uri(run: str, chunk: int) -> str:
+    """Where embedding chunk `chunk` (manifest rows of that chunk) is written."""
+    return storage.join(run, "embeddings", f"chunk-{chunk:05d}.parquet")
+
+
+def neighbours_uri(run: str) -> str:
+    """The per-image neighbour scores of an embedding-mode run."""
+    return storage.join(run, "neighbours.parquet")
 
 
 def results_uri(run: str) -> str:

@@ -22,7 +22,9 @@ from tasks.merge import read_results
 from tests.test_airflow_adapter import raw_html, render_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
-TASK_IDS = {"index", "plan", "train_repeat", "merge", "report", "autocorrect", "relabel"}
+EMBED_TASK_IDS = {"plan_embed", "embed_chunk", "plan_probe", "probe"}  # method embeddings
+TASK_IDS = {"index", "plan", "train_repeat", "shards_done", "merge", "report", "autocorrect",
+            "relabel", *EMBED_TASK_IDS}
 N_IMAGES = 120
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
@@ -158,7 +160,9 @@ def test_local_runner_audits_a_tiny_dataset(dagbag, dataset, tmp_path) -> None:
     dr = dag.test(run_conf=conf)
     assert dr.state == "success", states(dr)
     got = states(dr)
-    assert set(got.values()) == {"success"}
+    assert {s for (t, _), s in got.items() if t not in EMBED_TASK_IDS} == {"success"}, got
+    # method train: the embedding pass and the probes are skipped
+    assert {s for (t, _), s in got.items() if t in {"embed_chunk", "probe"}} == {"skipped"}
     assert {k for k in got if k[0] == "train_repeat"} == {("train_repeat", 0), ("train_repeat", 1)}
     names = {ti.rendered_map_index for ti in dr.get_task_instances()
              if ti.task_id == "train_repeat"}
@@ -184,6 +188,43 @@ def test_local_runner_audits_a_tiny_dataset(dagbag, dataset, tmp_path) -> None:
     assert why in merge_lines.lines
     page = Path(run, "report.html").read_text()
     assert "1 prediction per image" in page and why in page
+
+
+def test_local_runner_embedding_mode_embeds_chunks_then_probes(dataset, tmp_path) -> None:
+    import torch
+
+    from tasks.models import SmallCNN
+
+    torch.manual_seed(0)
+    weights = tmp_path / "small_cnn.pt"
+    torch.save(SmallCNN(3).state_dict(), weights)
+    # its own DagBag: dag.test keeps a run's conf in dag.params, and later tests use the default
+    dag = load_dagbag().dags["auto_correct_labels"]
+    trainer_lines = LogLines(acl.TRAINER_LOGGER)
+    conf = tiny_conf(dataset, tmp_path / "work", method="embeddings", n_repeats=4,
+                     embed_chunk_size=50, model_weights=str(weights))
+    dr = dag.test(run_conf=conf)
+    assert dr.state == "success", states(dr)
+    got = states(dr)
+    assert got[("train_repeat", -1)] == "skipped"  # no model is trained
+    assert {k: v for k, v in got.items() if k[0] == "embed_chunk"} == {
+        ("embed_chunk", c): "success" for c in range(3)}  # 120 images in chunks of 50
+    assert got[("probe", 0)] == "success" and got[("merge", -1)] == "success"
+    names = {ti.task_id: ti.rendered_map_index for ti in dr.get_task_instances()
+             if ti.task_id in ("embed_chunk", "probe") and ti.map_index == 0}
+    assert names == {"embed_chunk": "chunk 0", "probe": "probes and neighbours"}
+    run = runs.run_uri(str(tmp_path / "work"), dr.run_id)
+    assert sorted(p.name for p in Path(run, "shards").iterdir()) == [
+        f"repeat-{r:04d}.parquet" for r in range(4)]
+    results = read_results(runs.results_uri(run))
+    assert len(results) == N_IMAGES and (results["num_preds"] == 2).all()
+    assert {"knn_agreement", "outlier_score", "duplicate_group",
+            "duplicate_conflict"} <= set(results.columns)
+    assert '<section id="outliers">' in Path(run, "report.html").read_text()
+    # The embedder's and the probes' own log lines stream into the task log.
+    assert any(line.startswith("chunk 3/3 done: 20 images") for line in trainer_lines.lines)
+    assert any("repeat 3 (round 1, fold 1): logistic probe" in line
+               for line in trainer_lines.lines)
 
 
 def test_failed_repeat_fails_merge_then_rerun_completes(dagbag, dataset, tmp_path) -> None:
@@ -294,3 +335,67 @@ def test_kubernetes_runner_renders_every_pod(tmp_path, monkeypatch) -> None:
         assert op.pool == "gpu_pods" and op.retries >= 1
         assert op.startup_timeout_seconds >= 600
         assert op.on_finish_action.value == "delete_pod" and op.get_logs
+
+
+def test_kubernetes_runner_renders_the_embedding_pods(tmp_path, monkeypatch) -> None:
+    secrets = {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLEKEYID1234",
+               "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/EXAMPLE/secretvalue"}
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)  # present in Airflow's env: must not leak into pods
+    monkeypatch.setenv("ACL_RUNNER", "kubernetes")
+    bag = load_dagbag()
+    assert bag.import_errors == {}
+    dag = bag.dags["auto_correct_labels"]
+    embed, probe = dag.get_task("embed_chunk"), dag.get_task("probe")
+    assert embed.operator_class.__name__ == "KubernetesPodOperator"
+    assert probe.operator_class.__name__ == "KubernetesPodOperator"
+    assert embed.upstream_task_ids == {"plan_embed"}
+    assert probe.upstream_task_ids == {"plan_probe", "embed_chunk"}
+    assert dag.get_task("shards_done").upstream_task_ids == {"train_repeat", "probe"}
+    assert dag.get_task("merge").upstream_task_ids == {"index", "shards_done"}
+
+    import pandas as pd
+
+    from tasks.index import DatasetIndex, write_index
+
+    run = runs.run_uri(str(tmp_path / "work"), "manual__2026-03-03T00:00:00+00:00")
+    runs.write_config(run, parse_config({"data_path": "s3://acl/data/", "n_repeats": 4,
+                                         "test_split": 0.5, "method": "embeddings",
+                                         "embed_chunk_size": 40}))
+    manifest = pd.DataFrame({"id": range(100), "key": [f"a/{i}.png" for i in range(100)],
+                             "label": "a", "label_idx": 0, "size": 1, "etag": "e"})
+    write_index(DatasetIndex(manifest=manifest, classes=["a", "b"],
+                            skipped=pd.DataFrame(columns=["filename", "reason"])), run)
+    assert acl.plan_train_kwargs(run, "kubernetes") == []  # no trainer pods
+    chunks = acl.plan_embed_kwargs(run, "kubernetes")
+    assert len(chunks) == 3
+    for chunk, kwargs in enumerate(chunks):
+        op = embed.unmap(kwargs)
+        pod = ApiClient().sanitize_for_serialization(op.build_pod_request_obj(dry_run=True))
+        kubernetes_validate.validate(pod, "1.33", strict=True)
+        assert not any(value in json.dumps(pod) for value in secrets.values())
+        (container,) = pod["spec"]["containers"]
+        assert container["command"] == ["python"]
+        assert container["args"] == ["-m", "tasks.embed", "--run", run, "--chunk", str(chunk)]
+        assert container["image"] == "ghcr.io/auto-correct-labels/trainer:0.1.0"
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert pod["metadata"]["labels"]["acl-chunk"] == str(chunk)
+        assert jinja2.Template(op.map_index_template).render(task=op) == f"chunk {chunk}"
+        assert op.pool == "gpu_pods" and op.retries >= 1
+        assert op.on_finish_action.value == "delete_pod" and op.get_logs
+    (kwargs,) = acl.plan_probe_kwargs(run, "kubernetes")
+    op = probe.unmap(kwargs)
+    pod = ApiClient().sanitize_for_serialization(op.build_pod_request_obj(dry_run=True))
+    kubernetes_validate.validate(pod, "1.33", strict=True)
+    assert not any(value in json.dumps(pod) for value in secrets.values())
+    (container,) = pod["spec"]["containers"]
+    assert container["args"] == ["-m", "tasks.probe", "--run", run]
+    assert "nvidia.com/gpu" not in container["resources"]["limits"]
+    assert op.pool == "default_pool"
+    env = {e["name"]: e for e in container["env"]}
+    assert all("value" not in env[name] for name in secrets)
+    # method train: neither the embedders nor the probe pod start
+    train_run = runs.run_uri(str(tmp_path / "work"), "manual__2026-03-04T00:00:00+00:00")
+    runs.write_config(train_run, parse_config({"data_path": "s3://acl/data/"}))
+    assert acl.plan_embed_kwargs(train_run, "kubernetes") == []
+    assert acl.plan_probe_kwargs(train_run, "kubernetes") == []
