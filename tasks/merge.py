@@ -917,7 +917,7 @@ class ResultsError(UserError, ValueError):
 
 
 # Column -> how it is parsed: "bool" (true/false, 1/0, yes/no, any case), "int" (a count),
-# "tier" (one of tasks.decide.TIERS),
+# "tier" (one of tasks.decide.TIERS, or empty),
 # or the (low, high) range of a number (empty is missing).
 _TYPED_COLUMNS: dict[str, str | tuple[float, float]] = {
     "is_label_issue": "bool", "num_preds": "int", "%": (0, 100), "label_quality": (0, 1),
@@ -930,10 +930,10 @@ def _parse_column(frame: pd.DataFrame, column: str, kind: str | tuple[float, flo
     """One typed column, strictly: the first bad value is an error naming its line (the header
     is line 1) and filename."""
     text = frame[column].astype(str).str.strip()
-    if kind == "tier":
+    if kind == "tier":  # empty: not known (a hand-made CSV); is_label_issue decides
         value = text.str.lower()
-        bad = ~value.isin(decide.TIERS)
-        expected = " or ".join(decide.TIERS)
+        bad = ~value.isin(decide.TIERS) & (value != "")
+        expected = " or ".join(decide.TIERS) + " (or empty)"
     elif kind == "bool":
         lower = text.str.lower()
         bad = ~lower.isin(_TRUE | _FALSE)
