@@ -10,6 +10,7 @@ import json
 import socket
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -171,8 +172,14 @@ def test_a_download_that_stalls_is_cut_by_the_socket_timeout(tmp_path, hub, monk
 
     threading.Thread(target=accept, daemon=True).start()
     port = server.getsockname()[1]
-    monkeypatch.setenv("https_proxy", f"http://127.0.0.1:{port}")
+    for name in ("https_proxy", "HTTPS_PROXY"):  # whichever spelling the environment uses
+        monkeypatch.setenv(name, f"http://127.0.0.1:{port}")
+    for name in ("no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):  # nothing bypasses it
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(tw, "DOWNLOAD_TIMEOUT_S", 2.0)
+    # urllib's global opener reads the proxy settings once, when first used (maybe by an
+    # earlier test): drop it so that this test's proxy applies.
+    monkeypatch.setattr(urllib.request, "_opener", None)
     dataset(tmp_path)
     t0 = time.perf_counter()
     try:
