@@ -34,7 +34,7 @@ from tasks.embeddings import (
     n_chunks,
     write_parquet,
 )
-from tasks.errors import USER_ERROR_EXIT, StorageError, UserError
+from tasks.errors import UserError, run_step
 from tasks.index import read_manifest
 from tasks.models import build_model
 from tasks.train import Augment, Batches, _autocast, pick_device
@@ -131,18 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True,
                         format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        run_chunk(args.run, args.chunk, force=args.force)
-    except Exception as err:  # a bug's traceback first; the last line says what failed
-        if not isinstance(err, UserError):
-            log.exception("chunk %d failed with an unexpected error", args.chunk)
-        log.error("chunk %d failed: %s: %s", args.chunk, type(err).__name__, err)
-        fixed_first = isinstance(err, UserError) and not isinstance(err, StorageError)
-        return USER_ERROR_EXIT if fixed_first else 1
-    except KeyboardInterrupt:
-        log.warning("chunk %d interrupted; its file was not written", args.chunk)
-        return 130
-    return 0
+    return run_step(lambda: run_chunk(args.run, args.chunk, force=args.force),
+                    f"chunk {args.chunk}", log, "its file was not written")
 
 
 if __name__ == "__main__":

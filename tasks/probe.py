@@ -35,7 +35,7 @@ from tasks.embeddings import (
     read_embeddings,
     write_neighbours,
 )
-from tasks.errors import USER_ERROR_EXIT, StorageError, UserError
+from tasks.errors import run_step
 from tasks.index import read_manifest
 from tasks.plan import RepeatSpec, plan_repeats, split_for_repeat
 
@@ -282,18 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True,
                         format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        run_probes(args.run, force=args.force)
-    except Exception as err:  # a bug's traceback first; the last line says what failed
-        if not isinstance(err, UserError):
-            log.exception("probes failed with an unexpected error")
-        log.error("probes failed: %s: %s", type(err).__name__, err)
-        fixed_first = isinstance(err, UserError) and not isinstance(err, StorageError)
-        return USER_ERROR_EXIT if fixed_first else 1
-    except KeyboardInterrupt:
-        log.warning("probes interrupted; finished shards are kept")
-        return 130
-    return 0
+    return run_step(lambda: run_probes(args.run, force=args.force), "probes", log,
+                    "finished shards are kept")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from torch import nn
 
 from tasks import images, runs, shards, storage
 from tasks.config import AuditConfig, ConfigError, weights_path_like
-from tasks.errors import USER_ERROR_EXIT, StorageError, UserError
+from tasks.errors import UserError, run_step
 from tasks.ffcv_data import FfcvBatches, build_beton, require_ffcv
 from tasks.index import read_manifest
 from tasks.models import (
@@ -415,19 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True,
                         format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        run_repeat(args.run, args.repeat, force=args.force)
-    except Exception as err:  # a bug's traceback first; the last line says what failed
-        if not isinstance(err, UserError):
-            log.exception("repeat %d failed with an unexpected error", args.repeat)
-        log.error("repeat %d failed: %s: %s", args.repeat, type(err).__name__, err)
-        # A storage error may pass (an outage): exit 1, and the audit says re-running helps.
-        fixed_first = isinstance(err, UserError) and not isinstance(err, StorageError)
-        return USER_ERROR_EXIT if fixed_first else 1
-    except KeyboardInterrupt:
-        log.warning("repeat %d interrupted; its shard was not written", args.repeat)
-        return 130
-    return 0
+    return run_step(lambda: run_repeat(args.run, args.repeat, force=args.force),
+                    f"repeat {args.repeat}", log, "its shard was not written")
 
 
 if __name__ == "__main__":
