@@ -14,13 +14,17 @@ The presentation lives in tasks/report_assets: the page template `report.html.j2
 autoescaped) with its pieces in `parts.html.j2`, `report.css` and `report.js`; this module
 computes the data they show. The page's script reads everything from data-* attributes.
 
-Sections: a summary, per-class flagged share (the estimated noise rate), a given x suggested
-matrix of the flagged images, the review grid (filter by class and by whether the image
-would be relabelled at a sensitivity chosen with a slider; sort by rank, vote share, label
-quality or name), where the reviewer decides each card (accept the suggestion, keep the
-label, pick another class, skip; by keyboard), decisions kept in the browser's
-localStorage and exported as the decisions file of `tasks.decisions`, and the skipped files
-with their reasons.
+Sections: a warning banner when the run summary's model-quality guard says the audit cannot
+be trusted (`tasks.decide.guard`), a summary (from `<run>/summary.json` where the run has
+one: the review tier, cleanlab's estimate of the wrong labels, the models' pooled accuracy),
+per class cleanlab's estimated noise rate beside the flagged share, a given x suggested
+matrix of the flagged images, the review grid (the `issue` tier, then the `review` tier;
+filter by tier, by class and by whether the image would be relabelled at a sensitivity
+chosen with a slider; sort by rank, vote share, label quality or name), where the reviewer
+decides each card (accept the suggestion, keep the label, pick another class, skip; by
+keyboard), decisions kept in the browser's localStorage and exported as the decisions file
+of `tasks.decisions`, and the skipped files with their reasons. A run merged before
+summaries existed renders without the banner and the summary's estimates.
 """
 
 from __future__ import annotations
@@ -39,15 +43,17 @@ from dataclasses import dataclass
 from importlib import resources
 
 import jinja2
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 from markupsafe import Markup
 from PIL import Image
 
 from tasks import images, runs, storage
+from tasks.decide import REVIEW_FACTOR, TIERS
 from tasks.decisions import COLUMNS, OPTIONAL_COLUMNS
 from tasks.embeddings import NEIGHBOUR_COLUMNS, neighbour_sections
-from tasks.merge import RESULT_COLUMNS, read_results, too_few_predictions
+from tasks.merge import RESULT_COLUMNS, read_results, read_summary, too_few_predictions
 from tasks.relabel import relabel_ceiling, select_rows
 
 log = logging.getLogger(__name__)
@@ -134,16 +140,33 @@ def read_skipped(run: str) -> pd.DataFrame:
     return pd.read_csv(io.BytesIO(storage.read_bytes(uri)), dtype=str, keep_default_na=False)
 
 
-def class_stats(results: pd.DataFrame, classes: list[str], relabel: pd.Series) -> pd.DataFrame:
-    """Per given class: images, flagged, flagged share (the estimated noise rate), and how
-    many would be relabelled; `relabel` is a boolean per results row."""
+def tier_of(results: pd.DataFrame) -> pd.Series:
+    """Each row's tier (`tasks.decide.TIERS`); without one (results from before tiers, an
+    empty cell of a hand-made CSV): issue when flagged, else ok."""
+    flagged = results["is_label_issue"].map({True: "issue", False: "ok"})
+    if "tier" not in results.columns:
+        return flagged
+    tier = results["tier"].fillna("").astype(str)
+    return tier.where(tier != "", flagged)
+
+
+def class_stats(results: pd.DataFrame, classes: list[str], relabel: pd.Series,
+                summary: dict | None = None) -> pd.DataFrame:
+    """Per given class: images, flagged (the issue tier), flagged share, the review tier, how
+    many would be relabelled (`relabel`: a boolean per results row) and cleanlab's estimated
+    noise rate from the run summary (NaN without one)."""
     by = results["label"]
     out = pd.DataFrame({
         "images": by.value_counts(),
         "flagged": results.loc[results["is_label_issue"], "label"].value_counts(),
+        "review": results.loc[tier_of(results) == "review", "label"].value_counts(),
         "relabel": results.loc[relabel, "label"].value_counts(),
     }).reindex(classes).fillna(0).astype(int)
-    out["noise_rate"] = out["flagged"] / out["images"].clip(lower=1)
+    out["flagged_share"] = out["flagged"] / out["images"].clip(lower=1)
+    estimate = {r["class"]: r.get("estimated_noise_rate")
+                for r in (summary or {}).get("per_class", [])}
+    out["noise_rate"] = pd.Series([estimate.get(c) for c in out.index], index=out.index,
+                                  dtype=np.float64)
     return out
 
 
@@ -182,6 +205,13 @@ def _escaped(value: object) -> object:
     return value if hasattr(value, "__html__") else Markup(html.escape(str(value), quote=True))
 
 
+def _share(value: float | None) -> str:
+    """A rate as a percent with one decimal; – when missing."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.1%}"
+
+
 def _int(n: int) -> str:
     return f"{int(n):,}"
 
@@ -215,7 +245,7 @@ def _env() -> jinja2.Environment:
                              finalize=_escaped, undefined=jinja2.StrictUndefined,
                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     env.filters.update(thousands=_int, pct=_pct, quality=_quality, attr_number=_attr_number,
-                       share=lambda x: f"{x:.1%}")
+                       share=_share)
     return env
 
 
@@ -255,11 +285,17 @@ def _stat(value: str, label: str, hint: str = "", id_: str = "", tone: str = "")
 
 
 def _class_rows(stats: pd.DataFrame) -> list[dict]:
-    """class_stats rows, highest noise rate first."""
-    ordered = stats.sort_values(["noise_rate", "flagged"], ascending=False)
-    return [{"cls": cls, "images": r.images, "flagged": r.flagged, "relabel": r.relabel,
-             "noise_rate": r.noise_rate, "bar": max(0.0, min(1.0, r.noise_rate)) * 100}
-            for cls, r in ordered.iterrows()]
+    """class_stats rows, highest estimated noise rate first (flagged share without one)."""
+    ordered = stats.sort_values(["noise_rate", "flagged_share", "flagged"], ascending=False,
+                                na_position="last")
+    rows = []
+    for cls, r in ordered.iterrows():
+        rate = r.noise_rate if not math.isnan(r.noise_rate) else r.flagged_share
+        rows.append({"cls": cls, "images": r.images, "flagged": r.flagged,
+                     "flagged_share": r.flagged_share, "review": r.review,
+                     "relabel": r.relabel, "noise_rate": r.noise_rate,
+                     "bar": max(0.0, min(1.0, rate)) * 100})
+    return rows
 
 
 def _level(n: int, peak: int) -> int:
@@ -296,13 +332,15 @@ def _matrix(matrix: pd.DataFrame) -> str:
     return str(_parts().matrix(_matrix_view(matrix)))
 
 
-def _card(rank: int, row: dict, thumb: Thumb | str, relabel: bool, ceiling: float) -> dict:
-    """One review card: the results row, its thumbnail (or why there is none), whether it
-    would be relabelled at the run's sensitivity and its relabel_ceiling."""
+def _card(rank: int, row: dict, thumb: Thumb | str, relabel: bool, ceiling: float,
+          tier: str) -> dict:
+    """One review card: the results row, its thumbnail (or why there is none), its tier,
+    whether it would be relabelled at the run's sensitivity and its relabel_ceiling."""
     label, sugg = str(row["label"]), str(row["corrected_label"])
     return {
         "rank": rank, "name": str(row["filename"]), "label": label, "suggested": sugg,
         "changed": sugg != label, "flagged": bool(row["is_label_issue"]), "relabel": relabel,
+        "tier": tier,
         "pct": float(row["%"]), "prob": float(row.get("suggested_quality", math.nan)),
         "quality": float(row["label_quality"]), "preds": int(row["num_preds"]),
         "ceiling": ceiling,
@@ -310,6 +348,35 @@ def _card(rank: int, row: dict, thumb: Thumb | str, relabel: bool, ceiling: floa
         "thumb": thumb if isinstance(thumb, Thumb) else None,
         "missing": "" if isinstance(thumb, Thumb) else thumb,
     }
+
+
+def _guard(summary: dict | None) -> dict | None:
+    """What the untrusted-audit banner shows (None when the audit can be trusted, or the run
+    has no summary)."""
+    guard = (summary or {}).get("guard") or {}
+    if guard.get("trusted", True):
+        return None
+    return {"reasons": guard.get("reasons") or ["no reason recorded"],
+            "remedy": guard.get("remedy") or ""}
+
+
+def _summary_stats(summary: dict | None, n_review: int) -> list[dict]:
+    """The summary's cards: the review tier, the estimated wrong labels, the pooled
+    accuracy (none for a run without a summary)."""
+    if not summary:
+        return []
+    stats = [_stat(_int(summary.get("review", n_review)), "to review",
+                   "review tier: the next lowest label quality", id_="s-review", tone="review")]
+    wrong, rate = summary.get("estimated_wrong_labels"), summary.get("estimated_noise_rate")
+    if wrong is not None:
+        stats.append(_stat(_int(wrong), "estimated wrong labels",
+                           f"{_share(rate)} of predicted images (cleanlab's estimate)",
+                           id_="s-noise"))
+    accuracy = summary.get("pooled_accuracy")
+    if accuracy is not None:
+        stats.append(_stat(_share(accuracy), "pooled accuracy",
+                           "the models' vote agrees with the given label", id_="s-accuracy"))
+    return stats
 
 
 def _options(values: pd.Series) -> list[tuple[str, int]]:
@@ -324,10 +391,13 @@ def _skipped(skipped: pd.DataFrame) -> dict:
 
 def render_page(*, cfg, run: str, results: pd.DataFrame, classes: list[str], top: pd.DataFrame,
                 thumbs: list[Thumb | str], top_relabel: pd.Series, top_ceiling: pd.Series,
-                relabel: pd.Series, skipped: pd.DataFrame, seconds: float | None) -> str:
-    """The whole HTML page."""
+                relabel: pd.Series, skipped: pd.DataFrame, seconds: float | None,
+                summary: dict | None = None) -> str:
+    """The whole HTML page; `summary` is the run's summary.json (None: a run without one)."""
     n = len(results)
     flagged = int(results["is_label_issue"].sum())
+    tiers = tier_of(results)
+    guard = _guard(summary)
     preds = results["num_preds"]
     pred_range = (f"{int(preds.min())}" if preds.min() == preds.max()
                   else f"{int(preds.min())}–{int(preds.max())}") if n else "0"
@@ -339,37 +409,45 @@ def render_page(*, cfg, run: str, results: pd.DataFrame, classes: list[str], top
               id_="s-repeats"),
         _stat(_int(flagged), "flagged as label issues", f"{flagged / max(n, 1):.1%} of images",
               id_="s-flagged", tone="warn"),
+        *_summary_stats(summary, int((tiers == "review").sum())),
         _stat(_int(relabel.sum()), "would be relabelled",
-              too_few_predictions(preds.to_numpy(), cfg) or f"> {cfg.sensitivity:g}% of votes "
-              f"and probability, ≥ {cfg.min_preds} predictions", id_="s-relabel",
+              "refused without --force: the audit cannot be trusted" if guard else
+              too_few_predictions(preds.to_numpy(), cfg) or f"issues with > {cfg.sensitivity:g}% "
+              f"of votes and probability, ≥ {cfg.min_preds} predictions", id_="s-relabel",
               tone="accent"),
         _stat(_int(len(skipped)), "files skipped", id_="s-skipped"),
     ]
     if seconds is not None:
         stats.append(_stat(duration(seconds), "time taken", id_="s-time"))
-    cards = [_card(i + 1, row, thumb, bool(rel), float(ceil))
-             for i, (row, thumb, rel, ceil) in enumerate(
+    top_tiers = tier_of(top)
+    cards = [_card(i + 1, row, thumb, bool(rel), float(ceil), tier)
+             for i, (row, thumb, rel, ceil, tier) in enumerate(
                  zip(top.to_dict("records"), thumbs, top_relabel.to_list(),
-                     top_ceiling.to_list(), strict=True))]
+                     top_ceiling.to_list(), top_tiers.to_list(), strict=True))]
+    tier_counts = top_tiers.value_counts()
     css, script = _inline("report.css", "style"), _inline("report.js", "script")
     title = f"Label review · {storage.basename(cfg.data_path) or cfg.data_path}"
     return _env().get_template("report.html.j2").render(
         csp=csp(css, script), css=css, script=script, title=title, data_path=cfg.data_path,
         run_name=storage.basename(run),
         generated=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), stats=stats,
-        class_rows=_class_rows(class_stats(results, classes, relabel)),
+        guard=guard, has_estimate=summary is not None, results_uri=runs.results_uri(run),
+        class_rows=_class_rows(class_stats(results, classes, relabel, summary)),
         matrix=_matrix_view(flag_matrix(results, classes)), n_top=len(top), n_images=n,
         n_missing=sum(not isinstance(t, Thumb) for t in thumbs),
         given_options=_options(top["label"]), suggested_options=_options(top["corrected_label"]),
+        tier_options=[(t, int(tier_counts[t])) for t in TIERS if t in tier_counts],
         sensitivity=f"{cfg.sensitivity:g}", min_preds=cfg.min_preds, cards=cards,
         page_cards=PAGE_CARDS, run_id=storage.basename(run), classes=classes,
+        review_factor=f"{REVIEW_FACTOR:g}",
         decision_columns=",".join(COLUMNS + OPTIONAL_COLUMNS), n_skipped=len(skipped),
         skipped=_skipped(skipped), neighbours=neighbour_sections(results))
 
 
-# What the page's summary reads of every image; the review grid reads the top rows whole.
+# What the page's summary reads of every image (those the run has: older runs lack the
+# decision columns); the review grid reads the top rows whole.
 SUMMARY_COLUMNS = ["label", "corrected_label", "num_preds", "%", "label_quality",
-                   "suggested_quality", "is_label_issue"]
+                   "suggested_quality", "is_label_issue", "tier"]
 
 
 def load_results(run: str, top_n: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -387,7 +465,7 @@ def load_results(run: str, top_n: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     names = pf.schema_arrow.names
     # method embeddings: what the duplicates and outliers sections read
     extra = ["filename", *NEIGHBOUR_COLUMNS] if set(NEIGHBOUR_COLUMNS) <= set(names) else []
-    results = pf.read(columns=SUMMARY_COLUMNS + extra).to_pandas()
+    results = pf.read(columns=[c for c in SUMMARY_COLUMNS if c in names] + extra).to_pandas()
     groups, rows = [], 0
     while rows < top_n and len(groups) < pf.num_row_groups:
         rows += pf.metadata.row_group(len(groups)).num_rows
@@ -398,9 +476,10 @@ def load_results(run: str, top_n: int) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def write_report(run: str, seconds: float | None = None) -> str:
-    """Write `<run>/report.html` from the run's results; returns its URI."""
+    """Write `<run>/report.html` from the run's results and summary.json; returns its URI."""
     t0 = time.perf_counter()
     cfg = runs.read_config(run)
+    summary = read_summary(run)
     results, top = load_results(run, cfg.report_top_n)
     classes = json.loads(storage.read_text(storage.join(run, "classes.json")))  # not the manifest
     extra = sorted(set(results["label"].unique()) - set(classes))
@@ -412,7 +491,7 @@ def write_report(run: str, seconds: float | None = None) -> str:
     page = render_page(cfg=cfg, run=run, results=results, classes=classes, top=top,
                        thumbs=thumbs, top_relabel=relabel.loc[top.index],
                        top_ceiling=relabel_ceiling(top, cfg.min_preds), relabel=relabel,
-                       skipped=skipped, seconds=seconds)
+                       skipped=skipped, seconds=seconds, summary=summary)
     out = storage.join(run, "report.html")
     data = page.encode("utf-8")
     storage.write_bytes(out, data)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import html
 import io
+import json
 import os
 import re
 import shutil
@@ -25,7 +27,7 @@ from PIL import Image
 from tasks import report, runs
 from tasks.config import AuditConfig
 from tasks.index import DatasetIndex, read_manifest, write_index
-from tasks.merge import merge_run, read_results
+from tasks.merge import merge_run, read_results, read_summary, summary_uri
 from tasks.plan import plan_repeats, split_for_repeat
 from tasks.relabel import select_rows
 from tasks.report import _matrix, duration, fetch_thumbnails, flag_matrix, thumbnail, write_report
@@ -163,6 +165,15 @@ def test_summary_counts_images_classes_repeats_flags_and_time(oracle, page):
     assert p.text("s-relabel").startswith(f"{n_relabel} would be relabelled")
     assert p.text("s-skipped").startswith("1 files skipped")
     assert p.text("s-time") == "1 min 15 s time taken"
+    # From summary.json: the review tier, cleanlab's estimate, the pooled accuracy.
+    summary = read_summary(run)
+    n_review = int((results["tier"] == "review").sum())
+    assert n_review > 0 and summary["review"] == n_review
+    assert p.text("s-review").startswith(f"{n_review} to review")
+    assert p.text("s-noise").startswith(f"{summary['estimated_wrong_labels']} estimated wrong "
+                                        f"labels {summary['estimated_noise_rate']:.1%} of")
+    assert p.text("s-accuracy").startswith(f"{summary['pooled_accuracy']:.1%} pooled accuracy")
+    assert "id=\"guard\"" not in page  # a trusted audit: no banner
 
 
 def test_time_is_left_out_when_not_given(oracle):
@@ -171,17 +182,82 @@ def test_time_is_left_out_when_not_given(oracle):
     assert duration(17.2) == "17 s" and duration(3725) == "1 h 02 min"
 
 
-def test_noise_rate_per_class_is_the_flagged_share(oracle, page):
+CLASS_ROW = re.compile(
+    r'<tr data-class="([^"]+)"><td class="cls">[^<]*</td><td>(\d+)</td>'
+    r'(?:<td class="rate">([\d.]+)% <svg[^>]*>.*?</svg></td>)?'
+    r'<td class="share">(\d+) <span class="muted">\(([\d.]+)%\)</span>.*?</td>'
+    r"<td>(\d+)</td><td>(\d+)</td></tr>")
+
+
+def test_class_table_shows_the_estimate_beside_the_flagged_share(oracle, page):
+    """Per class: cleanlab's estimated noise rate (summary.json), highest first, and beside
+    it the flagged count and share, the review tier and what would be relabelled."""
     run, _ = oracle
     results = flagged_of(run)
-    rows = re.findall(r'<tr data-class="([^"]+)"><td class="cls">[^<]*</td><td>(\d+)</td>'
-                      r"<td>(\d+)</td><td class=\"rate\">([\d.]+)%", page)
+    estimate = {r["class"]: r["estimated_noise_rate"] for r in read_summary(run)["per_class"]}
+    relabel = select_rows(results, 60, 2)
+    rows = CLASS_ROW.findall(page)
     assert len(rows) == 10
-    for cls, images, flagged, rate in rows:
+    for cls, images, rate, flagged, share, review, moved in rows:
         mine = results[results["label"] == cls]
         assert int(images) == len(mine)
+        assert float(rate) == pytest.approx(100 * estimate[cls], abs=0.051)
         assert int(flagged) == int(mine["is_label_issue"].sum())
-        assert float(rate) == pytest.approx(100 * int(flagged) / len(mine), abs=0.05)
+        assert float(share) == pytest.approx(100 * int(flagged) / len(mine), abs=0.051)
+        assert int(review) == int((mine["tier"] == "review").sum())
+        assert int(moved) == int((relabel["label"] == cls).sum())
+    rates = [float(r[2]) for r in rows]
+    assert rates == sorted(rates, reverse=True)
+    # The estimate is not the flagged share (the column used to be the flagged share).
+    assert any(float(r[2]) != float(r[4]) for r in rows)
+    assert "Estimated noise rate per class" in page
+
+
+def untrusted_copy(run: str, root: Path, reasons: list[str]) -> str:
+    """A copy of a run whose summary.json (written by hand) says the audit cannot be
+    trusted."""
+    copy = root / "runs" / "untrusted"
+    shutil.copytree(run, copy)
+    summary = read_summary(str(copy))
+    summary["guard"] = {**summary["guard"], "trusted": False, "reasons": reasons}
+    Path(summary_uri(str(copy))).write_text(json.dumps(summary))
+    return str(copy)
+
+
+def test_an_untrusted_audit_gets_a_banner_with_reasons_and_remedy(oracle, tmp_path):
+    run, _ = oracle
+    reasons = ["the models are near chance <b>9%</b>", "the models never learnt class(es) bag"]
+    copy = untrusted_copy(run, tmp_path, reasons)
+    text = Path(write_report(copy)).read_text()
+    p = Page(text)
+    banner = p.text("guard")
+    assert banner.startswith("This audit cannot be trusted")
+    for reason in reasons:
+        assert reason in banner
+    assert "<b>9%</b>" not in text  # a reason is text, escaped
+    assert read_summary(copy)["guard"]["remedy"] in banner
+    assert (f"relabel refuses this run unless forced: python -m tasks relabel --results "
+            f"{runs.results_uri(copy)} --force") in banner
+    assert p.text("s-relabel").endswith("refused without --force: the audit cannot be trusted")
+    # It is the first thing on the page, before the summary.
+    ids = [a.get("id") for _, a in p.tags if a.get("id") in ("guard", "summary")]
+    assert ids == ["guard", "summary"]
+    assert ".banner{" in p.raw["style"]  # styled by the page's own (hashed) style sheet
+
+
+def test_a_run_without_summary_renders_as_before(oracle, tmp_path):
+    """A run merged before summary.json: no banner, no estimate; the per-class table is the
+    flagged share, and says so."""
+    run, _ = oracle
+    copy = untrusted_copy(run, tmp_path, ["ignored"])
+    os.remove(summary_uri(copy))
+    text = Path(write_report(copy)).read_text()
+    p = Page(text)
+    assert 'id="guard"' not in text and 'id="s-review"' not in text
+    assert "Flagged share per class" in text and "est. noise rate" not in text
+    rows = CLASS_ROW.findall(text)
+    assert len(rows) == 10 and all(r[2] == "" for r in rows)
+    assert p.text("s-flagged").startswith(f"{int(flagged_of(run)['is_label_issue'].sum())} ")
 
 
 def test_matrix_counts_flagged_given_vs_suggested(oracle, page):
@@ -206,6 +282,19 @@ def test_grid_lists_top_rows_in_order_with_their_numbers(oracle, page):
         assert int(card["data-preds"]) == row["num_preds"]
         assert float(card["data-quality"]) == pytest.approx(row["label_quality"])
         assert card["data-relabel"] == str(int(row["filename"] in relabel))
+        assert card["data-tier"] == row["tier"]
+        assert float(card["data-prob"]) == row["suggested_quality"]
+        assert ("review" in card["class"].split()) == (row["tier"] == "review")
+    # The issue tier first, then the review tier.
+    tiers = [c["data-tier"] for c in cards]
+    n_issue, n_review = tiers.count("issue"), tiers.count("review")
+    assert n_issue and n_review and tiers[:n_issue + n_review] == (["issue"] * n_issue
+                                                                   + ["review"] * n_review)
+    # The tier filter offers the tiers of the cards, with their counts.
+    options = re.search(r'<select id="f-tier">(.*?)</select>', page, re.S).group(1)
+    assert re.findall(r'<option value="(\w*)">([^<]*)</option>', options) == [
+        ("", "all"), ("issue", f"issue ({n_issue})"), ("review", f"review ({n_review})"),
+        ("ok", f"ok ({len(cards) - n_issue - n_review})")]
     planted = set(truth.loc[truth["true_label"] != truth["given_label"], "filename"])
     assert {c["data-name"] for c in cards[: len(planted)]} == planted
     # What a reviewer reads on the first card.
@@ -214,6 +303,22 @@ def test_grid_lists_top_rows_in_order_with_their_numbers(oracle, page):
     for text in (first["filename"], first["label"], first["corrected_label"],
                  f"{first['%']:.0f}%", f"{first['label_quality']:.3f}"):
         assert text in card_html
+    assert '<span class="tier">issue</span>' in card_html
+
+    # Each card's tier badge, its vote share and the suggestion's pooled probability, and its
+    # verdict, as the reviewer reads them.
+    articles = re.findall(r'<article class="card.*?</article>', page, re.S)
+    for html_card, row in zip(articles, results.to_dict("records"), strict=True):
+        badge = re.findall(r'<span class="tier">([^<]*)</span>', html_card)
+        assert badge == ([] if row["tier"] == "ok" else [row["tier"]])
+        shown = re.search(r'<div class="num"[^>]*>(.*?)</div>', html_card).group(1)
+        pct = f"{row['%']:.0f}%" if float(row["%"]).is_integer() else f"{row['%']:.1f}%"
+        assert html.unescape(re.sub(r"<[^>]+>", "", shown)) == (
+            f"{pct} of {row['num_preds']} predictions, p {row['suggested_quality']:.3f}")
+        verdict = re.search(r'<div class="verdict">([^<]*)</div>', html_card).group(1)
+        assert verdict == ("would relabel" if row["filename"] in relabel
+                           else "issue, below threshold" if row["tier"] == "issue"
+                           else "to review" if row["tier"] == "review" else "not flagged")
 
 
 def test_cards_carry_the_relabel_ceiling_that_the_slider_compares(oracle, page):

@@ -18,6 +18,7 @@
   const REVIEWER_STORE = 'auto-correct-labels/reviewer';
   const DECISIONS = ['accept', 'keep', 'other', 'skip'];
   const controls = {
+    tier: $('f-tier'),
     given: $('f-given'),
     suggested: $('f-suggested'),
     state: $('f-state'),
@@ -47,6 +48,7 @@
     pct: Number(el.dataset.pct),
     quality: Number(el.dataset.quality),
     flagged: el.dataset.flagged === '1',
+    tier: el.dataset.tier,  // issue, review or ok (tasks.decide.TIERS)
     // The sensitivity below which the image is relabelled (tasks.relabel.relabel_ceiling);
     // -1 when it never is.
     ceiling: Number(el.dataset.ceiling),
@@ -156,6 +158,7 @@
 
   function readFilters() {
     return {
+      tier: controls.tier.value,
       given: controls.given.value,
       suggested: controls.suggested.value,
       state: controls.state.value,
@@ -173,7 +176,8 @@
   }
 
   function matches(item, f) {
-    return (!f.given || item.label === f.given)
+    return (!f.tier || item.tier === f.tier)
+      && (!f.given || item.label === f.given)
       && (!f.suggested || item.suggested === f.suggested)
       && (!f.state || (f.state === 'relabel') === item.relabel)
       && (!f.review || reviewMatches(item, f.review))
@@ -184,7 +188,8 @@
     item.el.dataset.relabel = item.relabel ? '1' : '0';
     item.el.classList.toggle('relabel', item.relabel);
     item.verdict.textContent = item.relabel ? 'would relabel'
-      : item.flagged ? 'flagged, below threshold' : 'not flagged';
+      : item.flagged ? 'issue, below threshold'
+        : item.tier === 'review' ? 'to review' : 'not flagged';
   }
 
   const ACTIONS = [['accept', 'a', 'accept'], ['keep', 'n', 'keep'], ['other', 'o', 'other'],
@@ -587,6 +592,7 @@
   // --- wiring --------------------------------------------------------------------------------
 
   function showPair(given, suggested) {
+    controls.tier.value = '';
     controls.given.value = given;
     controls.suggested.value = suggested;
     controls.state.value = '';
@@ -595,6 +601,7 @@
   }
 
   function reset() {
+    controls.tier.value = '';
     controls.given.value = '';
     controls.suggested.value = '';
     controls.state.value = '';
@@ -605,7 +612,7 @@
     refilter();
   }
 
-  for (const el of [controls.given, controls.suggested, controls.state, controls.review,
+  for (const el of [controls.tier, controls.given, controls.suggested, controls.state, controls.review,
     controls.text, controls.sensitivity, controls.sort]) {
     el.addEventListener('input', refilter);
     el.addEventListener('change', refilter);
