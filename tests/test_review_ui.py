@@ -331,3 +331,63 @@ def test_a_decisions_file_loads_into_a_fresh_browser(review_run, tmp_path):
         driver.quit()
     # Handed on unchanged: the colleague's name and times are kept.
     assert exported == good.read_text()
+
+
+def test_tier_filter_and_untrusted_banner(review_run, tmp_path):
+    """An audit whose summary.json says it cannot be trusted shows its banner above the
+    summary; the tier filter lists exactly the cards of a tier (across the lazy pages), and
+    a card decided under it is a decision like any other."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select
+
+    from tests.test_report import untrusted_copy
+
+    run, _ = review_run
+    results = flagged_of(run)
+    copy = untrusted_copy(run, tmp_path, ["the models are near chance"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(report, "PAGE_CARDS", PAGE)
+        url = Path(report.write_report(copy)).resolve().as_uri()
+    driver = chrome()
+    try:
+        driver.get(url)
+        assert driver.execute_script("return document.body.dataset.ready") == "1"
+        banner = driver.find_element(By.ID, "guard")
+        assert banner.is_displayed() and "This audit cannot be trusted" in banner.text
+        assert "the models are near chance" in banner.text and "--force" in banner.text
+        summary = driver.find_element(By.ID, "summary")
+        assert banner.rect["y"] + banner.rect["height"] <= summary.rect["y"]
+        # The page's style sheet applies (not blocked by the policy): a warning colour.
+        assert driver.execute_script(
+            "return getComputedStyle(arguments[0]).backgroundColor", banner) != \
+            "rgba(0, 0, 0, 0)"
+        driver.save_screenshot(str(ARTIFACTS / "report-untrusted.png"))
+
+        tier = driver.find_element(By.ID, "f-tier")
+        for value in ("review", "issue", "ok"):
+            Select(tier).select_by_value(value)
+            tier.send_keys(Keys.ESCAPE)
+            press(driver, Keys.END)  # every page of them
+            cards = shown_cards(driver)
+            want = results.loc[results["tier"] == value, "filename"].tolist()
+            assert want, value
+            assert [c.get_attribute("data-name") for c in cards] == want, value
+            assert {c.get_attribute("data-tier") for c in cards} == {value}
+        Select(tier).select_by_value("review")
+        tier.send_keys(Keys.ESCAPE)
+        press(driver, Keys.HOME, "n")  # keep the first review card's label
+        first = results.loc[results["tier"] == "review"].iloc[0]
+        card = driver.find_element(By.CSS_SELECTOR, "#grid .card")
+        assert card.get_attribute("data-name") == first["filename"]
+        assert card.get_attribute("data-decision") == "keep"
+        assert card.find_element(By.CSS_SELECTOR, ".verdict").text.lower() == "to review"
+        assert card.find_element(By.CSS_SELECTOR, ".tier").text.lower() == "review"
+        driver.find_element(By.ID, "f-reset").click()
+        names = [c.get_attribute("data-name") for c in shown_cards(driver)]  # all tiers again
+        assert len(names) >= PAGE and names == results["filename"].tolist()[:len(names)]
+        assert progress(driver).startswith("reviewed 1 of 151, 0 accepted, 1 kept")
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert errors == [], errors
+    finally:
+        driver.quit()
