@@ -8,18 +8,32 @@ An image whose predictions consistently disagree with its folder is probably mis
 
 **Flow**: `index` (list and verify the images, validate the config first) → `plan` (the
 repeats: round, fold, seed) → `train_repeat` (one mapped task per repeat, named
-`repeat r (round i, fold k)`) → `merge` (pool the shards into `results.csv`; fails naming
-the missing repeats when coverage is below `min_coverage`) → `report` (`report.html`) →
-`autocorrect` → `relabel` (only when the `autocorrect` param is on). With `method:
-embeddings` no model is trained (`train_repeat` is skipped): `embed_chunk` (one mapped task
-per chunk of `embed_chunk_size` images, a frozen backbone) → `probe` (a probe per repeat on
-the embeddings, writing the same shards, plus kNN agreement, near-duplicates and outliers)
-→ `merge`; with `method: train` those two are skipped.
+`repeat r (round i, fold k)`) → `merge` (pool the shards into `results.csv` and
+`summary.json`; fails naming the missing repeats when coverage is below `min_coverage`) →
+`report` (`report.html`) → `autocorrect` → `relabel` (only when the `autocorrect` param is
+on). With `method: embeddings` no model is trained (`train_repeat` is skipped):
+`embed_chunk` (one mapped task per chunk of `embed_chunk_size` images, a frozen backbone) →
+`probe` (a probe per repeat on the embeddings, writing the same shards, plus kNN agreement,
+near-duplicates and outliers) → `merge`; with `method: train` those two are skipped.
 
 **Where things are**: every artefact lives in `<work_uri>/runs/<run id>/`: `manifest.parquet`,
-`shards/repeat-NNNN.parquet`, `results.csv` (one row per image, most suspicious first),
-`report.html`, `relabel-journal.jsonl`. The `merge` task's XCom (`return_value`, on the task's
-*XCom* tab or under *Browse → XComs*) holds the CSV's URI, `report`'s the report's.
+`shards/repeat-NNNN.parquet`, `results.csv` (one row per image, most suspicious first: the
+`issue` tier, then `review`, then `ok`), `summary.json`, `report.html`,
+`relabel-journal.jsonl`. The `merge` task's XCom (on the task's *XCom* tab or under
+*Browse → XComs*) holds the CSV's URI (`return_value`) and the run summary (`summary`:
+images, pooled accuracy, estimated wrong labels overall and per class, flagged, review tier,
+would-relabel, the model-quality verdict); its log ends with the summary's lines.
+`report`'s XCom holds the report's URI.
+
+**Can the audit be trusted?** `merge` checks the models (their agreement with the given
+labels against chance, the estimated noise rate, each class): when they are too weak, its
+log warns with the cause and the remedy (more epochs, more images per class, a stronger or
+pretrained model), the report shows a banner, and `relabel` fails with that one line. To
+relabel such a run anyway, run
+`python -m tasks relabel --results <work_uri>/runs/<run id>/results.csv --force`
+where the dataset is reachable (or trigger the audit with the `force_relabel` param on); or
+review it in the report and apply the decisions with the `apply_review` DAG (a reviewer's
+decisions are never refused).
 
 **A repeat failed?** `merge` still runs and names the missing repeats. Clear the failed
 `train_repeat` map indexes with *Downstream* checked; finished repeats are never retrained.
@@ -104,9 +118,12 @@ def probe(run: str) -> str:
 
 
 @task(trigger_rule=TriggerRule.ALL_DONE_MIN_ONE_SUCCESS)
-def merge(run: str) -> str:
-    """Runs when every repeat is done, failed or not; returns the results CSV URI."""
-    return acl.merge_shards(run)
+def merge(run: str, ti=None) -> str:
+    """Runs when every repeat is done, failed or not; returns the results CSV URI and pushes
+    the run summary as XCom "summary"."""
+    results = acl.merge_shards(run)
+    ti.xcom_push(key="summary", value=acl.run_summary(run))
+    return results
 
 
 @task

@@ -455,7 +455,8 @@ def probe_local(run: str) -> str:
 
 def merge_shards(run: str) -> str:
     """Merge whatever shards exist; fail (no retry) naming the missing repeats when coverage
-    is below min_coverage. Returns the results CSV URI."""
+    is below min_coverage. Returns the results CSV URI. The merge logs the run summary's
+    lines (`tasks.decide.summary_lines`) into the task log, the guard's as a warning."""
     from tasks.merge import MissingShardsError, merge_run
 
     use_aws_connection()
@@ -471,6 +472,15 @@ def merge_shards(run: str) -> str:
             f"{err}. In Airflow: clear the failed train_repeat map indexes {err.missing} "
             "with 'Downstream' checked (or clear the whole run; finished repeats are not "
             "retrained)")) from None
+
+
+def run_summary(run: str) -> dict[str, Any] | None:
+    """The run's summary.json (`tasks.decide.summary`), the merge task's XCom "summary";
+    None for a run merged before summaries existed."""
+    from tasks.merge import read_summary
+
+    use_aws_connection()
+    return read_summary(run)
 
 
 def write_run_report(run: str, started: datetime | None = None) -> str:
@@ -494,11 +504,16 @@ def autocorrect_requested(run: str) -> bool:
 
 def relabel_run(results: str) -> str | None:
     """Relabel the dataset from a run's results CSV (mode and thresholds from the run's
-    config); returns the journal or corrected-labels CSV URI."""
+    config); returns the journal or corrected-labels CSV URI. An audit the model-quality guard
+    does not trust, or any other error the user can fix, fails the task at once with its one
+    line (relabel with `python -m tasks relabel --results <results> --force` to override)."""
     from tasks.relabel import relabel_results
 
     use_aws_connection()
-    return relabel_results(results)
+    try:
+        return relabel_results(results)
+    except UserError as err:
+        raise _fail(err) from None
 
 
 def review_params() -> dict[str, Any]:

@@ -411,10 +411,10 @@ def render_page(*, cfg, run: str, results: pd.DataFrame, classes: list[str], top
               id_="s-flagged", tone="warn"),
         *_summary_stats(summary, int((tiers == "review").sum())),
         _stat(_int(relabel.sum()), "would be relabelled",
-              "refused without --force: the audit cannot be trusted" if guard else
-              too_few_predictions(preds.to_numpy(), cfg) or f"issues with > {cfg.sensitivity:g}% "
-              f"of votes and probability, ≥ {cfg.min_preds} predictions", id_="s-relabel",
-              tone="accent"),
+              (too_few_predictions(preds.to_numpy(), cfg) or f"issues with > "
+               f"{cfg.sensitivity:g}% of votes and probability, ≥ {cfg.min_preds} predictions")
+              + ("; refused without --force: the audit cannot be trusted" if guard else ""),
+              id_="s-relabel", tone="accent"),
         _stat(_int(len(skipped)), "files skipped", id_="s-skipped"),
     ]
     if seconds is not None:

@@ -18,7 +18,8 @@ from kubernetes.client import ApiClient
 from tasks import airflow_adapter as acl
 from tasks import runs
 from tasks.config import AuditConfig, parse_config
-from tasks.merge import read_results
+from tasks.decide import summary_lines
+from tasks.merge import read_results, read_summary
 from tests.test_airflow_adapter import raw_html, render_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,14 +151,34 @@ def test_bad_conf_is_refused_before_any_work(dagbag, dataset, tmp_path) -> None:
         acl.prepare(dag.params.dump(), conf, dr.run_id)
 
 
+def xcom(dr, task_id: str, key: str):
+    """One XCom value of a finished DAG run, as a downstream task would read it."""
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        row = session.scalars(XComModel.get_many(run_id=dr.run_id, key=key, task_ids=task_id,
+                                                 dag_ids=dr.dag_id)).one()
+        return XComModel.deserialize_value(row)
+
+
 def test_local_runner_audits_a_tiny_dataset(dagbag, dataset, tmp_path) -> None:
+    """Two 1-epoch trainings on 120 images in 10 classes: the audit runs end to end; its
+    models are far too weak to trust (near chance, noise above half, classes never learnt),
+    so the summary, the merge's log and the report say so, the relabel the run forces warns,
+    and the same relabel unforced fails the task with the guard's one line."""
+    from airflow.sdk.exceptions import AirflowFailException
+
     dag = dagbag.dags["auto_correct_labels"]
     trainer_lines = LogLines(acl.TRAINER_LOGGER)
     merge_lines = LogLines("tasks.merge")
+    relabel_lines = LogLines("tasks.relabel")
+    root_lines = LogLines("")  # where the task log's handlers are
     # One epoch on a tiny dataset: the guard would stop the relabel, so it is forced.
     conf = tiny_conf(dataset, tmp_path / "work", autocorrect=True, relabel_mode="manifest",
                      force_relabel=True)
     dr = dag.test(run_conf=conf)
+    logging.getLogger("").removeHandler(root_lines)
     assert dr.state == "success", states(dr)
     got = states(dr)
     assert {s for (t, _), s in got.items() if t not in EMBED_TASK_IDS} == {"success"}, got
@@ -174,7 +195,37 @@ def test_local_runner_audits_a_tiny_dataset(dagbag, dataset, tmp_path) -> None:
     assert sorted(results["filename"]) == images
     assert (results["num_preds"] == 1).all()  # K=2 folds, one round: one prediction each
     assert Path(run, "report.html").is_file()
-    assert Path(run, "corrected-labels.csv").is_file()  # autocorrect on, manifest mode
+    corrected = Path(run, "corrected-labels.csv")
+    assert corrected.is_file()  # autocorrect on, manifest mode
+    # The merge task pushes the run summary as XCom "summary" and logs its lines.
+    summary = xcom(dr, "merge", "summary")
+    assert summary == read_summary(run) and summary["images"] == N_IMAGES
+    assert xcom(dr, "merge", "return_value") == runs.results_uri(run)
+    for line in summary_lines(summary):
+        assert line in merge_lines.lines
+        assert line in root_lines.lines  # propagated to the task log's handlers
+    # A few training images per class for one epoch: the vote agrees with about a tenth of the
+    # labels (chance: 14%), far below the guard's bar, on every machine.
+    guard = summary["guard"]
+    assert guard["trusted"] is False
+    assert any(r.startswith("the models are near chance") for r in guard["reasons"])
+    assert merge_lines.levels[merge_lines.lines.index(summary_lines(summary)[-1])] == \
+        logging.WARNING  # the guard's line
+    page = Path(run, "report.html").read_text()
+    assert 'id="guard"' in page and guard["reasons"][0] in page
+    assert "refused without --force: the audit cannot be trusted" in page
+    # The forced relabel warns with the reasons.
+    assert any(line.startswith("relabelling although the audit cannot be trusted (--force): "
+                               + guard["reasons"][0]) for line in relabel_lines.lines)
+    # The relabel task of the same run unforced fails at once with the guard's one line
+    # (AirflowFailException: no retry), before it writes anything.
+    corrected.unlink()
+    runs.write_config(run, runs.read_config(run).model_copy(update={"force_relabel": False}))
+    with pytest.raises(AirflowFailException,
+                       match=r"^relabel refused: the audit cannot be trusted \(") as refused:
+        acl.relabel_run(runs.results_uri(run))
+    assert guard["reasons"][0] in str(refused.value) and "--force" in str(refused.value)
+    assert not corrected.exists()
     # The trainer's own log lines (per-epoch progress) stream into the task log: the message
     # at its level, without the trainer's time and level (the task log adds its own).
     (epoch,) = [i for i, line in enumerate(trainer_lines.lines)
@@ -186,7 +237,6 @@ def test_local_runner_audits_a_tiny_dataset(dagbag, dataset, tmp_path) -> None:
     why = ("no image can be relabelled: every image has at most 1 prediction, fewer than "
            "min_preds 2; raise n_repeats to at least 4 (2 rounds of 2 folds) or lower min_preds")
     assert why in merge_lines.lines
-    page = Path(run, "report.html").read_text()
     assert "1 prediction per image" in page and why in page
 
 
@@ -240,7 +290,8 @@ def test_failed_repeat_fails_merge_then_rerun_completes(dagbag, dataset, tmp_pat
     # Repeat 1 cannot write its shard (a folder is in the way): its task fails.
     blocker = Path(runs.shard_uri(str(run), 1))
     blocker.mkdir(parents=True)
-    conf = tiny_conf(dataset, work)
+    # autocorrect off explicitly: dag.test keeps an earlier run_conf in the DAG's params
+    conf = tiny_conf(dataset, work, autocorrect=False)
     trainer_lines = LogLines(acl.TRAINER_LOGGER)
     dr = dag.test(run_conf=conf, logical_date=when, run_after=when)
     got = states(dr)
