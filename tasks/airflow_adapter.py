@@ -49,6 +49,7 @@ POD_MAP_INDEX_TEMPLATE = (
     "fold {{ task.labels['acl-fold'] }})"
 )
 BETON_MAP_INDEX_TEMPLATE = "dataset.beton"
+WEIGHTS_MAP_INDEX_TEMPLATE = "initial weights"
 EMBED_POD_MAP_INDEX_TEMPLATE = "chunk {{ task.labels['acl-chunk'] }}"
 PROBE_MAP_INDEX_TEMPLATE = "probes and neighbours"
 
@@ -314,7 +315,7 @@ def prepare(params: Mapping[str, Any], conf: Mapping[str, Any] | None, run_id: s
     except ConfigError as err:
         raise _fail(err) from None
     cfg = absolute_paths(cfg)
-    run = prepare_run(cfg, run_id)
+    run = prepare_run(cfg, run_id, defer_weights=runner == "kubernetes")
     log.info("run folder %s: %d repeats of %s on %s", run, cfg.n_repeats, cfg.model_name,
              cfg.data_path)
     return run
@@ -344,6 +345,18 @@ def plan_beton_kwargs(run: str) -> list[dict[str, Any]]:
     if not runs.read_config(run).ffcv:
         return []
     return [step_pod_kwargs("tasks.ffcv_data", run, "build-beton")]
+
+
+def plan_weights_kwargs(run: str) -> list[dict[str, Any]]:
+    """Kubernetes runner: the expand_kwargs input of the stage_weights pod, one pod when the
+    run asks for torchvision weights its folder does not hold yet (the index step leaves them
+    to the pod where torchvision is missing), none otherwise (the task is then skipped)."""
+    from tasks.weights import pending_stage
+
+    use_aws_connection()
+    if not pending_stage(runs.read_config(run), run):
+        return []
+    return [step_pod_kwargs("tasks.weights", run, "stage-weights")]
 
 
 def plan_train_kwargs(run: str, runner: str = "local") -> list[dict[str, Any]]:
@@ -610,7 +623,7 @@ def trainer_pod_operator(task_id: str = "train_repeat", dep: Deployment | None =
 
 def cpu_pod_operator(task_id: str, name: str, map_index_template: str,
                      dep: Deployment | None = None, **overrides: Any):
-    """A one-off pod of a run (build_beton, probe): a trainer pod (image, env,
+    """A one-off pod of a run (build_beton, stage_weights, probe): a trainer pod (image, env,
     service account, placement) without a GPU and outside the GPU pool."""
     dep = dep or Deployment.from_env()
     cpu_only = replace(dep, gpu_count=0, tolerations=pod_tolerations(dep))
@@ -624,6 +637,16 @@ def beton_pod_operator(task_id: str = "build_beton", dep: Deployment | None = No
     """The pod that builds the run's .beton once, before the trainer pods (the Airflow image
     has no FFCV). Expand it with `.expand_kwargs(plan_beton_kwargs(run))`."""
     return cpu_pod_operator(task_id, "acl-build-beton", BETON_MAP_INDEX_TEMPLATE, dep,
+                            **overrides)
+
+
+def weights_pod_operator(task_id: str = "stage_weights", dep: Deployment | None = None,
+                         **overrides: Any):
+    """The pod that stages the run's torchvision weights once, before the trainer and
+    embedding pods (the Airflow image has no torchvision): the one pod that needs egress to
+    the download host, or a filled torch hub cache. Expand it with
+    `.expand_kwargs(plan_weights_kwargs(run))`."""
+    return cpu_pod_operator(task_id, "acl-stage-weights", WEIGHTS_MAP_INDEX_TEMPLATE, dep,
                             **overrides)
 
 
