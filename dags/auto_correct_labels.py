@@ -45,7 +45,12 @@ from the trainer image. Both run `python -m tasks.train --run <run uri> --repeat
 uri>` in embedding mode; the embedders are GPU pods, the probe pod runs without a GPU).
 With `ffcv` on, the run's `dataset.beton` is built once before the trainers: by `index` with
 the local runner, by the `build_beton` pod (trainer image, `python -m tasks.ffcv_data`) with
-the Kubernetes runner (skipped when `ffcv` is off).
+the Kubernetes runner (skipped when `ffcv` is off). Initial weights are staged in the run
+folder once, by `index`; with the Kubernetes runner (no torchvision in the Airflow image) a
+torchvision weights name is staged by the `stage_weights` pod (trainer image, `python -m
+tasks.weights`) before the trainers and embedders, the one pod that needs egress to the
+download host or a filled torch hub cache (skipped for a state dict, `none` or weights
+already staged); GPU pods only read the run's copy.
 
 Scheduled audits: every file in `configs/audits/` (`ACL_AUDITS_DIR`) becomes a DAG
 `audit_<name>` whose results CSV is an Asset.
@@ -85,6 +90,13 @@ def plan(run: str) -> list[dict[str, Any]]:
 def plan_beton(run: str) -> list[dict[str, Any]]:
     """Kubernetes runner: the build_beton pod when the run's `ffcv` is on, none otherwise."""
     return acl.plan_beton_kwargs(run)
+
+
+@task
+def plan_weights(run: str) -> list[dict[str, Any]]:
+    """Kubernetes runner: the stage_weights pod when `index` left the run's torchvision
+    weights to it (no torchvision in the Airflow image), none otherwise."""
+    return acl.plan_weights_kwargs(run)
 
 
 @task(map_index_template=acl.LOCAL_MAP_INDEX_TEMPLATE)
@@ -148,20 +160,23 @@ def audit_flow(results_asset: Asset | None = None) -> None:
     """The task graph of one audit, inside the current DAG."""
     run = index()
     repeats = plan(run)
-    if DEPLOYMENT.runner == "kubernetes":
-        beton = acl.beton_pod_operator(dep=DEPLOYMENT).expand_kwargs(plan_beton(run))
-        # none_failed: the trainers also start when build_beton is skipped (ffcv off)
-        trained = acl.trainer_pod_operator(
-            dep=DEPLOYMENT, trigger_rule=TriggerRule.NONE_FAILED).expand_kwargs(repeats)
-        beton >> trained
-    else:
-        trained = train_repeat.expand_kwargs(repeats)
     # method embeddings: embed chunks, then the probes write the shards (skipped for train)
     chunks, probes = plan_embed(run), plan_probe(run)
     if DEPLOYMENT.runner == "kubernetes":
-        embedded = acl.embed_pod_operator(dep=DEPLOYMENT).expand_kwargs(chunks)
+        # One-off pods of the trainer image before the GPU pods, skipped when not needed:
+        # the initial weights (torchvision weights the Airflow image could not stage) and,
+        # with ffcv, the .beton. none_failed: the GPU pods also start when they are skipped.
+        staged = acl.weights_pod_operator(dep=DEPLOYMENT).expand_kwargs(plan_weights(run))
+        beton = acl.beton_pod_operator(dep=DEPLOYMENT).expand_kwargs(plan_beton(run))
+        trained = acl.trainer_pod_operator(
+            dep=DEPLOYMENT, trigger_rule=TriggerRule.NONE_FAILED).expand_kwargs(repeats)
+        embedded = acl.embed_pod_operator(
+            dep=DEPLOYMENT, trigger_rule=TriggerRule.NONE_FAILED).expand_kwargs(chunks)
+        [staged, beton] >> trained
+        staged >> embedded
         probed = acl.probe_pod_operator(dep=DEPLOYMENT).expand_kwargs(probes)
     else:
+        trained = train_repeat.expand_kwargs(repeats)
         embedded, probed = embed_chunk.expand_kwargs(chunks), probe.expand_kwargs(probes)
     embedded >> probed
     # The join of both modes: the mode not run is skipped, which would skip merge itself;

@@ -49,6 +49,7 @@ POD_MAP_INDEX_TEMPLATE = (
     "fold {{ task.labels['acl-fold'] }})"
 )
 BETON_MAP_INDEX_TEMPLATE = "dataset.beton"
+WEIGHTS_MAP_INDEX_TEMPLATE = "initial weights"
 EMBED_POD_MAP_INDEX_TEMPLATE = "chunk {{ task.labels['acl-chunk'] }}"
 PROBE_MAP_INDEX_TEMPLATE = "probes and neighbours"
 
@@ -314,7 +315,7 @@ def prepare(params: Mapping[str, Any], conf: Mapping[str, Any] | None, run_id: s
     except ConfigError as err:
         raise _fail(err) from None
     cfg = absolute_paths(cfg)
-    run = prepare_run(cfg, run_id)
+    run = prepare_run(cfg, run_id, defer_weights=runner == "kubernetes")
     log.info("run folder %s: %d repeats of %s on %s", run, cfg.n_repeats, cfg.model_name,
              cfg.data_path)
     return run
@@ -330,17 +331,32 @@ def absolute_paths(cfg: AuditConfig, base: str | Path | None = None) -> AuditCon
     return cfg.model_copy(update=update)
 
 
+def step_pod_kwargs(module: str, run: str, component: str) -> dict[str, Any]:
+    """The expand_kwargs entry of a one-off pod of a run: `python -m <module> --run <run>`."""
+    return {"arguments": ["-m", module, "--run", run],
+            "labels": {"app.kubernetes.io/name": "auto-correct-labels",
+                       "app.kubernetes.io/component": component}}
+
+
 def plan_beton_kwargs(run: str) -> list[dict[str, Any]]:
     """Kubernetes runner: the expand_kwargs input of the build_beton pod, one pod when the
     run's `ffcv` is on, none otherwise (the task is then skipped)."""
     use_aws_connection()
     if not runs.read_config(run).ffcv:
         return []
-    return [{
-        "arguments": ["-m", "tasks.ffcv_data", "--run", run],
-        "labels": {"app.kubernetes.io/name": "auto-correct-labels",
-                   "app.kubernetes.io/component": "build-beton"},
-    }]
+    return [step_pod_kwargs("tasks.ffcv_data", run, "build-beton")]
+
+
+def plan_weights_kwargs(run: str) -> list[dict[str, Any]]:
+    """Kubernetes runner: the expand_kwargs input of the stage_weights pod, one pod when the
+    run asks for torchvision weights its folder does not hold yet (the index step leaves them
+    to the pod where torchvision is missing), none otherwise (the task is then skipped)."""
+    from tasks.weights import pending_stage
+
+    use_aws_connection()
+    if not pending_stage(runs.read_config(run), run):
+        return []
+    return [step_pod_kwargs("tasks.weights", run, "stage-weights")]
 
 
 def plan_train_kwargs(run: str, runner: str = "local") -> list[dict[str, Any]]:
@@ -392,9 +408,7 @@ def plan_probe_kwargs(run: str, runner: str = "local") -> list[dict[str, Any]]:
     if runs.read_config(run).method != "embeddings":
         return []
     if runner == "kubernetes":
-        return [{"arguments": ["-m", "tasks.probe", "--run", run],
-                 "labels": {"app.kubernetes.io/name": "auto-correct-labels",
-                            "app.kubernetes.io/component": "probe"}}]
+        return [step_pod_kwargs("tasks.probe", run, "probe")]
     return [{"run": run}]
 
 
@@ -622,16 +636,33 @@ def trainer_pod_operator(task_id: str = "train_repeat", dep: Deployment | None =
     return KubernetesPodOperator.partial(task_id=task_id, **kwargs)
 
 
-def beton_pod_operator(task_id: str = "build_beton", dep: Deployment | None = None,
-                       **overrides: Any):
-    """The pod that builds the run's .beton once, before the trainer pods (the Airflow image
-    has no FFCV): a trainer pod placed like the others, without a GPU and outside the GPU
-    pool. Expand it with `.expand_kwargs(plan_beton_kwargs(run))`."""
+def cpu_pod_operator(task_id: str, name: str, map_index_template: str,
+                     dep: Deployment | None = None, **overrides: Any):
+    """A one-off pod of a run (build_beton, stage_weights, probe): a trainer pod (image, env,
+    service account, placement) without a GPU and outside the GPU pool."""
     dep = dep or Deployment.from_env()
     cpu_only = replace(dep, gpu_count=0, tolerations=pod_tolerations(dep))
     return trainer_pod_operator(task_id, cpu_only, **{
-        "name": "acl-build-beton", "pool": "default_pool",
-        "map_index_template": BETON_MAP_INDEX_TEMPLATE, **overrides})
+        "name": name, "pool": "default_pool", "map_index_template": map_index_template,
+        **overrides})
+
+
+def beton_pod_operator(task_id: str = "build_beton", dep: Deployment | None = None,
+                       **overrides: Any):
+    """The pod that builds the run's .beton once, before the trainer pods (the Airflow image
+    has no FFCV). Expand it with `.expand_kwargs(plan_beton_kwargs(run))`."""
+    return cpu_pod_operator(task_id, "acl-build-beton", BETON_MAP_INDEX_TEMPLATE, dep,
+                            **overrides)
+
+
+def weights_pod_operator(task_id: str = "stage_weights", dep: Deployment | None = None,
+                         **overrides: Any):
+    """The pod that stages the run's torchvision weights once, before the trainer and
+    embedding pods (the Airflow image has no torchvision): the one pod that needs egress to
+    the download host, or a filled torch hub cache. Expand it with
+    `.expand_kwargs(plan_weights_kwargs(run))`."""
+    return cpu_pod_operator(task_id, "acl-stage-weights", WEIGHTS_MAP_INDEX_TEMPLATE, dep,
+                            **overrides)
 
 
 def embed_pod_operator(task_id: str = "embed_chunk", dep: Deployment | None = None,
@@ -648,11 +679,7 @@ def probe_pod_operator(task_id: str = "probe", dep: Deployment | None = None,
     """method embeddings: the probe pod (trainer image: scikit-learn, faiss, torch), placed
     like the trainers but without a GPU and outside the GPU pool, as build_beton. Expand it
     with `.expand_kwargs(plan_probe_kwargs(run, "kubernetes"))`."""
-    dep = dep or Deployment.from_env()
-    cpu_only = replace(dep, gpu_count=0, tolerations=pod_tolerations(dep))
-    return trainer_pod_operator(task_id, cpu_only, **{
-        "name": "acl-probe", "pool": "default_pool",
-        "map_index_template": PROBE_MAP_INDEX_TEMPLATE, **overrides})
+    return cpu_pod_operator(task_id, "acl-probe", PROBE_MAP_INDEX_TEMPLATE, dep, **overrides)
 
 
 # --- scheduled audits ----------------------------------------------------------------------

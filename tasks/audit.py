@@ -39,17 +39,20 @@ def default_run_id(cfg: AuditConfig, listing_hash: str) -> str:
     return f"{name}-{cfg.training_fingerprint()[:6]}{listing_hash[:6]}"
 
 
-def prepare_run(cfg: AuditConfig, run_id: str | None = None) -> str:
+def prepare_run(cfg: AuditConfig, run_id: str | None = None,
+                defer_weights: bool = False) -> str:
     """The index stage: stage the initial weights in the run folder (`resolve_weights`: once
-    per run, first, so a missing download fails before a long index), index the dataset into
-    the run folder (skipped when the run already has a manifest), record the config and, with
-    `ffcv`, build the run's .beton; returns the run URI. One stage, one name per layer: the
-    DAG task is `index` (its body, `airflow_adapter.prepare`, validates the conf and then
-    calls this); in `tasks` it is `prepare_run`, which the CLI audit calls directly."""
+    per run, first, so a missing download fails before a long index; `defer_weights`, the
+    Kubernetes runner: torchvision weights are left to the stage_weights pod where torchvision
+    is missing), index the dataset into the run folder (skipped when the run already has a
+    manifest), record the config and, with `ffcv`, build the run's .beton; returns the run
+    URI. One stage, one name per layer: the DAG task is `index` (its body,
+    `airflow_adapter.prepare`, validates the conf and then calls this); in `tasks` it is
+    `prepare_run`, which the CLI audit calls directly."""
     check_writable(cfg)
     listing = list_dataset(cfg.data_path)
     run = runs.run_uri(cfg.work_uri, run_id or default_run_id(cfg, listing_fingerprint(listing)))
-    resolve_weights(cfg, run)
+    resolve_weights(cfg, run, defer_torchvision=defer_weights)
     if storage.exists(storage.join(run, "manifest.parquet")):
         check_resumable(run, cfg.data_path, listing)
         log.info("resuming run %s (manifest exists, dataset unchanged)", run)

@@ -23,6 +23,7 @@ from tasks.config import (
     weights_path_like,
 )
 from tasks.images import Preprocess
+from tasks.weights import unknown_weights_name
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +66,7 @@ def weights_entry(model_name: str, name: str) -> Any:
     try:
         return enum.DEFAULT if name == "DEFAULT" else enum[name]
     except KeyError:
-        names = ", ".join(["DEFAULT", *(w.name for w in enum)])
-        raise ConfigError(
-            f"model_weights {name!r} is not a weights name of {model_name}; choose one of "
-            f"{names}, none (random init), or give a state-dict path"
-        ) from None
+        raise unknown_weights_name(model_name, name, [w.name for w in enum]) from None
 
 
 def default_image_size(model_name: str, weights_name: str | None = None) -> int:

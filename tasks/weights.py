@@ -15,6 +15,11 @@ whose file has the recorded sha256 fetches nothing. Without network access a dow
 within about CONNECT_TIMEOUT_S (DOWNLOAD_TIMEOUT_S when a connection stalls) with one line
 naming model_weights, the weights and how to stage a file by hand.
 
+Where torch and torchvision are not installed (the Airflow image of the Kubernetes runner)
+the index step stages a state dict only; a torchvision weights name is checked against
+`WEIGHTS_NAMES` and left to the DAG's stage_weights pod (`pending_stage`), which runs the
+command below in the trainer image.
+
     python -m tasks.weights --run <run uri>    # stage a run's weights (what the index step does)
 """
 
@@ -45,6 +50,24 @@ WEIGHTS_DIR = "weights"
 RECORD_NAME = "weights.json"
 CONNECT_TIMEOUT_S = 10.0  # reaching the download host (or proxy), DNS included
 DOWNLOAD_TIMEOUT_S = 30.0  # any one socket operation of the download itself
+# Each torchvision model's weights names (DEFAULT aside), so that a process without
+# torchvision can refuse an unknown name at indexing (tests/test_weights.py checks it against
+# torchvision; this module stays torch-free).
+WEIGHTS_NAMES = {
+    "resnet18": ("IMAGENET1K_V1",),
+    "resnet50": ("IMAGENET1K_V1", "IMAGENET1K_V2"),
+    "convnext_tiny": ("IMAGENET1K_V1",),
+    "vit_b_16": ("IMAGENET1K_V1", "IMAGENET1K_SWAG_E2E_V1", "IMAGENET1K_SWAG_LINEAR_V1"),
+    "efficientnet_v2_s": ("IMAGENET1K_V1",),
+    "alexnet": ("IMAGENET1K_V1",),
+}
+
+
+def unknown_weights_name(model_name: str, name: str, names: list[str]) -> ConfigError:
+    """The one-line error for a weights name `model_name` does not have (`names`: its own)."""
+    return ConfigError(
+        f"model_weights {name!r} is not a weights name of {model_name}; choose one of "
+        f"{', '.join(['DEFAULT', *names])}, none (random init), or give a state-dict path")
 
 
 def record_uri(run: str) -> str:
@@ -126,9 +149,12 @@ def _stage(run: str, cfg: AuditConfig, path: str, name: str, source: str,
     return uri
 
 
-def resolve_weights(cfg: AuditConfig, run: str) -> str | None:
+def resolve_weights(cfg: AuditConfig, run: str, defer_torchvision: bool = False) -> str | None:
     """Stage the weights `cfg` asks for in the run folder, once; returns the URI of the staged
-    file, or None for random initialisation. ConfigError (one line) when they cannot be had."""
+    file, or None for random initialisation. ConfigError (one line) when they cannot be had.
+    `defer_torchvision` (the Kubernetes runner's index step): where torch or torchvision is
+    missing, a torchvision weights name is only checked by name and left to the stage_weights
+    pod (None is returned; `pending_stage` then says so)."""
     request = cfg.weights_request
     if request is None:
         return None
@@ -150,11 +176,32 @@ def resolve_weights(cfg: AuditConfig, run: str) -> str | None:
         return _stage(run, cfg, path, f"{cfg.model_name}-{stem}.pt", request, None)
     if cfg.model_name == "small_cnn" or _torch_here():
         return _stage_torchvision(cfg, run, request)
+    if defer_torchvision:
+        if request != "DEFAULT" and request not in WEIGHTS_NAMES[cfg.model_name]:
+            raise unknown_weights_name(cfg.model_name, request,
+                                       list(WEIGHTS_NAMES[cfg.model_name]))
+        storage.delete(record_uri(run))  # a stale or damaged copy: the pod restages it
+        log.info("model_weights %r: torch and torchvision are not installed here; the "
+                 "stage_weights pod stages the %s weights into %s", request, cfg.model_name,
+                 storage.join(run, WEIGHTS_DIR))
+        return None
     raise ConfigError(
         f"model_weights {request!r}: staging torchvision weights needs torch and torchvision, "
         "which this process lacks (e.g. the Airflow image of the Kubernetes runner); run "
         f"`python -m tasks.weights --run {run}` in the trainer image, or set model_weights "
         "to an s3:// URI of a state dict")
+
+
+def pending_stage(cfg: AuditConfig, run: str) -> bool:
+    """Whether `cfg` asks for torchvision weights that the run folder does not hold (the index
+    step left them to the stage_weights pod). Cheap: the record and the file's presence; the
+    pod and the trainers check its sha256."""
+    request = cfg.weights_request
+    if request is None or weights_path_like(request) or cfg.model_name == "small_cnn":
+        return False  # nothing to stage, or staged (or refused) by the index step itself
+    record = _read_record(run)
+    return not (_matches(record, cfg) and record is not None and record.get("file") and
+                storage.exists(storage.join(run, WEIGHTS_DIR, str(record["file"]))))
 
 
 def hub_checkpoint(entry: Any) -> Path:
@@ -264,7 +311,8 @@ def staged_weights(cfg: AuditConfig, run: str) -> str | None:
         raise ConfigError(
             f"model_weights {cfg.weights_request!r}: run {run} has no staged weights for "
             f"{cfg.model_name} ({record_uri(run)} is missing or names others); the index step "
-            f"stages them: run the audit again, or `python -m tasks.weights --run {run}`")
+            "(with the Kubernetes runner, the stage_weights pod) stages them: run the audit "
+            f"again, or `python -m tasks.weights --run {run}`")
     path = _intact(run, record)
     if path is None:
         raise ConfigError(

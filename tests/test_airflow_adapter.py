@@ -241,6 +241,38 @@ def test_beton_pod_is_a_cpu_trainer_pod_placed_like_the_trainers(tmp_path: Path)
     assert op.pool == "default_pool" and op.retries >= 1 and op.get_logs
 
 
+
+def test_stage_weights_pod_is_a_cpu_trainer_pod_placed_like_the_trainers(
+        tmp_path: Path) -> None:
+    """The pod that stages torchvision weights the Airflow image could not (decisions of the
+    plan: tests/test_weights.py)."""
+    run = str(tmp_path / "run")
+    runs.write_config(run, AuditConfig(data_path="s3://acl/data/"))  # small_cnn: random init
+    assert acl.plan_weights_kwargs(run) == []
+    runs.write_config(run, AuditConfig(data_path="s3://acl/data/", model_name="resnet18",
+                                       model_weights="none"))
+    assert acl.plan_weights_kwargs(run) == []
+    runs.write_config(run, AuditConfig(data_path="s3://acl/data/", model_name="resnet18"))
+    (kwargs,) = acl.plan_weights_kwargs(run)  # DEFAULT weights, not staged yet
+    dep = acl.Deployment.from_env({"ACL_GPU_COUNT": "2", "ACL_NODE_SELECTOR": '{"pool": "gpu"}'})
+    with DAG("weights", schedule=None):
+        mapped = acl.weights_pod_operator(dep=dep).expand_kwargs([kwargs])
+    op = mapped.unmap(kwargs)
+    pod = ApiClient().sanitize_for_serialization(op.build_pod_request_obj(dry_run=True))
+    kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+    (trainer,) = _render_pods(dep, repeats=1)
+    container = pod["spec"]["containers"][0]
+    assert container["command"] == ["python"]
+    assert container["args"] == ["-m", "tasks.weights", "--run", run]
+    assert container["image"] == trainer["spec"]["containers"][0]["image"]
+    assert "nvidia.com/gpu" not in container["resources"]["limits"]  # a copy, no GPU
+    for key in ("nodeSelector", "tolerations", "serviceAccountName"):  # schedules where they do
+        assert pod["spec"][key] == trainer["spec"][key], key
+    assert container["env"] == trainer["spec"]["containers"][0]["env"]
+    assert pod["metadata"]["labels"]["app.kubernetes.io/component"] == "stage-weights"
+    assert op.task_id == "stage_weights" and op.map_index_template == "initial weights"
+    assert op.pool == "default_pool" and op.retries >= 1 and op.get_logs
+
 # --- the local trainer's log lines ---------------------------------------------------------
 
 def test_trainer_lines_reach_the_task_log_without_their_own_time_and_level(

@@ -333,9 +333,20 @@ def test_kubernetes_runner_renders_every_pod(tmp_path, monkeypatch) -> None:
     # (skipped when ffcv is off: the trainers still start)
     beton = dag.get_task("build_beton")
     assert beton.operator_class.__name__ == "KubernetesPodOperator"
-    assert mapped.upstream_task_ids == {"plan", "build_beton"}
+    # and stages torchvision weights once, in a pod before every trainer and embedder pod
+    # (skipped when index staged them or there are none: the trainers still start)
+    weights = dag.get_task("stage_weights")
+    assert weights.operator_class.__name__ == "KubernetesPodOperator"
+    assert {t.task_id for t in dag.tasks} == TASK_IDS | {
+        "plan_beton", "build_beton", "plan_weights", "stage_weights"}
+    assert mapped.upstream_task_ids == {"plan", "build_beton", "stage_weights"}
     assert beton.upstream_task_ids == {"plan_beton"}
+    assert weights.upstream_task_ids == {"plan_weights"}
+    assert dag.get_task("plan_weights").upstream_task_ids == {"index"}
     assert mapped.trigger_rule == "none_failed"
+    assert dag.get_task("embed_chunk").upstream_task_ids == {"plan_embed", "stage_weights"}
+    assert dag.get_task("embed_chunk").trigger_rule == "none_failed"
+    assert weights.trigger_rule == beton.trigger_rule == "all_success"
 
     run = runs.run_uri(str(tmp_path / "work"), "manual__2026-03-01T00:00:00+00:00")
     runs.write_config(run, parse_config({"data_path": "s3://acl/data/", "n_repeats": 4,
@@ -356,6 +367,26 @@ def test_kubernetes_runner_renders_every_pod(tmp_path, monkeypatch) -> None:
     assert "nvidia.com/gpu" not in container["resources"]["limits"]
     assert pod["metadata"]["namespace"] == "auto-correct-labels"
     assert jinja2.Template(op.map_index_template).render(task=op) == "dataset.beton"
+    assert op.on_finish_action.value == "delete_pod" and op.get_logs
+
+    assert acl.plan_weights_kwargs(run) == []  # small_cnn: random init
+    weights_run = runs.run_uri(str(tmp_path / "work"), "manual__2026-03-05T00:00:00+00:00")
+    runs.write_config(weights_run, parse_config({"data_path": "s3://acl/data/",
+                                                 "model_name": "resnet18"}))
+    (kwargs,) = acl.plan_weights_kwargs(weights_run)  # DEFAULT weights, not staged yet
+    op = weights.unmap(kwargs)
+    pod = ApiClient().sanitize_for_serialization(op.build_pod_request_obj(dry_run=True))
+    kubernetes_validate.validate(pod, "1.33", strict=True)
+    assert not any(value in json.dumps(pod) for value in secrets.values())
+    (container,) = pod["spec"]["containers"]
+    assert container["command"] == ["python"]
+    assert container["args"] == ["-m", "tasks.weights", "--run", weights_run]
+    assert container["image"] == "ghcr.io/auto-correct-labels/trainer:0.1.0"
+    assert "nvidia.com/gpu" not in container["resources"]["limits"]
+    env = {e["name"]: e for e in container["env"]}
+    assert all("value" not in env[name] for name in secrets)
+    assert jinja2.Template(op.map_index_template).render(task=op) == "initial weights"
+    assert op.pool == "default_pool"
     assert op.on_finish_action.value == "delete_pod" and op.get_logs
 
     plan = acl.plan_train_kwargs(run, "kubernetes")
@@ -400,7 +431,7 @@ def test_kubernetes_runner_renders_the_embedding_pods(tmp_path, monkeypatch) -> 
     embed, probe = dag.get_task("embed_chunk"), dag.get_task("probe")
     assert embed.operator_class.__name__ == "KubernetesPodOperator"
     assert probe.operator_class.__name__ == "KubernetesPodOperator"
-    assert embed.upstream_task_ids == {"plan_embed"}
+    assert embed.upstream_task_ids == {"plan_embed", "stage_weights"}
     assert probe.upstream_task_ids == {"plan_probe", "embed_chunk"}
     assert dag.get_task("shards_done").upstream_task_ids == {"train_repeat", "probe"}
     assert dag.get_task("merge").upstream_task_ids == {"index", "shards_done"}

@@ -5,12 +5,15 @@ to stage a file. Nothing here downloads: the hub cache is a folder the test fill
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import io
 import json
 import socket
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -322,3 +325,93 @@ def test_weights_in_a_bucket_are_staged_in_the_bucket_run(s3, tmp_path):
     assert record["source"] == f"{s3.root}/init/cnn.pt" and record["file"] == "small_cnn-cnn.pt"
     path = tw.staged_weights(cfg, run)
     assert Path(path).read_bytes() == buf.getvalue() and str(s3.cache) in path
+
+
+# --- no torchvision where the index step runs (the Airflow image of the Kubernetes runner) ----
+
+@contextlib.contextmanager
+def no_torch(monkeypatch) -> Iterator[None]:
+    """torch and torchvision look uninstalled to find_spec, as in the Airflow image."""
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args, **kwargs):
+        return None if name.split(".")[0] in ("torch", "torchvision") else \
+            real(name, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(importlib.util, "find_spec", find_spec)
+        yield
+
+
+def test_the_weights_names_table_is_torchvisions():
+    from tasks.config import MODEL_NAMES
+
+    assert set(tw.WEIGHTS_NAMES) == set(MODEL_NAMES) - {"small_cnn"}
+    for model_name, names in tw.WEIGHTS_NAMES.items():
+        enum = torchvision.models.get_model_weights(model_name)
+        assert names == tuple(w.name for w in enum), model_name
+
+
+def test_without_torchvision_the_stage_weights_pod_stages_a_weights_name(
+        tmp_path, hub, no_network, monkeypatch, caplog):
+    from tasks import airflow_adapter as acl
+
+    dataset(tmp_path)
+    cfg = cfg_for(tmp_path, model_name="resnet18")  # model_weights null: DEFAULT
+    staged = Path(tmp_path / "work" / "runs" / "k8s" / "weights" / "resnet18-IMAGENET1K_V1.pt")
+    with no_torch(monkeypatch):
+        # The local runner's index step cannot stage them: one line saying how.
+        with pytest.raises(ConfigError, match=r"model_weights 'DEFAULT': staging torchvision "
+                                              r"weights needs torch and torchvision"):
+            prepare_run(cfg, "k8s")
+        # The Kubernetes runner's index step leaves them to the pod, and says so.
+        with caplog.at_level("INFO", logger="tasks.weights"):
+            run = prepare_run(cfg, "k8s", defer_weights=True)
+        assert "model_weights 'DEFAULT': torch and torchvision are not installed here; the " \
+               "stage_weights pod stages the resnet18 weights into" in caplog.text
+        assert not Path(tw.record_uri(run)).exists()
+        (pod,) = acl.plan_weights_kwargs(run)
+        assert pod["arguments"] == ["-m", "tasks.weights", "--run", run]
+        # A trainer started without them fails in one line, naming the way out.
+        with pytest.raises(ConfigError, match=r"model_weights 'DEFAULT': run .* has no staged "
+                                              r"weights for resnet18 .*the stage_weights pod\) "
+                                              r"stages them") as err:
+            tw.staged_weights(cfg, run)
+        assert "\n" not in str(err.value)
+        # An unknown name is refused at indexing all the same, in torchvision's own words.
+        bad = cfg.model_copy(update={"model_weights": "IMAGENET9K"})
+        with pytest.raises(ConfigError, match=r"^model_weights 'IMAGENET9K' is not a weights "
+                                              r"name of resnet18; choose one of DEFAULT, "
+                                              r"IMAGENET1K_V1, none \(random init\), or give a "
+                                              r"state-dict path$"):
+            prepare_run(bad, "k8s-bad", defer_weights=True)
+
+    # The pod (the trainer image: torch is there) stages them; the plan has no pod left.
+    torch.save(torchvision.models.resnet18().state_dict(), hub / RESNET18_FILE)
+    assert tw.main(["--run", run]) == 0
+    assert tw.staged_weights(cfg, run) == str(staged)
+    assert acl.plan_weights_kwargs(run) == []
+    with no_torch(monkeypatch):
+        prepare_run(cfg, "k8s", defer_weights=True)  # a resumed run: still nothing to stage
+        assert acl.plan_weights_kwargs(run) == []
+        # A damaged copy: the index step drops its record, so the pod runs and restages it.
+        staged.write_bytes(b"damaged")
+        prepare_run(cfg, "k8s", defer_weights=True)
+        assert len(acl.plan_weights_kwargs(run)) == 1
+
+
+@pytest.mark.parametrize(("model_name", "value"), [
+    ("small_cnn", None), ("resnet18", "none"), ("resnet18", "{tmp}/init.pt")])
+def test_without_torchvision_no_pod_when_nothing_is_left_to_stage(
+        tmp_path, no_network, monkeypatch, model_name, value):
+    from tasks import airflow_adapter as acl
+
+    dataset(tmp_path)
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "init.pt")
+    cfg = cfg_for(tmp_path, model_name=model_name,
+                  model_weights=value and value.format(tmp=tmp_path))
+    with no_torch(monkeypatch):
+        run = prepare_run(cfg, "nothing", defer_weights=True)  # a state dict is staged here
+        assert acl.plan_weights_kwargs(run) == []
+    assert tw.staged_weights(cfg, run) == (
+        None if cfg.weights_request is None else str(Path(run) / "weights" / "resnet18-init.pt"))
