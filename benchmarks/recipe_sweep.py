@@ -86,7 +86,8 @@ def run_variant(cfg: AuditConfig, images: torch.Tensor, true: np.ndarray, given:
                     corrected=s["corrected"], pct=s["pct"], num_preds=agg["num_preds"],
                     quality=s["quality"], suggested_quality=s["suggested_quality"],
                     is_label_issue=s["flagged"], mean_probs=agg["mean_probs"],
-                    classes=[str(k) for k in range(num_classes)])
+                    classes=[str(k) for k in range(num_classes)],
+                    p_suggestion=s["p_suggestion"])
     if cfg.split_strategy == "random":
         out.update(next(iter(original_rows(p, sensitivity).values())))
     else:

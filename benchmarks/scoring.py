@@ -13,8 +13,6 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from tasks.merge import CONFIDENT_VOTE, cleanlab_filter, confident_vote
-
 # The benchmark's cases. name: (tasks.sample source, images)
 DATASETS: dict[str, tuple[str, int]] = {
     "fmnist2k": ("fashion-mnist", 2000),
@@ -40,6 +38,33 @@ TARGET_ROW = ("fmnist20k", "sym20")
 TARGET_TRAININGS = 10
 
 
+# Mean probability above which a unanimous vote for another class flagged an image by itself
+# (a part of the product's rule before tasks.decide.posterior; kept as a candidate row).
+CONFIDENT_VOTE = 0.7
+
+
+def confident_vote(pct: np.ndarray, num_preds: np.ndarray,
+                   suggested_quality: np.ndarray) -> np.ndarray:
+    """Images whose predictions (at least two) all chose the suggested label (`pct` 100) with
+    a mean probability above `CONFIDENT_VOTE`."""
+    return ((np.nan_to_num(pct, nan=0.0) == 100) & (num_preds >= 2)
+            & (np.nan_to_num(suggested_quality, nan=0.0) > CONFIDENT_VOTE))
+
+
+def cleanlab_filter(labels: np.ndarray, probs: np.ndarray,
+                    filter_by: str = "low_self_confidence") -> np.ndarray:
+    """cleanlab's `find_label_issues(filter_by=...)` over the classes present in `labels`
+    (rows: predicted images; `probs` renormalised over those classes); a flag per row."""
+    from cleanlab.filter import find_label_issues
+
+    present = np.unique(labels)
+    remap = np.full(probs.shape[1], -1)
+    remap[present] = np.arange(len(present))
+    sub = probs[:, present]
+    sub = sub / sub.sum(1, keepdims=True).clip(min=1e-12)
+    return find_label_issues(remap[labels], sub, filter_by=filter_by, n_jobs=1)
+
+
 @dataclass
 class Predictions:
     """One audit's per-image outcome, aligned with the truth (class indices into `classes`)."""
@@ -58,6 +83,7 @@ class Predictions:
     # The decision layer (`tasks.decide`); None for an audit merged before it existed.
     tier: np.ndarray | None = None  # "issue" / "review" / "ok"
     guard: dict | None = None       # summary.json's "guard": {"trusted", "reasons", ...}
+    p_suggestion: np.ndarray | None = None  # the posterior that `corrected` is the true class
 
     @property
     def predicted(self) -> np.ndarray:
@@ -133,7 +159,7 @@ def rule_metrics(true: np.ndarray, given: np.ndarray, flagged: np.ndarray,
 
 
 def cleanlab_flags(given: np.ndarray, mean_probs: np.ndarray, filter_by: str) -> np.ndarray:
-    """The product's cleanlab filter (`tasks.merge.cleanlab_filter`) with `filter_by` on the
+    """cleanlab's filter (`cleanlab_filter`) with `filter_by` on the
     predicted images (rows without nan); unpredicted images are not flagged."""
     has = ~np.isnan(mean_probs).any(1)
     flags = np.zeros(len(given), dtype=bool)
@@ -155,10 +181,12 @@ def default_relabel(p: Predictions, sensitivity: float, min_preds: int) -> np.nd
     """The product's relabel rule (`tasks.relabel.select_rows`) as a mask."""
     from tasks.relabel import select_rows
 
+    if p.p_suggestion is None:
+        raise ValueError("these results have no p_suggestion column (merged before "
+                         "tasks.decide.posterior): merge the run again")
     cls = np.asarray(p.classes, dtype=object)
     frame = pd.DataFrame({"corrected_label": cls[p.corrected], "label": cls[p.given],
-                          "%": p.pct, "suggested_quality": p.suggested_quality,
-                          "num_preds": p.num_preds,
+                          "p_suggestion": p.p_suggestion, "num_preds": p.num_preds,
                           "is_label_issue": p.is_label_issue})
     mask = np.zeros(len(frame), dtype=bool)
     mask[select_rows(frame, sensitivity, min_preds).index.to_numpy()] = True
@@ -216,7 +244,7 @@ def candidate_rows(p: Predictions, flags: dict[str, np.ndarray], sensitivity: fl
     rules["rule: low_self_confidence ∧ vote ∧ label_quality < 0.1"] = (
         flags["low_self_confidence"] & vote & (quality < 0.1))
     relabel_rule = default_relabel(p, sensitivity, min_preds)
-    rules[f"rule: vote ∧ % > {sensitivity:g} ∧ p > {sensitivity / 100:g} ∧ num_preds >= "
+    rules[f"rule: is_label_issue ∧ p_suggestion > {sensitivity / 100:g} ∧ num_preds >= "
           f"{min_preds}"] = relabel_rule
     rows = {name: rule_metrics(p.true, p.given, flag, p.quality, flag & relabel_rule,
                                p.corrected, p.predicted) for name, flag in rules.items()}
@@ -226,8 +254,8 @@ def candidate_rows(p: Predictions, flags: dict[str, np.ndarray], sensitivity: fl
 
 
 def votes_only_row(p: Predictions, sensitivity: float, min_preds: int) -> dict[str, float]:
-    """The default's flags, relabelled by the relabel rule without its probability condition
-    (votes only), to show what that condition buys."""
+    """The default's flags, relabelled by vote share (`%`, the original tool's rule) instead of
+    `p_suggestion`, to show what the probability buys."""
     votes_only = (p.is_label_issue & p.vote_disagrees & (p.num_preds >= min_preds)
                   & (np.nan_to_num(p.pct, nan=-1) > sensitivity))
     return rule_metrics(p.true, p.given, p.is_label_issue, p.quality, votes_only, p.corrected,
@@ -270,6 +298,8 @@ def predictions_from_frames(results: pd.DataFrame, truth: pd.DataFrame, classes:
         classes=names,
         tier=df["tier"].astype(str).to_numpy() if "tier" in df.columns else None,
         guard=guard,
+        p_suggestion=(pd.to_numeric(df["p_suggestion"], errors="coerce").to_numpy(float)
+                      if "p_suggestion" in df.columns else None),
     )
 
 

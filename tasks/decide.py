@@ -1,20 +1,32 @@
-"""The decision layer over the pooled out-of-sample predictions: tiers, cleanlab's noise
-estimate, the model-quality guard, the relabel rule and the run summary.
+"""The decision layer over the pooled out-of-sample predictions: cleanlab's noise estimate,
+the per-image probabilities that the label is wrong and that the suggestion is right, the
+tiers, the model-quality guard, the relabel rule and the run summary.
 
 - Noise: cleanlab's confident joint (rows: given label, columns: the class the pooled
   prediction confidently names), counted exactly as `cleanlab.count.compute_confident_joint`
   by `tasks.merge._BatchedFilter.count`, calibrated as `calibrate_confident_joint` does (each
   row scaled to its class's image count) into the joint distribution of (given, true)
-  labels. Its off-diagonal mass is the estimated noise rate,
-  overall and per class. With weak models it counts model errors as label noise, so it is an
-  upper estimate.
-- Tiers: `issue` is `is_label_issue` (the merge's rule, see tasks/merge.py); `review` the next
-  most suspicious images (lowest label quality first) until issue + review hold
-  `REVIEW_FACTOR` times the estimated number of wrong labels, so that the wrong labels the
-  issue tier misses are in front of a reviewer; `ok` the rest.
+  labels. Its off-diagonal mass is the estimated noise rate `eta`, overall and per class.
+  With weak models it counts model errors as label noise, so it is an upper estimate.
+- Posterior (`posterior`): the pooled probabilities `q` are read as what they are, a model
+  fitted to the given (noisy) labels, i.e. q = P(given label | image). Under a noise model
+  that replaces a label by any other class with probability eta (no pair is favoured, so a
+  weak model's own look-alike confusions cannot raise the prior of exactly the pairs it
+  confuses), Bayes' rule with the backward-corrected class probability
+  p_g = (q_g - eta / (K - 1)) / (1 - eta K / (K - 1)) gives
+  P(label right) = (1 - eta) p_g / q_g, so `p_label_wrong` = 1 - that (clipped to [0, 1]),
+  and `p_suggestion` = p_label_wrong x q_s / (1 - q_g): the share of the other classes' mass
+  that the suggestion holds. Only q_g (`label_quality`) and q_s (`suggested_quality`) enter,
+  so both can be recomputed from the CSV.
+- Issues: `is_label_issue` is p_label_wrong > 1/2 (the label is more likely wrong than
+  right) with a suggestion that differs from the label.
+- Tiers: `issue` is `is_label_issue`; `review` the next most suspicious images (lowest label
+  quality first) until issue + review hold `REVIEW_FACTOR` times cleanlab's estimated number
+  of wrong labels, so that the wrong labels the issue tier misses are in front of a reviewer;
+  `ok` the rest.
 - Guard: whether the models are good enough for their flags to mean anything (`guard`).
-- Relabel: an issue with at least `min_preds` predictions whose vote share `%` and pooled
-  probability of the suggestion are both above the sensitivity (`relabel_ceiling_values`).
+- Relabel: an issue with at least `min_preds` predictions whose `p_suggestion` is above
+  sensitivity / 100 (`relabel_ceiling_values`).
 """
 
 from __future__ import annotations
@@ -33,6 +45,9 @@ MIN_SKILL = 0.3
 # ... per class, with at least MIN_CLASS_IMAGES predicted images.
 MIN_CLASS_SKILL = 0.1
 MIN_CLASS_IMAGES = 10
+# The posterior's prior noise rate stays below this share of (K - 1) / K, where the backward
+# correction's scale 1 - eta K / (K - 1) reaches 0 (the guard distrusts such runs anyway).
+PRIOR_MAX = 0.9
 # Above this estimated noise rate the confident joint no longer tells labels from errors.
 MAX_NOISE = 0.5
 REMEDY = ("train longer (num_epochs), add images per class, or use a stronger or pretrained "
@@ -60,6 +75,31 @@ def noise_rates(joint: np.ndarray) -> tuple[float, np.ndarray]:
     return float(1.0 - np.trace(joint)), per_class
 
 
+def posterior(label_quality: np.ndarray, suggested_quality: np.ndarray, differs: np.ndarray,
+              noise_rate: float, num_classes: int,
+              predicted: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per image (p_label_wrong, p_suggestion), see the module docstring; NaN where there is
+    no prediction, p_suggestion 0 where the suggestion is the label. The prior noise rate is
+    cleanlab's estimate, at least one wrong label in `predicted` images and at most
+    `PRIOR_MAX` of the rate at which the backward correction breaks down."""
+    q_g = np.asarray(label_quality, dtype=np.float64)
+    q_s = np.asarray(suggested_quality, dtype=np.float64)
+    if num_classes < 2:
+        wrong = np.where(np.isnan(q_g), np.nan, 0.0)
+        return wrong, wrong.copy()
+    k = num_classes
+    eta = min(max(float(noise_rate), 1.0 / max(1, predicted)), PRIOR_MAX * (k - 1) / k)
+    floor, scale = eta / (k - 1), 1.0 - eta * k / (k - 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        right = (1.0 - eta) * np.maximum(q_g - floor, 0.0) / (scale * q_g)
+        right = np.where(q_g > 0, right, 0.0)
+        wrong = 1.0 - np.clip(right, 0.0, 1.0)
+        share = np.where(q_g < 1, q_s / (1.0 - q_g), 0.0)
+    sugg = np.where(np.asarray(differs, dtype=bool), wrong * np.clip(share, 0.0, 1.0), 0.0)
+    missing = np.isnan(q_g)
+    return np.where(missing, np.nan, wrong), np.where(missing | np.isnan(q_s), np.nan, sugg)
+
+
 def tiers(issue: np.ndarray, quality: np.ndarray, expected_wrong: float) -> np.ndarray:
     """Per image 0 (issue), 1 (review) or 2 (ok): the `issue` images, then the predicted
     images of lowest label quality (`quality`; NaN: no prediction) until the first two tiers
@@ -77,17 +117,15 @@ def tiers(issue: np.ndarray, quality: np.ndarray, expected_wrong: float) -> np.n
 
 
 def relabel_ceiling_values(issue: np.ndarray, differs: np.ndarray, num_preds: np.ndarray,
-                           min_preds: int, pct: np.ndarray,
-                           suggested_quality: np.ndarray) -> np.ndarray:
+                           min_preds: int, p_suggestion: np.ndarray) -> np.ndarray:
     """Per image the sensitivity below which it is relabelled (NaN: never): an issue whose
-    suggestion differs from its label, with at least `min_preds` predictions; the lower of its
-    vote share `%` and the least `s` at which `suggested_quality > s / 100` fails (a missing
-    value counts as -1). At sensitivity `s` an image moves exactly when `s < ceiling`."""
-    pct = np.nan_to_num(np.asarray(pct, dtype=np.float64), nan=-1.0)
-    share = lowest_share_reached(np.nan_to_num(np.asarray(suggested_quality, dtype=np.float64),
+    suggestion differs from its label, with at least `min_preds` predictions; the least `s`
+    at which `p_suggestion > s / 100` fails (a missing value counts as -1). At sensitivity
+    `s` an image moves exactly when `s < ceiling`."""
+    share = lowest_share_reached(np.nan_to_num(np.asarray(p_suggestion, dtype=np.float64),
                                                nan=-1.0))
     eligible = issue & differs & (np.asarray(num_preds) >= min_preds)
-    return np.where(eligible, np.minimum(pct, share), np.nan)
+    return np.where(eligible, share, np.nan)
 
 
 def lowest_share_reached(prob: np.ndarray) -> np.ndarray:
@@ -155,18 +193,21 @@ def guard(labels: np.ndarray, corrected: np.ndarray, predicted: np.ndarray,
 
 
 def summary(cfg, classes: list[str], *, labels: np.ndarray, num_preds: np.ndarray,
-            corrected: np.ndarray, pct: np.ndarray, suggested_quality: np.ndarray,
+            corrected: np.ndarray, p_label_wrong: np.ndarray, p_suggestion: np.ndarray,
             tier: np.ndarray, joint: np.ndarray) -> dict:
     """The run summary (`<run>/summary.json`): sizes, the models' agreement, cleanlab's noise
-    estimate overall and per class, the tiers, what relabel would move at the run's
-    sensitivity, and the guard's verdict. `cfg`: the run's AuditConfig."""
+    estimate overall and per class, the posterior's expected number of wrong labels, the
+    tiers, what relabel would move at the run's sensitivity, and the guard's verdict. `cfg`:
+    the run's AuditConfig."""
     k = len(classes)
     predicted = num_preds > 0
     noise, per_class_noise = noise_rates(joint)
     verdict, agreement = guard(labels, corrected, predicted, noise, classes)
     issue = tier == 0
     ceiling = relabel_ceiling_values(issue, corrected != labels, num_preds, cfg.min_preds,
-                                     pct, suggested_quality)
+                                     p_suggestion)
+    expected = np.bincount(labels[predicted], weights=np.nan_to_num(p_label_wrong[predicted]),
+                           minlength=k)
     moves = np.nan_to_num(ceiling, nan=-np.inf) > cfg.sensitivity
     counts = np.bincount(labels, minlength=k)
     flagged = np.bincount(labels[issue], minlength=k)
@@ -174,6 +215,7 @@ def summary(cfg, classes: list[str], *, labels: np.ndarray, num_preds: np.ndarra
     per_class = [
         {"class": classes[c], "images": int(counts[c]),
          "estimated_noise_rate": _num(per_class_noise[c]),
+         "expected_wrong_labels": round(float(expected[c]), 1),
          "flagged": int(flagged[c]), "flagged_share": _num(flagged[c] / counts[c]),
          "review": int(review[c]), "agreement": _num(agreement.get(classes[c]))}
         for c in range(k) if counts[c]]
@@ -188,6 +230,7 @@ def summary(cfg, classes: list[str], *, labels: np.ndarray, num_preds: np.ndarra
         if predicted.any() else None,
         "estimated_noise_rate": _num(noise),
         "estimated_wrong_labels": round(float(noise) * int(predicted.sum())),
+        "expected_wrong_labels": round(float(expected.sum()), 1),
         "flagged": int(issue.sum()), "review": int((tier == 1).sum()),
         "sensitivity": float(cfg.sensitivity), "min_preds": int(cfg.min_preds),
         "would_relabel": int(moves.sum()),
@@ -211,7 +254,8 @@ def summary_lines(s: dict) -> list[str]:
         f"{s['predictions_per_image']['mean']:.1f} predictions per image; the models' vote "
         f"agrees with {s['pooled_accuracy'] or 0:.1%} of the given labels",
         f"estimated wrong labels: {s['estimated_wrong_labels']:,} "
-        f"({s['estimated_noise_rate'] or 0:.1%}); flagged as issues: {s['flagged']:,}; "
+        f"({s['estimated_noise_rate'] or 0:.1%}, cleanlab), {s['expected_wrong_labels']:,.0f} "
+        f"(the per-image probabilities); flagged as issues: {s['flagged']:,}; "
         f"to review: {s['review']:,}; would relabel at sensitivity {s['sensitivity']:g}: "
         f"{s['would_relabel']:,}"]
     g = s["guard"]

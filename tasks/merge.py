@@ -2,21 +2,10 @@
 
 Per image: `num_preds`, the votes per class, `corrected_label` (majority vote, ties broken
 by mean probability), `%` (vote share of `corrected_label`, 0-100), `label_quality` (mean
-out-of-sample probability of the given label) and `is_label_issue`.
-
-`is_label_issue` rule: [cleanlab's `find_label_issues(filter_by="low_self_confidence")` on
-the mean out-of-sample probabilities (it estimates from the confident joint how many labels of
-each class are wrong and flags that many, those with the lowest probability of their given
-label, so the count adapts to the noise rate) OR a confident unanimous vote (every one of at
-least two predictions chose the same other class and its mean probability is above
-`CONFIDENT_VOTE`)] AND the majority vote names another class (so every flag has a suggested
-label) AND `label_quality < max_label_quality` (default 1: off).
-In `benchmarks/RESULTS.md` cleanlab's part beats its `prune_by_noise_rate` AND vote (F1 0.938
-vs 0.881 on Fashion-MNIST 20k with 20% symmetric noise). The confident-vote part is there
-because cleanlab's count falls short when the models are accurate: on scikit-learn digits it
-found about 0.8 of the wrong labels although they ranked first (AUROC 0.9995). A
-`max_label_quality` of 0.1 cut recall to about a third on asymmetric noise, hence off by
-default.
+out-of-sample probability of the given label), `suggested_quality` (that of
+`corrected_label`), and from `tasks.decide` (after cleanlab's noise estimate):
+`p_label_wrong`, `p_suggestion`, `is_label_issue` (p_label_wrong > 1/2, the majority vote
+names another class and `label_quality < max_label_quality`, default 1: off) and `tier`.
 
 Memory (`merge_memory_gb`): the shards are streamed, each read once (one download on S3), and
 the manifest is hashed once for their fingerprints. Images are pooled in buckets of
@@ -27,15 +16,13 @@ one bucket everything stays in memory; with more, each shard's rows are spilled 
 Arrow files per bucket (read back once per pass), and the results are routed to parts of
 the output order, each sorted and written in turn.
 
-cleanlab's part runs in passes over the buckets (`_BatchedFilter`): per class the mean
-self-confidence as threshold, then per image whether the confident joint counts it as an
-issue, then the lowest self-confidences overall, as many as counted. That is what
-`find_label_issues(filter_by="low_self_confidence")` computes (cleanlab 2.9; its
-`experimental.label_issues_batched` is not: it approximates the count and drops images whose
-prediction is the given label), with the same arithmetic on the same numbers, so the flags are
-exact at any size: tests check it against `find_label_issues` itself (ties, classes without
-images), the whole merge against the dense in-memory merge it replaced, and the bucketed
-merge against the in-memory one (byte-identical results.csv).
+cleanlab's noise estimate runs in passes over the buckets (`_BatchedFilter`): per class the
+mean self-confidence as threshold, then per image the cell of the confident joint it counts
+in. That is what `cleanlab.count.compute_confident_joint` computes (cleanlab 2.9), with the
+same arithmetic on the same numbers, so the estimate is exact at any size: tests check it
+against cleanlab itself (ties, classes without images), the whole merge against the dense
+in-memory `score`, and the bucketed merge against the in-memory one (byte-identical
+results.csv).
 Nothing is approximated beyond what the shards hold: beyond `FULL_PROBS_MAX_CLASSES` classes a
 shard keeps each prediction's top `TOP_K` classes and its given label, the other classes count
 as 0 (as before), and predictions.parquet keeps each image's top `TOP_K` pooled classes
@@ -83,15 +70,11 @@ from tasks.shards import (
 log = logging.getLogger(__name__)
 
 RESULT_COLUMNS = ["filename", "label", "corrected_label", "num_preds", "%", "label_quality",
-                  "is_label_issue", "suggested_quality", "votes", "id", "tier"]
-FILTER_BY = "low_self_confidence"
-# Mean probability above which a unanimous vote for another class flags an image by itself.
-CONFIDENT_VOTE = 0.7
-# cleanlab 2.9's constants (cleanlab.internal.constants; a test checks them), here so that a
-# merge does not import cleanlab (and scipy, scikit-learn): FLOATING_POINT_COMPARISON and
-# CONFIDENT_THRESHOLDS_LOWER_BOUND.
-_CL_EPSILON = 1e-6
-_CL_THRESHOLD_FLOOR = 2 * _CL_EPSILON
+                  "is_label_issue", "suggested_quality", "votes", "id", "tier", "p_label_wrong",
+                  "p_suggestion"]
+# cleanlab 2.9's CONFIDENT_THRESHOLDS_LOWER_BOUND (cleanlab.internal.constants; a test checks
+# it), here so that a merge does not import cleanlab (and scipy, scikit-learn).
+_CL_THRESHOLD_FLOOR = 2e-6
 
 # Memory model of the merge (bytes), checked with benchmarks/scale_bench.py.
 BASE_BYTES = 350 << 20  # Python, numpy, pandas, pyarrow and cleanlab
@@ -207,46 +190,32 @@ def _scaled(probs: np.ndarray) -> np.ndarray:
 
 def score(labels: np.ndarray, votes: np.ndarray, mean_probs: np.ndarray,
           num_preds: np.ndarray, max_label_quality: float = 1.0) -> dict[str, np.ndarray]:
-    """corrected label, vote share, label quality and the label-issue flag per image (every
-    image at once, in memory)."""
+    """corrected label, vote share, label quality, the posterior's two columns and the
+    label-issue flag per image (every image at once, in memory, with cleanlab's own
+    `compute_confident_joint` for the noise estimate)."""
     predicted = num_preds > 0
     safe_probs = np.nan_to_num(mean_probs, nan=0.0)
     s = _vote_scores(labels, votes, safe_probs, num_preds)
-    flagged = np.zeros(len(labels), dtype=bool)
-    if predicted.sum() > 0:
-        flagged[predicted] = _cleanlab_flags(labels[predicted], _scaled(safe_probs[predicted]))
-    vote, disagree = _flag_parts(s, labels, num_preds, max_label_quality)
-    s["flagged"] = (flagged | vote) & disagree
+    k = safe_probs.shape[1]
+    counts = np.bincount(labels[predicted], minlength=k)
+    joint = np.diag(counts)
+    present = np.unique(labels[predicted])
+    if len(present) >= 2:
+        from cleanlab.count import compute_confident_joint
+
+        remap = np.full(k, -1)
+        remap[present] = np.arange(len(present))
+        sub = _scaled(safe_probs[predicted][:, present])
+        joint = np.zeros((k, k), dtype=np.int64)
+        joint[np.ix_(present, present)] = compute_confident_joint(
+            remap[labels[predicted]], sub, calibrate=False)
+    noise, _ = decide.noise_rates(decide.noise_joint(joint, counts))
+    s["p_label_wrong"], s["p_suggestion"] = decide.posterior(
+        s["quality"], s["suggested_quality"], s["corrected"] != labels, noise, k,
+        int(predicted.sum()))
+    s["flagged"] = (np.nan_to_num(s["p_label_wrong"]) > 0.5) & _disagrees(
+        s, labels, max_label_quality)
     return s
-
-
-def confident_vote(pct: np.ndarray, num_preds: np.ndarray,
-                   suggested_quality: np.ndarray) -> np.ndarray:
-    """Images whose predictions (at least two) all chose the suggested label (`pct` 100) with
-    a mean probability above `CONFIDENT_VOTE`."""
-    return ((np.nan_to_num(pct, nan=0.0) == 100) & (num_preds >= 2)
-            & (np.nan_to_num(suggested_quality, nan=0.0) > CONFIDENT_VOTE))
-
-
-def _cleanlab_flags(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """cleanlab's filter on predicted images; none flagged with fewer than two classes."""
-    if len(np.unique(labels)) < 2:
-        return np.zeros(len(labels), dtype=bool)
-    return cleanlab_filter(labels, probs)
-
-
-def cleanlab_filter(labels: np.ndarray, probs: np.ndarray,
-                    filter_by: str = FILTER_BY) -> np.ndarray:
-    """cleanlab's `find_label_issues(filter_by=...)` over the classes present in `labels`
-    (rows: predicted images; `probs` renormalised over those classes); a flag per row."""
-    from cleanlab.filter import find_label_issues
-
-    present = np.unique(labels)
-    remap = np.full(probs.shape[1], -1)
-    remap[present] = np.arange(len(present))
-    sub = probs[:, present]
-    sub = sub / sub.sum(1, keepdims=True).clip(min=1e-12)
-    return find_label_issues(remap[labels], sub, filter_by=filter_by, n_jobs=1)
 
 
 def too_few_predictions(num_preds: np.ndarray, cfg: AuditConfig) -> str | None:
@@ -265,12 +234,10 @@ def too_few_predictions(num_preds: np.ndarray, cfg: AuditConfig) -> str | None:
 
 
 class _BatchedFilter:
-    """`_confident_learning` (cleanlab's `find_label_issues(filter_by="low_self_confidence")`
-    over the present classes) in passes over batches of images, with cleanlab's arithmetic on
-    the same numbers, so the flags are the same: per class the mean self-confidence as the
-    threshold (pass 1, `self_confidence`), then per image whether cleanlab's
-    `num_label_issues` counts it (pass 2, `count`), then the lowest self-confidences overall,
-    as many as counted (`flags`)."""
+    """cleanlab's confident joint over the present classes in passes over batches of images,
+    with cleanlab's arithmetic on the same numbers: per class the mean self-confidence as the
+    threshold (pass 1, `self_confidence`), then per image its cell of the joint and whether
+    cleanlab's `num_label_issues` counts it (pass 2, `count`)."""
 
     def __init__(self, present: np.ndarray, num_classes: int) -> None:
         self.present = present
@@ -308,30 +275,19 @@ class _BatchedFilter:
         out[np.ix_(self.present, self.present)] = self.joint
         return out
 
-    def count(self, labels: np.ndarray, sub: np.ndarray) -> np.ndarray:
-        """Per image of `sub` (from `scaled`; changed here): counted by cleanlab's
-        `num_label_issues` (an off-diagonal entry of the confident joint, and the prediction
-        not within a hair of the given label)."""
+    def count(self, labels: np.ndarray, sub: np.ndarray) -> None:
+        """Add the images of `sub` (from `scaled`) to the confident joint: an image counts in
+        (given, guess) when some class is above its threshold; guess is the most probable
+        of those (cleanlab's rule)."""
         assert self.thresholds is not None
         lab = self.remap[labels]
         confident = sub >= self.thresholds - 1e-6
         n_confident = confident.sum(axis=1)
         guess = np.where(n_confident > 1, sub.argmax(axis=1), confident.argmax(axis=1))
-        off_diagonal = (n_confident > 0) & (guess != lab)
         some = n_confident > 0
         width = len(self.present)
         self.joint += np.bincount(lab[some] * width + guess[some],
                                   minlength=width * width).reshape(width, width)
-        rows = np.arange(len(lab))
-        sub[rows, lab] += _CL_EPSILON
-        return off_diagonal & (sub.argmax(axis=1) != lab)
-
-    @staticmethod
-    def flags(self_conf: np.ndarray, counted: int) -> np.ndarray:
-        """The `counted` lowest self-confidences (cleanlab's ranking, ties as cleanlab's)."""
-        flags = np.zeros(len(self_conf), dtype=bool)
-        flags[np.argsort(self_conf)[:counted]] = True
-        return flags
 
 
 # --- text columns -------------------------------------------------------------------------
@@ -559,12 +515,13 @@ class _Merge:
         self.in_memory_pool: _Pool | None = None
         # Per image, set bucket by bucket: what the flags and the sort order need.
         self.quality = np.full(self.n, np.nan)
-        self.vote_flag = np.zeros(self.n, dtype=bool)
         self.disagree = np.zeros(self.n, dtype=bool)
         self.corrected = np.zeros(self.n, dtype=np.int32)
         self.pct = np.full(self.n, np.nan, dtype=np.float32)
         self.suggested_quality = np.full(self.n, np.nan, dtype=np.float32)
         self.tier = np.full(self.n, 2, dtype=np.int8)  # set after pass 2 (`tasks.decide`)
+        self.p_wrong = np.full(self.n, np.nan)  # ... as are the posterior's two columns
+        self.p_suggestion = np.full(self.n, np.nan)
         # method embeddings: the neighbour columns by id, appended to the results' columns
         self.neighbours = None
         if self.cfg.method == "embeddings":
@@ -660,8 +617,7 @@ class _Merge:
             if keep is not None:
                 with keep.open("ab") as f:
                     f.write(sub.tobytes())
-        self.vote_flag[lo:hi], self.disagree[lo:hi] = _flag_parts(
-            s, lab, npred, self.cfg.max_label_quality)
+        self.disagree[lo:hi] = _disagrees(s, lab, self.cfg.max_label_quality)
         quality = np.round(s["quality"], 5)
         self.quality[lo:hi] = quality
         self.corrected[lo:hi] = s["corrected"]
@@ -686,28 +642,26 @@ class _Merge:
 
     # pass 2 (bucketed) ----------------------------------------------------------------
     def count_bucket(self, spill: _Spill, b: int, filt: _BatchedFilter,
-                     kept: Path | None) -> int:
-        """How many of bucket `b`'s images cleanlab's `num_label_issues` counts, from the
-        probabilities pass 1 kept, or from the workspace."""
+                     kept: Path | None) -> None:
+        """Add bucket `b`'s images to cleanlab's confident joint, from the probabilities
+        pass 1 kept, or from the workspace."""
         lo, hi = self.buckets[b]
         lab, npred = self.labels[lo:hi], self.num_preds[lo:hi]
-        counted = 0
         if kept is None:
             pool = self.pool(spill, b)
             for a, z, means in self._chunks(pool):
                 p = npred[a:z] > 0
-                counted += int(filt.count(lab[a:z][p], filt.scaled(_scaled(means[p]))).sum())
-            return counted
+                filt.count(lab[a:z][p], filt.scaled(_scaled(means[p])))
+            return
         lab = lab[npred > 0]
         width = len(filt.present)
         step = max(1, CHUNK_CELLS // width)
         with kept.open("rb") as f:
             for a in range(0, len(lab), step):
                 rows = lab[a:a + step]
-                sub = np.fromfile(f, count=len(rows) * width).reshape(len(rows), width)
-                counted += int(filt.count(rows, sub).sum())
+                filt.count(rows, np.fromfile(f, count=len(rows) * width).reshape(len(rows),
+                                                                                 width))
         kept.unlink()
-        return counted
 
     def order(self, flags: np.ndarray) -> np.ndarray:
         """Row order of the results: `sort_most_suspicious` on the per-image keys (the tier,
@@ -748,12 +702,11 @@ def _list_array(matrix: np.ndarray) -> pa.Array:
                                     pa.array(matrix.reshape(-1)))
 
 
-def _flag_parts(s: dict[str, np.ndarray], labels: np.ndarray, num_preds: np.ndarray,
-                max_label_quality: float) -> tuple[np.ndarray, np.ndarray]:
-    """Row by row: (a confident vote, a vote for another class with low enough quality); an
-    image is flagged when (cleanlab's flag OR the first) AND the second."""
-    return (confident_vote(s["pct"], num_preds, s["suggested_quality"]),
-            (s["corrected"] != labels)
+def _disagrees(s: dict[str, np.ndarray], labels: np.ndarray,
+               max_label_quality: float) -> np.ndarray:
+    """Row by row: the vote names another class and the label quality is below
+    `max_label_quality`; an image is flagged when this holds and `p_label_wrong > 1/2`."""
+    return ((s["corrected"] != labels)
             & (np.nan_to_num(s["quality"], nan=1.0) < max_label_quality))
 
 
@@ -804,25 +757,26 @@ def merge_run(run: str) -> str:
             m._workspace = None  # pass 2 reads the kept probabilities only
         label_counts = np.bincount(m.labels[predicted], minlength=m.k)
         confident_joint = np.diag(label_counts)
-        cleanlab = np.zeros(m.n, dtype=bool)
         if len(filt.present) >= 2:
             filt.set_thresholds(m.labels[predicted], conf_all)
-            counted = sum(m.count_bucket(shards, b, filt, kept[b])
-                          for b in range(len(m.buckets)))
-            cleanlab[predicted] = filt.flags(conf_all, counted)
+            for b in range(len(m.buckets)):
+                m.count_bucket(shards, b, filt, kept[b])
             confident_joint = filt.full_joint()
         del conf_all, self_conf
         m.in_memory_pool = m._workspace = None
         pa.default_memory_pool().release_unused()  # Arrow keeps freed memory otherwise
         shards.close()
-        flags = (cleanlab | m.vote_flag) & m.disagree
         joint = decide.noise_joint(confident_joint, label_counts)
         noise, _ = decide.noise_rates(joint)
+        m.p_wrong, m.p_suggestion = decide.posterior(
+            m.quality, m.suggested_quality, m.corrected != m.labels, noise, m.k,
+            int(predicted.sum()))
+        m.p_wrong, m.p_suggestion = np.round(m.p_wrong, 5), np.round(m.p_suggestion, 5)
+        flags = (np.nan_to_num(m.p_wrong) > 0.5) & m.disagree
         m.tier = decide.tiers(flags, m.quality, noise * predicted.sum())
         summary = decide.summary(cfg, m.classes, labels=m.labels, num_preds=m.num_preds,
-                                 corrected=m.corrected, pct=m.pct,
-                                 suggested_quality=m.suggested_quality, tier=m.tier,
-                                 joint=joint)
+                                 corrected=m.corrected, p_label_wrong=m.p_wrong,
+                                 p_suggestion=m.p_suggestion, tier=m.tier, joint=joint)
         writer = _ResultsWriter(Path(tmp), m.columns)
         _write_sorted(m, results, flags, Path(tmp, "sorted"), writer)
         writer.close()
@@ -840,7 +794,10 @@ def merge_run(run: str) -> str:
              100 * covered.sum() / max(1, m.n), 100 * coverage, int(planned.sum()),
              int(flags.sum()), out)
     for line in decide.summary_lines(summary):
-        (log.warning if line.startswith("WARNING") else log.info)("%s", line)
+        if line.startswith("WARNING: "):  # the log's level says it
+            log.warning("%s", line.removeprefix("WARNING: "))
+        else:
+            log.info("%s", line)
     return out
 
 
@@ -857,6 +814,8 @@ def _write_sorted(m: _Merge, results: _Spill, flags: np.ndarray, folder: Path,
         table = table.add_column(RESULT_COLUMNS.index("is_label_issue"), "is_label_issue",
                                  pa.array(flags[ids]))
         table = table.append_column("tier", tier_names.take(pa.array(m.tier[ids])))
+        table = table.append_column("p_label_wrong", pa.array(m.p_wrong[ids]))
+        table = table.append_column("p_suggestion", pa.array(m.p_suggestion[ids]))
         if m.neighbours is not None:
             rows = m.neighbours.take(pa.array(ids))
             for name in NEIGHBOUR_COLUMNS:
@@ -921,7 +880,7 @@ class ResultsError(UserError, ValueError):
 # or the (low, high) range of a number (empty is missing).
 _TYPED_COLUMNS: dict[str, str | tuple[float, float]] = {
     "is_label_issue": "bool", "num_preds": "int", "%": (0, 100), "label_quality": (0, 1),
-    "suggested_quality": (0, 1), "tier": "tier"}
+    "suggested_quality": (0, 1), "tier": "tier", "p_label_wrong": (0, 1), "p_suggestion": (0, 1)}
 _TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
 
 

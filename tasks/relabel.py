@@ -1,11 +1,11 @@
 """Relabel a dataset from an audit's results, safely, with a journal and an undo.
 
 A row moves when it is flagged (`is_label_issue`), `corrected_label != label`,
-`% > sensitivity`, `suggested_quality > sensitivity / 100` and `num_preds >= min_preds`: an
-image the audit does not flag is never moved, however the votes fell. Or the plan comes from
-a reviewer's decisions file (tasks/decisions.py): exactly the `accept` and `other` rows move,
-whatever the thresholds say; the same safety checks apply. The journal (the whole plan, and
-where it came from) is written before anything moves.
+`p_suggestion > sensitivity / 100` and `num_preds >= min_preds`: an image the audit does not
+flag is never moved, however the votes fell. Or the plan comes from a reviewer's decisions
+file (tasks/decisions.py): exactly the `accept` and `other` rows move, whatever the thresholds
+say; the same safety checks apply. The journal (the whole plan, and where it came from) is
+written before anything moves.
 Each move is: copy (server-side on S3) to `<root>/<corrected_label>/<name>`, verify the
 copy's size and checksum against the source, then delete the source. An existing object
 is never overwritten: a clash gets a deterministic suffix. Every step is idempotent and its
@@ -83,33 +83,28 @@ def relabel_ceiling(results: pd.DataFrame, min_preds: int) -> pd.Series:
     row moves exactly when `s < relabel_ceiling` (the one relabel rule,
     `tasks.decide.relabel_ceiling_values`; `select_rows` and the report's slider both compare
     against it). NaN for a row that never moves: not flagged as a label issue,
-    `corrected_label == label`, or `num_preds < min_preds`. Otherwise the lower of `%` (the
-    vote share must be above `s`) and the least `s` at which `suggested_quality > s / 100`
-    fails; a missing `%` or probability counts as -1."""
+    `corrected_label == label`, or `num_preds < min_preds`. Otherwise the least `s` at which
+    `p_suggestion > s / 100` fails; a missing probability counts as -1."""
     ceiling = relabel_ceiling_values(
         results["is_label_issue"].astype(bool).to_numpy(),
         (results["corrected_label"] != results["label"]).to_numpy(),
         results["num_preds"].to_numpy(), min_preds,
-        pd.to_numeric(results["%"], errors="coerce").to_numpy(np.float64),
-        pd.to_numeric(results["suggested_quality"], errors="coerce").to_numpy(np.float64))
+        pd.to_numeric(results["p_suggestion"], errors="coerce").to_numpy(np.float64))
     return pd.Series(ceiling, index=results.index, name="relabel_ceiling")
 
 
 def select_rows(results: pd.DataFrame, sensitivity: float, min_preds: int) -> pd.DataFrame:
-    """Rows to relabel: flagged as a label issue, `corrected_label != label`, both
-    `% > sensitivity` (vote share) and `suggested_quality > sensitivity / 100` (pooled
-    probability of the suggested label), and `num_preds >= min_preds`; that is, the rows
-    whose `relabel_ceiling` is above `sensitivity`.
-
-    The probability condition matters because with a few predictions per image the vote share
-    is coarse (2 predictions: 0, 50 or 100%): on Fashion-MNIST 20k with 20% symmetric noise it
-    raised the share of moves to the true class from 0.893 to 0.951 (benchmarks/RESULTS.md)."""
-    needed = ["label", "corrected_label", "%", "suggested_quality", "num_preds",
-              "is_label_issue"]
+    """Rows to relabel: flagged as a label issue, `corrected_label != label`,
+    `p_suggestion > sensitivity / 100` (the probability that the suggested label is the true
+    one, `tasks.decide.posterior`) and `num_preds >= min_preds`; that is, the rows whose
+    `relabel_ceiling` is above `sensitivity`."""
+    needed = ["label", "corrected_label", "p_suggestion", "num_preds", "is_label_issue"]
     missing = [c for c in needed if c not in results.columns]
     if missing:
         raise RelabelError(f"the results lack column(s) {', '.join(missing)}; relabel reads "
-                           "the results.csv of an audit (python -m tasks audit writes it)")
+                           "the results.csv of an audit (python -m tasks audit writes it; "
+                           "one merged before p_suggestion existed: run the same audit again, "
+                           "it reuses the trained repeats and only merges)")
     return results[relabel_ceiling(results, min_preds) > sensitivity]
 
 

@@ -341,7 +341,7 @@ def _card(rank: int, row: dict, thumb: Thumb | str, relabel: bool, ceiling: floa
         "rank": rank, "name": str(row["filename"]), "label": label, "suggested": sugg,
         "changed": sugg != label, "flagged": bool(row["is_label_issue"]), "relabel": relabel,
         "tier": tier,
-        "pct": float(row["%"]), "prob": float(row.get("suggested_quality", math.nan)),
+        "pct": float(row["%"]), "prob": float(row.get("p_suggestion", math.nan)),
         "quality": float(row["label_quality"]), "preds": int(row["num_preds"]),
         "ceiling": ceiling,
         "votes": str(row.get("votes", "") or "").replace(";", ", ").replace(":", " "),
@@ -447,7 +447,7 @@ def render_page(*, cfg, run: str, results: pd.DataFrame, classes: list[str], top
 # What the page's summary reads of every image (those the run has: older runs lack the
 # decision columns); the review grid reads the top rows whole.
 SUMMARY_COLUMNS = ["label", "corrected_label", "num_preds", "%", "label_quality",
-                   "suggested_quality", "is_label_issue", "tier"]
+                   "suggested_quality", "is_label_issue", "tier", "p_suggestion"]
 
 
 def load_results(run: str, top_n: int) -> tuple[pd.DataFrame, pd.DataFrame]:

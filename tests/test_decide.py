@@ -67,18 +67,41 @@ def test_tiers_issue_then_lowest_quality_up_to_twice_the_estimate():
     assert (everything[~np.isnan(quality)] == 1).all() and everything[3] == 2
 
 
-def test_relabel_ceiling_is_the_lower_of_vote_share_and_probability():
+def test_relabel_ceiling_is_the_probability_of_the_suggestion():
     ceiling = decide.relabel_ceiling_values(
-        issue=np.array([True, True, True, False, True]),
-        differs=np.array([True, True, True, True, False]),
-        num_preds=np.array([2, 2, 1, 2, 2]), min_preds=2,
-        pct=np.array([100.0, 50.0, 100.0, 100.0, 100.0]),
-        suggested_quality=np.array([0.55, 0.9, 0.9, 0.9, 0.9]))
-    assert ceiling[1] == 50.0 and np.isnan(ceiling[2:]).all()
+        issue=np.array([True, True, True, False, True, True]),
+        differs=np.array([True, True, True, True, False, True]),
+        num_preds=np.array([2, 2, 1, 2, 2, 2]), min_preds=2,
+        p_suggestion=np.array([0.55, 0.9, 0.9, 0.9, 0.9, np.nan]))
+    assert ceiling[1] == pytest.approx(90.0) and np.isnan(ceiling[2:5]).all()
+    assert ceiling[5] < 0  # a missing probability never moves
     # 0.55 > s / 100 exactly for s below the ceiling, also at the float boundary
     below = np.nextafter(ceiling[0], 0)
     assert below / 100 < 0.55 and not ceiling[0] / 100 < 0.55
     assert decide.lowest_share_reached(np.array([0.55]))[0] == ceiling[0]
+
+
+def test_posterior_by_hand():
+    """eta 0.1, K 10: the prior noise floor is 0.1 / 9 per class, the backward scale 8/9."""
+    q_g = np.array([0.005, 0.02, 0.5, 0.9, np.nan, 0.05])
+    q_s = np.array([0.99, 0.9, 0.45, 0.05, np.nan, 0.9])
+    differs = np.array([True, True, True, True, False, False])
+    wrong, sugg = decide.posterior(q_g, q_s, differs, 0.1, 10, 1000)
+    floor, scale = 0.1 / 9, 8 / 9
+    right = 0.9 * (q_g - floor) / (scale * q_g)
+    assert wrong[0] == 1.0  # below the floor: surely wrong
+    assert wrong[1:4] == pytest.approx(1 - right[1:4])
+    assert wrong[1] > 0.5 > wrong[2] > wrong[3] >= 0  # 0.02 flags, 0.5 does not
+    assert sugg[:4] == pytest.approx(wrong[:4] * q_s[:4] / (1 - q_g[:4]))
+    assert sugg[5] == 0.0 and np.isnan(wrong[4]) and np.isnan(sugg[4])
+    # the prior: at least one wrong label in the predicted images, and capped
+    none, _ = decide.posterior(q_g, q_s, differs, 0.0, 10, 1000)
+    assert none[1] == pytest.approx(1 - 0.999 * (0.02 - 0.001 / 9)
+                                    / ((1 - 0.001 * 10 / 9) * 0.02))
+    capped, _ = decide.posterior(q_g, q_s, differs, 0.99, 2, 1000)
+    assert np.isfinite(capped[:4]).all() and (capped[:4] <= 1).all()
+    one, _ = decide.posterior(q_g, q_s, differs, 0.1, 1, 1000)
+    assert (np.nan_to_num(one) == 0).all()
 
 
 @pytest.mark.parametrize(("noise", "skill", "fires"), [
@@ -115,14 +138,17 @@ def test_summary_counts_and_lines(tmp_path):
     tier = np.array([0, 2, 2, 1, 0, 2], dtype=np.int8)
     joint = np.diag([2.0, 3.0, 1.0]) / 6
     s = decide.summary(cfg, ["a", "b", "c"], labels=labels, num_preds=np.array([2, 2, 2, 2, 1, 0]),
-                       corrected=corrected, pct=np.array([100.0, 100, 100, 100, 100, np.nan]),
-                       suggested_quality=np.array([0.9, 0.9, 0.9, 0.9, 0.9, np.nan]),
+                       corrected=corrected,
+                       p_label_wrong=np.array([0.9, 0.1, 0.0, 0.3, 0.7, np.nan]),
+                       p_suggestion=np.array([0.9, 0.0, 0.0, 0.0, 0.7, np.nan]),
                        tier=tier, joint=joint)
     assert s["images"] == 6 and s["predicted"] == 5 and s["flagged"] == 2 and s["review"] == 1
     assert s["would_relabel"] == 1  # the second issue has one prediction, below min_preds
     assert s["pooled_accuracy"] == pytest.approx(0.6) and s["estimated_noise_rate"] == 0.0
     assert [c["class"] for c in s["per_class"]] == ["a", "b", "c"]
     assert s["per_class"][1]["flagged"] == 1 and s["per_class"][1]["review"] == 1
+    assert s["expected_wrong_labels"] == pytest.approx(2.0)
+    assert [c["expected_wrong_labels"] for c in s["per_class"]] == pytest.approx([1.0, 1.0, 0.0])
     json.dumps(s)  # JSON as it is
     lines = decide.summary_lines(s)
     assert len(lines) == 3 and lines[-1].startswith("WARNING: this audit cannot be trusted")
@@ -149,7 +175,7 @@ def test_an_undertrained_audit_is_stopped_by_the_guard(tmp_path):
     results = Path(out[-1])
     assert results.name == "results.csv"
     assert out[-2].startswith("WARNING: this audit cannot be trusted")
-    assert "WARNING: this audit cannot be trusted" in audit.stderr  # the log says so too
+    assert "WARNING this audit cannot be trusted" in audit.stderr  # the log says so too
     summary = json.loads((results.parent / "summary.json").read_text())
     assert summary["guard"]["trusted"] is False and summary["guard"]["reasons"]
     res = pd.read_csv(results)

@@ -66,7 +66,7 @@ def confident(label: str, p: float = 0.8) -> list[float]:
 # Per image, one probability vector per round (each image is in one test fold per round).
 SCRIPT: dict[str, list[list[float]]] = {
     # planted: a 'cat' every model calls a dog
-    "cat/img-000.png": [[0.05, 0.9, 0.05]] * 3,
+    "cat/img-000.png": [[0.005, 0.99, 0.005]] * 3,
     # majority (2 dog votes) wins over a higher mean probability of owl
     "cat/img-001.png": [[0.15, 0.45, 0.40], [0.15, 0.45, 0.40], [0.01, 0.01, 0.98]],
     # three-way tie: dog has the highest mean probability
@@ -106,9 +106,12 @@ def test_votes_majority_ties_and_scores(tmp_path):
 
     planted = res.loc["cat/img-000.png"]
     assert planted["corrected_label"] == "dog" and planted["%"] == 100
-    assert planted["label_quality"] == pytest.approx(0.05, abs=1e-5)
+    assert planted["label_quality"] == pytest.approx(0.005, abs=1e-5)
     assert planted["votes"] == "dog:3"
-    assert bool(planted["is_label_issue"])
+    assert bool(planted["is_label_issue"]) and planted["tier"] == "issue"
+    # below the prior's noise floor the label is surely wrong, and dog holds the rest
+    assert planted["p_label_wrong"] == 1.0
+    assert planted["p_suggestion"] == pytest.approx(0.99 / 0.995, abs=1e-5)
 
     majority = res.loc["cat/img-001.png"]
     assert majority["corrected_label"] == "dog"  # 2 votes beat owl's mean 0.59
@@ -251,26 +254,22 @@ def test_more_than_256_classes_use_top_k_shards(tmp_path):
     assert (others["corrected_label"] == others["label"]).all()
 
 
-def test_a_confident_unanimous_vote_flags_by_itself(monkeypatch):
-    from tasks.merge import CONFIDENT_VOTE, confident_vote
-
-    # rows: unanimous and confident; unanimous but unsure; split vote; a single prediction
-    votes = np.array([[0, 2, 0], [0, 2, 0], [0, 1, 1], [0, 1, 0]])
-    num_preds = votes.sum(1)
-    pct = votes[:, 1] / num_preds * 100  # vote share of the suggested label, class 1
-    sq = np.array([CONFIDENT_VOTE + 0.01, CONFIDENT_VOTE, 0.9, 0.95])
-    assert confident_vote(pct, num_preds, sq).tolist() == [True, False, False, False]
-    # cleanlab's count alone would miss it: many confident clean images, one confident flip
-    n = 200
-    labels = np.arange(n) % 2
-    probs = np.where(np.arange(2) == labels[:, None], 0.95, 0.05)
-    probs[0] = [0.2, 0.8]  # labelled 0, both predictions say 1 at 0.8
-    votes = np.zeros((n, 2), dtype=int)
-    votes[np.arange(n), probs.argmax(1)] = 2
-    s = score(labels, votes, probs, np.full(n, 2))
-    assert s["flagged"][0] and s["flagged"].sum() == 1
-    monkeypatch.setattr(merge, "CONFIDENT_VOTE", 1.0)  # cleanlab's part alone
-    assert not score(labels, votes, probs, np.full(n, 2))["flagged"].any()
+def test_flags_are_the_labels_more_likely_wrong_than_right():
+    """`score` (in memory, cleanlab's own confident joint) flags exactly the images whose
+    `p_label_wrong` is above 1/2 and whose vote names another class; a clean image the models
+    are merely unsure of is not flagged, a confident flip is."""
+    n, k = 300, 3
+    labels = np.arange(n) % k
+    probs = np.where(np.arange(k) == labels[:, None], 0.9, 0.05)
+    probs[0] = [0.001, 0.99, 0.009]  # labelled 0: every model says 1
+    probs[1] = [0.6, 0.35, 0.05]     # labelled 1: the models lean to 0, unsure
+    votes = np.zeros((n, k), dtype=int)
+    votes[np.arange(n), probs.argmax(1)] = 3
+    s = score(labels, votes, probs, np.full(n, 3))
+    assert s["flagged"].tolist() == (s["p_label_wrong"] > 0.5).tolist()
+    assert s["flagged"][0] and not s["flagged"][1] and s["flagged"].sum() == 1
+    assert s["p_suggestion"][0] > 0.95 and s["p_suggestion"][2] == 0  # 2: vote = label
+    assert 0 < s["p_label_wrong"][1] < 0.5
 
 
 def test_shard_metadata_is_json(tmp_path):
@@ -339,7 +338,6 @@ def reference_merge(run: str) -> tuple[bytes, np.ndarray]:
     densified row by row, cleanlab's `find_label_issues` itself, pandas' `to_csv`), and the
     mean probabilities in the results' order."""
     from cleanlab.count import compute_confident_joint
-    from cleanlab.filter import find_label_issues
 
     cfg = runs.read_config(run)
     manifest, classes = read_manifest(run)
@@ -376,7 +374,6 @@ def reference_merge(run: str) -> tuple[bytes, np.ndarray]:
         pct = np.where(predicted, votes[rows, corrected] / num_preds * 100, np.nan)
     quality = np.where(predicted, safe[rows, labels], np.nan)
     suggested = np.where(predicted, safe[rows, corrected], np.nan)
-    flagged = np.zeros(n, dtype=bool)
     sub_labels, sub = labels[predicted], safe[predicted]
     sub = sub / sub.sum(1, keepdims=True).clip(min=1e-12)
     present = np.unique(sub_labels)
@@ -384,12 +381,7 @@ def reference_merge(run: str) -> tuple[bytes, np.ndarray]:
     remap[present] = np.arange(len(present))
     sub = sub[:, present]
     sub = sub / sub.sum(1, keepdims=True).clip(min=1e-12)
-    flagged[predicted] = find_label_issues(remap[sub_labels], sub,
-                                           filter_by="low_self_confidence", n_jobs=1)
-    flagged |= ((np.nan_to_num(pct, nan=0.0) == 100) & (num_preds >= 2)
-                & (np.nan_to_num(suggested, nan=0.0) > merge.CONFIDENT_VOTE))
-    flagged &= (corrected != labels) & (np.nan_to_num(quality, nan=1.0) < cfg.max_label_quality)
-    # Tiers from cleanlab's own confident joint.
+    # cleanlab's own confident joint, its noise rate, the posterior and the tiers
     label_counts = np.bincount(sub_labels, minlength=k)
     cj = np.diag(label_counts)
     if len(present) >= 2:
@@ -397,6 +389,11 @@ def reference_merge(run: str) -> tuple[bytes, np.ndarray]:
         cj[np.ix_(present, present)] = compute_confident_joint(remap[sub_labels], sub,
                                                                calibrate=False)
     noise, _ = decide.noise_rates(decide.noise_joint(cj, label_counts))
+    p_wrong, p_sugg = decide.posterior(np.round(quality, 5), np.round(suggested, 5),
+                                       corrected != labels, noise, k, int(predicted.sum()))
+    p_wrong, p_sugg = np.round(p_wrong, 5), np.round(p_sugg, 5)
+    flagged = ((np.nan_to_num(p_wrong) > 0.5) & (corrected != labels)
+               & (np.nan_to_num(quality, nan=1.0) < cfg.max_label_quality))
     tier = decide.tiers(flagged, np.round(quality, 5), noise * predicted.sum())
 
     def votes_text(row: np.ndarray) -> str:
@@ -410,7 +407,8 @@ def reference_merge(run: str) -> tuple[bytes, np.ndarray]:
         "num_preds": num_preds, "%": np.round(pct, 2), "label_quality": np.round(quality, 5),
         "is_label_issue": flagged, "suggested_quality": np.round(suggested, 5),
         "votes": [votes_text(v) for v in votes], "id": manifest["id"],
-        "tier": np.asarray(decide.TIERS, dtype=object)[tier]}))
+        "tier": np.asarray(decide.TIERS, dtype=object)[tier],
+        "p_label_wrong": p_wrong, "p_suggestion": p_sugg}))
     order = results["id"].to_numpy()
     return results.to_csv(index=False).encode(), mean_probs[order].astype(np.float32)
 
@@ -477,13 +475,12 @@ def test_bucketed_merge_gives_the_in_memory_results(tmp_path, case, caplog, monk
     assert not list(spills.iterdir())  # the spill files are removed
 
 
-def test_the_batched_filter_is_cleanlabs_filter():
-    """`_BatchedFilter` over batches gives cleanlab's `find_label_issues` flags (via
-    `cleanlab_filter`) on the same probabilities: ties, classes without images, and
-    batches of any size."""
+def test_the_batched_filter_is_cleanlabs_confident_joint():
+    """`_BatchedFilter` over batches counts cleanlab's `compute_confident_joint` on the same
+    probabilities: ties, classes without images, and batches of any size."""
+    from cleanlab.count import compute_confident_joint
     from cleanlab.internal import constants
 
-    assert merge._CL_EPSILON == constants.FLOATING_POINT_COMPARISON
     assert merge._CL_THRESHOLD_FLOOR == constants.CONFIDENT_THRESHOLDS_LOWER_BOUND
     rng = np.random.default_rng(3)
     for n, k, batch in [(500, 4, 7), (2000, 12, 300), (800, 40, 800), (300, 3, 1)]:
@@ -493,16 +490,21 @@ def test_the_batched_filter_is_cleanlabs_filter():
         logits[np.arange(n), labels] += rng.choice([0, 3], n, p=[0.3, 0.7])
         probs = np.exp(np.round(logits, 0))  # coarse: many tied probabilities
         probs = merge._scaled(probs)
-        want = merge.cleanlab_filter(labels, probs)
-        filt = merge._BatchedFilter(np.unique(labels), k)
+        present = np.unique(labels)
+        remap = np.full(k, -1)
+        remap[present] = np.arange(len(present))
+        want = compute_confident_joint(remap[labels], merge._scaled(probs[:, present]),
+                                       calibrate=False)
+        filt = merge._BatchedFilter(present, k)
         parts = [slice(a, a + batch) for a in range(0, n, batch)]
         conf = np.concatenate([filt.self_confidence(labels[s], filt.scaled(probs[s]))
                                for s in parts])
         filt.set_thresholds(labels, conf)
-        counted = sum(int(filt.count(labels[s], filt.scaled(probs[s])).sum()) for s in parts)
-        got = filt.flags(conf, counted)
-        assert want.sum() > 0
-        assert np.array_equal(got, want), (n, k, batch)
+        for s in parts:
+            filt.count(labels[s], filt.scaled(probs[s]))
+        assert (want - np.diag(np.diag(want))).sum() > 0
+        assert np.array_equal(filt.joint, want), (n, k, batch)
+        assert np.array_equal(filt.full_joint()[np.ix_(present, present)], want)
 
 
 def test_csv_text_is_what_pandas_writes():
@@ -519,7 +521,9 @@ def test_csv_text_is_what_pandas_writes():
                           "label_quality": floats[::-1], "is_label_issue": rng.random(m) < 0.5,
                           "suggested_quality": np.round(floats, 3), "votes": names,
                           "id": np.arange(m),
-                          "tier": rng.choice(["issue", "review", "ok"], m)})
+                          "tier": rng.choice(["issue", "review", "ok"], m),
+                          "p_label_wrong": np.round(floats, 5)[::-1],
+                          "p_suggestion": np.round(floats, 5)})
     want = frame.to_csv(index=False).encode().split(b"\n", 1)[1]
     assert bytes(merge._csv_bytes(pa.Table.from_pandas(frame, preserve_index=False))) == want
 
