@@ -283,7 +283,7 @@ def test_grid_lists_top_rows_in_order_with_their_numbers(oracle, page):
         assert float(card["data-quality"]) == pytest.approx(row["label_quality"])
         assert card["data-relabel"] == str(int(row["filename"] in relabel))
         assert card["data-tier"] == row["tier"]
-        assert float(card["data-prob"]) == row["suggested_quality"]
+        assert float(card["data-prob"]) == row["p_suggestion"]
         assert ("review" in card["class"].split()) == (row["tier"] == "review")
     # The issue tier first, then the review tier.
     tiers = [c["data-tier"] for c in cards]
@@ -314,7 +314,7 @@ def test_grid_lists_top_rows_in_order_with_their_numbers(oracle, page):
         shown = re.search(r'<div class="num"[^>]*>(.*?)</div>', html_card).group(1)
         pct = f"{row['%']:.0f}%" if float(row["%"]).is_integer() else f"{row['%']:.1f}%"
         assert html.unescape(re.sub(r"<[^>]+>", "", shown)) == (
-            f"{pct} of {row['num_preds']} predictions, p {row['suggested_quality']:.3f}")
+            f"{pct} of {row['num_preds']} predictions, p {row['p_suggestion']:.3f}")
         verdict = re.search(r'<div class="verdict">([^<]*)</div>', html_card).group(1)
         assert verdict == ("would relabel" if row["filename"] in relabel
                            else "issue, below threshold" if row["tier"] == "issue"
