@@ -45,17 +45,17 @@ def tag(src: str) -> str:
 # (filename, corrected_label, %, num_preds) -> the destination when it moves, else None
 ROWS = [
     ("cat/img-000.png", "dog", 100.0, 3, f"dog/img-000.relabel-{tag('cat/img-000.png')}.png"),
-    ("cat/img-001.png", "dog", 60.0, 5, None),  # % must be strictly above the sensitivity
+    ("cat/img-001.png", "dog", 60.0, 5, None),  # p_suggestion must be strictly above 0.6
     ("cat/img-002.png", "owl", 60.01, 2, f"owl/img-002.relabel-{tag('cat/img-002.png')}.png"),
     ("owl/img-001.png", "cat", 100.0, 1, None),  # too few predictions
     # cat/img-003.png exists when the plan is made (it moves away later): a suffix anyway
     ("owl/img-003.png", "cat", 100.0, 2, f"cat/img-003.relabel-{tag('owl/img-003.png')}.png"),
     ("dog/img-001.png", "dog", 100.0, 4, None),  # agrees with its label
     ("dog/img-002.png", "owl", 100.0, 4, None),  # not flagged as a label issue
-    ("owl/img-002.png", "dog", 100.0, 4, None),  # pooled probability below the sensitivity
+    ("owl/img-002.png", "dog", 100.0, 4, None),  # p_suggestion below the sensitivity
     ("cat/new one.png", "bird", 75.0, 4, "bird/new one.png"),
     ("bird/img-000.png", "bird", 100.0, 4, None),  # agrees with its label
-    ("cat/img-003.png", "bird", 90.0, 4, "bird/img-003.png"),
+    ("cat/img-003.png", "bird", 40.0, 4, "bird/img-003.png"),  # a low vote share: moves
     ("dog/img-003.png", "bird", 90.0, 4, f"bird/img-003.relabel-{tag('dog/img-003.png')}.png"),
 ]
 MOVED = {src: dst for src, _, _, _, dst in ROWS if dst}
@@ -71,17 +71,21 @@ def make_dataset(root: Path) -> Path:
 
 
 NOT_FLAGGED = "dog/img-002.png"
-# suggested_quality (pooled probability of corrected_label) is %/100 except here
-LOW_PROBABILITY = {"owl/img-002.png": 0.55}
+# p_suggestion (the probability that corrected_label is the true label, the one number the
+# relabel rule reads) is %/100 except here: neither the vote share nor suggested_quality
+# enters the rule, so a high vote and pooled probability with a low p_suggestion stays and a
+# low vote with a high one moves.
+P_SUGGESTION = {"owl/img-002.png": 0.55, "cat/img-003.png": 0.9}
+SUGGESTED_QUALITY = {"owl/img-002.png": 0.95, "cat/img-003.png": 0.3}
 
 
 def results_frame() -> pd.DataFrame:
     return pd.DataFrame(
         [(src, src.split("/")[0], corrected, pct, n, 0.1, src != NOT_FLAGGED,
-          LOW_PROBABILITY.get(src, pct / 100))
+          SUGGESTED_QUALITY.get(src, pct / 100), P_SUGGESTION.get(src, pct / 100))
          for src, corrected, pct, n, _ in ROWS],
         columns=["filename", "label", "corrected_label", "%", "num_preds", "label_quality",
-                 "is_label_issue", "suggested_quality"])
+                 "is_label_issue", "suggested_quality", "p_suggestion"])
 
 
 @pytest.fixture
@@ -104,45 +108,46 @@ def expected_after(before: dict) -> dict:
     return after
 
 
-def test_thresholds_are_strict_on_votes_and_probability_and_inclusive_on_min_preds():
+def test_thresholds_are_strict_on_p_suggestion_and_inclusive_on_min_preds():
     rows = select_rows(results_frame(), SENSITIVITY, MIN_PREDS)
     assert set(rows["filename"]) == set(MOVED)
     assert set(select_rows(results_frame(), 89.9, 4)["filename"]) == {
         "cat/img-003.png", "dog/img-003.png"}
     assert select_rows(results_frame(), 100, 1).empty
+    # The rule reads neither the vote share nor suggested_quality: without them, the same rows.
+    bare = results_frame().drop(columns=["%", "suggested_quality"])
+    assert select_rows(bare, SENSITIVITY, MIN_PREDS).index.equals(rows.index)
 
 
-def old_rule(results: pd.DataFrame, min_preds: int) -> Callable[[float], np.ndarray]:
-    """The relabel rule as select_rows wrote it before relabel_ceiling: a mask per
-    sensitivity."""
-    pct = pd.to_numeric(results["%"], errors="coerce").fillna(-1).to_numpy()
-    prob = pd.to_numeric(results["suggested_quality"], errors="coerce").fillna(-1).to_numpy()
+def plain_rule(results: pd.DataFrame, min_preds: int) -> Callable[[float], np.ndarray]:
+    """The relabel rule written out as a mask per sensitivity: flagged, the suggestion
+    differs, enough predictions and `p_suggestion > sensitivity / 100`."""
+    prob = pd.to_numeric(results["p_suggestion"], errors="coerce").fillna(-1).to_numpy()
     base = (results["is_label_issue"].astype(bool)
             & (results["corrected_label"] != results["label"])
             & (results["num_preds"] >= min_preds)).to_numpy()
-    return lambda sensitivity: base & (pct > sensitivity) & (prob > sensitivity / 100)
+    return lambda sensitivity: base & (prob > sensitivity / 100)
 
 
 def random_results(rng: np.random.Generator, n: int) -> pd.DataFrame:
-    """Results rows whose vote shares and probabilities sit on the values a real audit writes
-    (k of n votes, 100 * p) as often as anywhere else, some of them missing."""
+    """Results rows whose p_suggestion sits on the values a real audit often writes (k / n,
+    rounded to 5 places) as often as anywhere else, some of them missing; `%` and
+    `suggested_quality` are random (the rule must not read them)."""
     num_preds = rng.integers(0, 7, n)
     votes = np.rint(rng.random(n) * np.maximum(num_preds, 1))
-    grid_pct = np.round(100 * votes / np.maximum(num_preds, 1), 2)
-    pct = np.where(rng.random(n) < 0.5, grid_pct, np.round(rng.random(n) * 100, 2))
-    prob = np.where(rng.random(n) < 0.4, pct / 100, rng.random(n))
-    pct[rng.random(n) < 0.05] = np.nan
+    grid = np.round(votes / np.maximum(num_preds, 1), 5)
+    prob = np.where(rng.random(n) < 0.5, grid, np.round(rng.random(n), 5))
     prob[rng.random(n) < 0.05] = np.nan
     label = rng.choice(["cat", "dog", "owl"], n)
     return pd.DataFrame({
         "filename": [f"{c}/img-{i:04d}.png" for i, c in enumerate(label)], "label": label,
         "corrected_label": np.where(rng.random(n) < 0.8, rng.choice(["cat", "dog", "owl"], n),
                                     label),
-        "%": pct, "suggested_quality": prob, "num_preds": num_preds,
-        "is_label_issue": rng.random(n) < 0.7})
+        "%": np.round(rng.random(n) * 100, 2), "suggested_quality": rng.random(n),
+        "p_suggestion": prob, "num_preds": num_preds, "is_label_issue": rng.random(n) < 0.7})
 
 
-def test_select_rows_is_the_ceiling_rule_and_the_old_rule_at_every_sensitivity():
+def test_select_rows_is_the_ceiling_rule_and_the_plain_rule_at_every_sensitivity():
     rng = np.random.default_rng(12)
     for _ in range(10):
         results = random_results(rng, 400)
@@ -153,26 +158,37 @@ def test_select_rows_is_the_ceiling_rule_and_the_old_rule_at_every_sensitivity()
                  | (results["corrected_label"] == results["label"]))
         assert never.any() and ceiling[never].isna().all() and ceiling[~never].notna().all()
         # The boundaries themselves and a float either side of them, and plain sensitivities.
-        edges = np.concatenate([results["%"].dropna(), 100 * results["suggested_quality"].dropna(),
-                                ceiling.dropna()])
+        edges = np.concatenate([100 * results["p_suggestion"].dropna(), ceiling.dropna()])
         sensitivities = rng.permutation([*np.arange(0, 101), *rng.random(50) * 100, *edges,
                                          *np.nextafter(edges, np.inf),
                                          *np.nextafter(edges, -np.inf)])
-        rule = old_rule(results, min_preds)
+        rule = plain_rule(results, min_preds)
         for s in sensitivities:
             assert np.array_equal(ceiling.to_numpy() > s, rule(s)), (s, min_preds)
         for s in sensitivities[:40]:
             got = select_rows(results, s, min_preds)
             assert got.index.equals(results.index[rule(s)]), (s, min_preds)
+        # Shuffling the vote shares and pooled probabilities changes nothing.
+        shuffled = results.assign(**{"%": rng.permutation(results["%"].to_numpy()),
+                                     "suggested_quality": rng.random(len(results))})
+        assert relabel_ceiling(shuffled, min_preds).equals(ceiling)
     # 55 < 100 * 0.55 (= 55.00000000000001), yet 0.55 > 55 / 100 is false: the ceiling is exact.
-    one = results_frame().iloc[[0]].assign(**{"%": 100.0, "suggested_quality": 0.55})
+    one = results_frame().iloc[[0]].assign(**{"%": 100.0, "suggested_quality": 1.0,
+                                              "p_suggestion": 0.55})
     assert select_rows(one, 55, 1).empty and relabel_ceiling(one, 1).iloc[0] == 55
     assert len(select_rows(one, np.nextafter(55, 0), 1)) == 1
+    # A missing p_suggestion never moves, whatever the votes say.
+    gone = one.assign(p_suggestion=np.nan)
+    assert select_rows(gone, 0, 1).empty and relabel_ceiling(gone, 1).iloc[0] < 0
 
 
 def test_results_without_the_probability_column_are_refused_by_name():
-    with pytest.raises(RelabelError, match=r"lack column\(s\) suggested_quality"):
-        select_rows(results_frame().drop(columns=["suggested_quality"]), SENSITIVITY, MIN_PREDS)
+    with pytest.raises(RelabelError, match=r"lack column\(s\) p_suggestion; .*run the same "
+                                           r"audit again"):
+        select_rows(results_frame().drop(columns=["p_suggestion"]), SENSITIVITY, MIN_PREDS)
+    with pytest.raises(RelabelError, match=r"lack column\(s\) p_suggestion, num_preds;"):
+        select_rows(results_frame().drop(columns=["p_suggestion", "num_preds"]), SENSITIVITY,
+                    MIN_PREDS)
 
 
 def test_dry_run_changes_nothing_and_logs_the_plan(case, caplog):
@@ -329,7 +345,7 @@ def delete(uri):
         os.kill(os.getpid(), signal.SIGKILL)
 
 storage.delete = delete
-results = pd.read_json(sys.stdin)
+results = pd.read_json(sys.stdin, precise_float=True)  # 0.6 stays 0.6, on the boundary
 relabel.relabel(results, data, journal, 60.0, 2)
 """
 
@@ -461,6 +477,8 @@ def test_booleans_in_hand_edited_results_are_parsed_strictly(tmp_path):
     ("%", "high", "is not a number from 0 to 100"),
     ("%", "250", "is not a number from 0 to 100"),
     ("suggested_quality", "n/a", "is not a number from 0 to 1"),
+    ("p_suggestion", "1.5", "is not a number from 0 to 1"),
+    ("p_label_wrong", "high", "is not a number from 0 to 1"),
     ("label_quality", "0,4", "is not a number from 0 to 1"),
 ])
 def test_a_bad_cell_is_one_line_naming_file_line_and_column(tmp_path, capsys, column, value,
@@ -503,7 +521,8 @@ def test_names_up_to_255_bytes_relabel_and_undo(tmp_path, name):
     results = pd.DataFrame({"filename": [f"cat/{name}", "cat/img-000.png", "dog/img-000.png"],
                             "label": ["cat", "cat", "dog"], "corrected_label": ["dog"] * 3,
                             "%": 100.0, "num_preds": 4, "label_quality": 0.1,
-                            "is_label_issue": True, "suggested_quality": 1.0})
+                            "is_label_issue": True, "suggested_quality": 1.0,
+                            "p_suggestion": 1.0})
     journal = str(tmp_path / "journal.jsonl")
     moves = relabel(results, str(data), journal, SENSITIVITY, MIN_PREDS)
     [move] = [m for m in moves if m.src == f"cat/{name}"]
@@ -668,7 +687,7 @@ def copyfile(src, dst, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
 
 storage.shutil.copyfile = copyfile
-results = pd.read_json(sys.stdin)
+results = pd.read_json(sys.stdin, precise_float=True)  # 0.6 stays 0.6, on the boundary
 relabel.relabel(results, data, journal, 60.0, 2)
 """
 
@@ -764,7 +783,8 @@ def bucket_dataset(s3, prefix: str, n: int) -> tuple[str, pd.DataFrame]:
                       [*names, "dog/img-00000.png"]))
     results = pd.DataFrame({"filename": names, "label": "cat", "corrected_label": "dog",
                             "%": 100.0, "num_preds": 4, "label_quality": 0.1,
-                            "is_label_issue": True, "suggested_quality": 1.0})
+                            "is_label_issue": True, "suggested_quality": 1.0,
+                            "p_suggestion": 1.0})
     return f"s3://{s3.bucket}/{prefix}", results
 
 
