@@ -44,7 +44,9 @@ def write_results(path: Path) -> pd.DataFrame:
     """A results CSV with merge's columns, read back the way the pipeline reads it."""
     rows = [{"filename": f, "label": g, "corrected_label": c, "num_preds": 3, "%": p,
              "label_quality": 0.1 if flag else 0.9, "is_label_issue": flag,
-             "suggested_quality": q, "votes": f"{c}:3", "id": i}
+             "suggested_quality": q, "votes": f"{c}:3", "id": i,
+             "tier": "issue" if flag else "ok", "p_label_wrong": 0.9 if flag else 0.05,
+             "p_suggestion": round(0.9 * q, 5) if c != g else 0.0}
             for i, (f, g, c, p, flag, q) in enumerate(RESULTS)]
     pd.DataFrame(rows, columns=RESULT_COLUMNS).to_csv(path, index=False)
     return read_results(str(path))
