@@ -420,13 +420,14 @@ def relabel_case(s3, relabel_mode: str = "move") -> tuple[str, str]:
             put(s3, f"{prefix}/{cls}/{cls}-{i}.png", os.urandom(48) + f"{cls}-{i}".encode())
         put(s3, f"{prefix}/{cls}/shared.png", os.urandom(48))
     rows = [(src, src.split("/")[0], dst, 100.0, 4) for src, dst in MOVES.items()]
-    rows += [("cat/cat-1.png", "cat", "dog", 50.0, 4),   # below sensitivity
+    rows += [("cat/cat-1.png", "cat", "dog", 50.0, 4),   # p_suggestion below sensitivity
              ("cat/cat-2.png", "cat", "dog", 100.0, 1),  # too few predictions
              ("dog/dog-0.png", "dog", "dog", 100.0, 4)]
     results = pd.DataFrame(rows, columns=["filename", "label", "corrected_label", "%",
                                           "num_preds"])
     results["label_quality"], results["is_label_issue"] = 0.1, True
     results["suggested_quality"] = results["%"] / 100
+    results["p_suggestion"] = results["%"] / 100
     run = f"{s3.root}/work/runs/r1"
     runs.write_config(run, AuditConfig(data_path=f"s3://{s3.bucket}/{prefix}",
                                        work_uri=f"{s3.root}/work", sensitivity=60,
@@ -551,7 +552,7 @@ def assert_same_results(got: bytes, want: bytes) -> None:
     a, b = (pd.read_csv(io.BytesIO(x)).sort_values("filename").reset_index(drop=True)
             for x in (got, want))
     assert list(a.columns) == list(b.columns) and len(a) == len(b)
-    floats = ["%", "label_quality", "suggested_quality"]
+    floats = ["%", "label_quality", "suggested_quality", "p_label_wrong", "p_suggestion"]
     pd.testing.assert_frame_equal(a.drop(columns=floats), b.drop(columns=floats))
     pd.testing.assert_frame_equal(a[floats], b[floats], check_exact=False, atol=1e-3)
 
