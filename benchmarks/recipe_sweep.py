@@ -27,7 +27,9 @@ from PIL import Image
 
 from benchmarks.scoring import (
     DATASETS,
+    DEFAULT_SENSITIVITY,
     NOISES,
+    ORIGINAL_SENSITIVITY,
     Predictions,
     default_rows,
     original_rows,
@@ -89,7 +91,7 @@ def run_variant(cfg: AuditConfig, images: torch.Tensor, true: np.ndarray, given:
                     classes=[str(k) for k in range(num_classes)],
                     p_suggestion=s["p_suggestion"])
     if cfg.split_strategy == "random":
-        out.update(next(iter(original_rows(p, sensitivity).values())))
+        out.update(next(iter(original_rows(p, ORIGINAL_SENSITIVITY).values())))
     else:
         votes_only = votes_only_row(p, sensitivity, cfg.min_preds)
         out["relabelled_votes_only"] = votes_only["relabelled"]
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pair", default="fmnist20k:sym20", help="dataset:noise")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:K=V,K=V")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sensitivity", type=float, default=60.0)
+    p.add_argument("--sensitivity", type=float, default=DEFAULT_SENSITIVITY)
     p.add_argument("--original", action="store_true", help="also run each variant the "
                    "original way (random splits, hard votes)")
     p.add_argument("--json", help="write all results here")

@@ -115,7 +115,8 @@ def write_results(path: Path, args: argparse.Namespace, argv: list[str], info: d
         f"- Machine: {info['machine']}; load average at start {info['load']}",
         f"- Software: {info['software']}; commit {info['commit']}",
         f"- Seeds: data (subset and noise) {args.seed}, audit seed {args.seed}",
-        f"- Sensitivity for relabelling: {args.sensitivity:g}; "
+        f"- Sensitivity for relabelling: {args.sensitivity:g} (default audit, on "
+        "`p_suggestion`; the original method: `%` >= 60); "
         f"trainings per audit: {base['n_repeats']}; epochs per training: up to "
         f"{base['num_epochs']} (early stopping with patience {base['patience']})",
         "",

@@ -5,7 +5,7 @@ recall, correctly labelled images moved, net change of the label accuracy; the t
 the wrong labels and the guard's verdict (from the run's summary.json, when the CSV sits in
 its run folder); coverage.
 
-    python -m benchmarks.score_results RESULTS.csv TRUTH.csv [--sensitivity 60] [--min-preds 2]
+    python -m benchmarks.score_results RESULTS.csv TRUTH.csv [--sensitivity 90] [--min-preds 2]
 
 `--demo` scores the README demo (`scripts/demo.sh`: the sample `data/sample`, its truth file
 `data/sample.truth.csv`) from the newest run of `data/sample` under `work/runs/` (or `--run
@@ -23,15 +23,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.scoring import default_metrics, predictions_from_frames
+from benchmarks.scoring import DEFAULT_SENSITIVITY, default_metrics, predictions_from_frames
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_DATA = Path("data/sample")
 DEMO_WORK = Path("work")
 
 
-def score_against_truth(results: pd.DataFrame, truth: pd.DataFrame, sensitivity: float = 60.0,
-                        min_preds: int = 2, guard: dict | None = None) -> dict[str, object]:
+def score_against_truth(results: pd.DataFrame, truth: pd.DataFrame,
+                        sensitivity: float = DEFAULT_SENSITIVITY, min_preds: int = 2,
+                        guard: dict | None = None) -> dict[str, object]:
     """The default audit's metrics of one results frame (rows matched on filename; moved: the
     product's relabel rule at `sensitivity`, `min_preds`; `guard`: the run summary's)."""
     classes = sorted(set(results["label"].astype(str)) | set(results["corrected_label"]
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="?", help="a results CSV (merge writes <run>/results.csv)")
     p.add_argument("truth", nargs="?", help="the sample's truth CSV (tasks sample writes it)")
-    p.add_argument("--sensitivity", type=float, default=60.0)
+    p.add_argument("--sensitivity", type=float, default=DEFAULT_SENSITIVITY)
     p.add_argument("--min-preds", type=int, default=2)
     p.add_argument("--demo", action="store_true",
                    help="score the README demo (data/sample) and print its two numbers")

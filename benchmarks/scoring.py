@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from tasks.config import AuditConfig
+
 # The benchmark's cases. name: (tasks.sample source, images)
 DATASETS: dict[str, tuple[str, int]] = {
     "fmnist2k": ("fashion-mnist", 2000),
@@ -38,6 +40,10 @@ TARGET_ROW = ("fmnist20k", "sym20")
 TARGET_TRAININGS = 10
 
 
+# The original tool's relabel threshold on the vote share `%` (its default sensitivity); the
+# product's own default is AuditConfig's `sensitivity`, on p_suggestion.
+ORIGINAL_SENSITIVITY = 60.0
+DEFAULT_SENSITIVITY: float = AuditConfig.model_fields["sensitivity"].default
 # Mean probability above which a unanimous vote for another class flagged an image by itself
 # (a part of the product's rule before tasks.decide.posterior; kept as a candidate row).
 CONFIDENT_VOTE = 0.7

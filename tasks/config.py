@@ -290,9 +290,9 @@ class AuditConfig(BaseModel):
         json_schema_extra=_section("Scoring"),
     )
     sensitivity: float = Field(
-        60.0, ge=0, le=100,
-        description="Relabel a flagged image when more than this % of its predictions chose "
-        "the suggested label and its pooled probability is above this % too.",
+        90.0, ge=0, le=100,
+        description="Relabel a flagged image when the probability that its suggested label is "
+        "the true one (p_suggestion) is above this %.",
         json_schema_extra=_section("Relabelling"),
     )
     min_preds: int = Field(
