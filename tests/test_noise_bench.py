@@ -119,8 +119,12 @@ def test_decision_metrics_with_tiers_and_guard():
 def _synthetic(n: int = 60, k: int = 3, seed: int = 0, unpredicted: int = 0,
                decision: bool = False):
     """A results frame, truth and mean probabilities where every wrong label is confidently
-    predicted as its true class (pct 100) and clean labels as themselves; with `decision`,
-    the tier column too (every wrong label an issue, no review tier)."""
+    predicted as its true class (pct 100) and clean labels as themselves, with the posterior's
+    columns as merge computes them (`tasks.decide.posterior` at a 20% noise rate: every wrong
+    label's p_suggestion is above 0.9); with `decision`, the tier column too (every wrong
+    label an issue, no review tier)."""
+    from tasks.decide import posterior
+
     rng = np.random.default_rng(seed)
     classes = [f"c{i}" for i in range(k)]
     true = np.arange(n) % k
@@ -146,6 +150,9 @@ def _synthetic(n: int = 60, k: int = 3, seed: int = 0, unpredicted: int = 0,
         "is_label_issue": (corrected != given) & (num_preds > 0),
         "suggested_quality": probs[np.arange(n), corrected],
     })
+    p_wrong, p_sugg = posterior(quality, results["suggested_quality"].to_numpy(),
+                                corrected != given, 0.2, k, n - unpredicted)
+    results["p_label_wrong"], results["p_suggestion"] = np.round(p_wrong, 5), np.round(p_sugg, 5)
     if decision:
         results["tier"] = np.where(results["is_label_issue"], "issue", "ok")
     truth = pd.DataFrame({"filename": names, "true_label": cls[true], "given_label": cls[given]})
@@ -187,17 +194,21 @@ def test_unpredicted_rows_cost_recall_and_coverage():
 
 
 def test_relabel_threshold_is_ge_for_original_and_gt_for_default():
+    """The original method relabels at `%` >= its sensitivity; the default audit at
+    `p_suggestion` > sensitivity / 100, reading neither `%` nor `suggested_quality`."""
     results, truth, classes, mean, wrong = _synthetic()
-    results.loc[results["filename"].isin(truth["filename"].iloc[wrong]), "%"] = 60.0
+    wrong_rows = results["filename"].isin(truth["filename"].iloc[wrong])
+    results.loc[wrong_rows, ["%", "p_suggestion"]] = [60.0, 0.6]
     p = predictions_from_frames(results, truth, classes, mean)
     assert original_rows(p, 60)["original (random splits, hard votes)"]["relabelled"] == 12
     assert next(iter(default_rows(p, 60, 2).values()))["relabelled"] == 0
     assert next(iter(default_rows(p, 59, 2).values()))["relabelled"] == 12
     assert next(iter(default_rows(p, 59, 3).values()))["relabelled"] == 0  # min_preds
-    # ... and the pooled probability of the suggested label must clear it too
-    results["suggested_quality"] = 0.59
+    # Low votes and pooled probabilities stop the original method, not the default.
+    results.loc[wrong_rows, ["%", "suggested_quality"]] = [10.0, 0.01]
     p = predictions_from_frames(results, truth, classes, mean)
-    assert next(iter(default_rows(p, 59, 2).values()))["relabelled"] == 0
+    assert original_rows(p, 60)["original (random splits, hard votes)"]["relabelled"] == 0
+    assert next(iter(default_rows(p, 59, 2).values()))["relabelled"] == 12
 
 
 def test_predictions_from_frames_rejects_mismatched_truth():
@@ -342,7 +353,9 @@ def test_score_results_demo_prints_the_readme_numbers(tmp_path, capsys):
     (run / "summary.json").write_text('{"guard": {"trusted": true, "reasons": []}}')
     lines = demo_lines(run, tmp_path / "data" / "sample.truth.csv")
     flagged = n_wrong + int((truth["true_label"] == truth["given_label"]).iloc[:2].sum())
-    assert lines[0].endswith("relabel at sensitivity 60, min_preds 2; guard: trusted)")
+    cfg = runs.read_config(str(run))  # the run's own thresholds (the defaults here)
+    assert lines[0].endswith(f"relabel at sensitivity {cfg.sensitivity:g}, min_preds "
+                             f"{cfg.min_preds}; guard: trusted)")
     assert lines[1] == f"flag precision {n_wrong / flagged:.3f} ({flagged} flagged; recall 1.000)"
     assert lines[2].startswith(f"relabel precision 1.000 ({n_wrong} moved; relabel recall 1.000; "
                                "correct labels moved 0 (0.00%)")
