@@ -99,11 +99,15 @@ def fake_run(work: Path, data: Path, images: list[tuple[str, str]], cards: int,
     other = rng.choice(classes, n)
     corrected = np.where((rng.random(n) < 0.85) & (other != label), other, label)
     quality = np.sort(rng.random(n))
+    flagged = corrected != label
     results = pd.DataFrame({
         "filename": keys, "label": label, "corrected_label": corrected,
         "num_preds": rng.integers(2, 6, n), "%": np.round(100 - quality * 60, 2),
-        "label_quality": np.round(quality, 5), "is_label_issue": corrected != label,
-        "suggested_quality": np.round(1 - quality, 5), "votes": "", "id": np.arange(n)})
+        "label_quality": np.round(quality, 5), "is_label_issue": flagged,
+        "suggested_quality": np.round(1 - quality, 5), "votes": "", "id": np.arange(n),
+        "tier": np.where(flagged, "issue", "ok"),
+        "p_label_wrong": np.round(np.where(flagged, 1 - quality / 2, quality / 2), 5),
+        "p_suggestion": np.where(flagged, np.round(1 - quality * 0.6, 5), 0.0)})
     run = str(work / "runs" / f"bench-{data.name}")
     manifest = pd.DataFrame({"id": np.arange(n), "key": keys, "label": label,
                              "label_idx": [classes.index(c) for c in label], "size": 1,

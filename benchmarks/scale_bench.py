@@ -308,7 +308,7 @@ def stage_relabel(run: str, case: Case) -> dict:
             "filename": names, "label": labels,
             "corrected_label": [classes[(classes.index(c) + 1) % len(classes)] for c in labels],
             "num_preds": 5, "%": 100.0, "label_quality": 0.05, "suggested_quality": 0.95,
-            "is_label_issue": True})
+            "is_label_issue": True, "p_label_wrong": 0.95, "p_suggestion": 0.9})
         rel_run = str(work / "run")
         runs.write_config(rel_run, AuditConfig(data_path=f"s3://{RELABEL_BUCKET}/ds",
                                                work_uri=str(work), sensitivity=50, min_preds=2))
