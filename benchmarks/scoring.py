@@ -1,7 +1,8 @@
 """The detection-quality benchmark's scoring: its planted-noise cases, the metrics, the
-rows it compares (the original method, the default audit, cleanlab's filters, candidate flag
-rules) and its targets. Pure functions of an audit's per-image outcome and the truth;
-`noise_bench` runs the audits, `score_results` and `recipe_sweep` score with the same code.
+rows it compares (the original method, the default audit, embedding mode, cleanlab's
+filters, candidate flag rules) and its targets. Pure functions of an audit's per-image
+outcome and the truth; `noise_bench` runs the audits, `score_results` and `recipe_sweep`
+score with the same code.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ QUALITY_THRESHOLDS = (0.5, 0.3, 0.2, 0.1)
 # Issue 5's targets, checked on this row at 10 trainings.
 TARGET_ROW = ("fmnist20k", "sym20")
 TARGET_TRAININGS = 10
+# Issue 17's target: on this row, embedding mode's whole audit (embedding pass, probes, merge)
+# at least this many times faster than training mode's, on the same machine.
+EMBED_SPEEDUP_ROW = TARGET_ROW
+MIN_EMBED_SPEEDUP = 10.0
 
 
 # The original tool's relabel threshold on the vote share `%` (its default sensitivity); the
@@ -90,6 +95,8 @@ class Predictions:
     tier: np.ndarray | None = None  # "issue" / "review" / "ok"
     guard: dict | None = None       # summary.json's "guard": {"trusted", "reasons", ...}
     p_suggestion: np.ndarray | None = None  # the posterior that `corrected` is the true class
+    # Embedding mode's share of an image's nearest neighbours with its label (nan: none).
+    knn_agreement: np.ndarray | None = None
 
     @property
     def predicted(self) -> np.ndarray:
@@ -208,6 +215,23 @@ def default_metrics(p: Predictions, sensitivity: float, min_preds: int) -> dict[
                         p.predicted, tier=p.tier, guard=p.guard)
 
 
+def embedding_row_name(model_name: str, model_weights: str) -> str:
+    """The embedding audit's row name: its backbone and what model_weights gave it."""
+    return f"embeddings ({model_name}, {model_weights})"
+
+
+def knn_note(p: Predictions) -> str | None:
+    """The mean knn_agreement of the wrong and of the correct labels (embedding mode's
+    neighbour signal), as a line; None without the column."""
+    if p.knn_agreement is None:
+        return None
+    wrong = p.true != p.given
+    means = [np.nanmean(p.knn_agreement[m]) if m.any() and not np.isnan(
+        p.knn_agreement[m]).all() else float("nan") for m in (wrong, ~wrong)]
+    return (f"mean knn_agreement {format_metric(means[0], '.3f')} on the wrong labels, "
+            f"{format_metric(means[1], '.3f')} on the correct ones")
+
+
 def default_rows(p: Predictions, sensitivity: float,
                  min_preds: int) -> dict[str, dict[str, float]]:
     """The default audit as the product runs it (whatever rule merge uses for
@@ -273,7 +297,8 @@ def predictions_from_frames(results: pd.DataFrame, truth: pd.DataFrame, classes:
                             guard: dict | None = None) -> Predictions:
     """Align a results frame (as merge writes it) and a truth file (filename, true_label,
     given_label); `mean_probs`: predictions.parquet's `filename` and `mean_probs` columns;
-    `guard`: the run summary's verdict. The `tier` column is read when the results have it."""
+    `guard`: the run summary's verdict. The `tier` and `knn_agreement` columns are
+    read when the results have them."""
     df = results.merge(truth, on="filename", how="inner", validate="one_to_one")
     if len(df) != len(truth) or len(df) != len(results):
         raise ValueError(f"results ({len(results)} rows) and truth ({len(truth)} rows) do not "
@@ -306,6 +331,8 @@ def predictions_from_frames(results: pd.DataFrame, truth: pd.DataFrame, classes:
         guard=guard,
         p_suggestion=(pd.to_numeric(df["p_suggestion"], errors="coerce").to_numpy(float)
                       if "p_suggestion" in df.columns else None),
+        knn_agreement=(pd.to_numeric(df["knn_agreement"], errors="coerce").to_numpy(float)
+                       if "knn_agreement" in df.columns else None),
     )
 
 
@@ -419,6 +446,20 @@ def decision_checks(dataset: str, noise: str,
     return checks
 
 
+def speedup_check(training: dict[str, object], embedding: dict[str, object],
+                  reused: tuple[str, ...] = ()) -> tuple[str, str, bool]:
+    """Issue 17's target on one row: (target, measured, passed) for training mode's wall
+    time over embedding mode's >= MIN_EMBED_SPEEDUP; `reused` names the audits taken from
+    an earlier run, whose wall times may come from another machine or load."""
+    t, e = float(training["wall_s"]), float(embedding["wall_s"])  # type: ignore[arg-type]
+    ratio = t / e if e > 0 else float("nan")
+    shown = f"{format_metric(ratio, '.1f')}x (training {t:.0f} s / embeddings {e:.0f} s"
+    shown += (f"; {' and '.join(reused)} reused, so the wall times are from different runs)"
+              if reused else ")")
+    return bound_check(f"embedding audit >= {MIN_EMBED_SPEEDUP:g}x faster than training mode",
+                       ratio, MIN_EMBED_SPEEDUP, ">=", ".1f", shown=shown)
+
+
 @dataclass
 class BenchTable:
     """The scored rows of one (dataset, noise) pair."""
@@ -428,7 +469,8 @@ class BenchTable:
     n_images: int
     n_wrong: int
     rows: dict[str, dict[str, float]]
-    reused: int = 0  # audits taken from an earlier run (--reuse)
+    reused: tuple[str, ...] = ()  # the audits (methods) taken from an earlier run (--reuse)
+    notes: tuple[str, ...] = ()  # lines shown under the title (e.g. embedding mode's kNN)
 
     @property
     def title(self) -> str:
@@ -438,15 +480,22 @@ class BenchTable:
     def summary(self) -> str:
         return f"{self.n_images} images, {self.n_wrong} wrong labels"
 
+    def row(self, prefix: str) -> dict[str, float] | None:
+        """The first row whose name starts with `prefix`, or None."""
+        return next((v for k, v in self.rows.items() if k.startswith(prefix)), None)
+
 
 def all_checks(tables: list[BenchTable]) -> list[tuple[str, list[tuple[str, str, bool]]]]:
-    """(where, checks) for every row: issue 14's targets on its default audit; on the target
-    row also issue 5's (those not already checked; the original-method ones only when the
-    original audit ran); on an asymmetric-noise row with the original audit, beating it. A
-    row run with fewer images or other trainings than the targets assume says so."""
+    """(where, checks) for every row with a default audit: issue 14's targets on it; on the
+    target row also issue 5's (those not already checked; the original-method ones only when
+    the original audit ran); on an asymmetric-noise row with the original audit, beating it;
+    on EMBED_SPEEDUP_ROW with an embedding audit, issue 17's speed-up. A row run with fewer
+    images or other trainings than the targets assume says so."""
     checks = []
     for t in tables:
-        default = next(v for k, v in t.rows.items() if k.startswith("default"))
+        default = t.row("default audit")
+        if default is None:  # embedding mode alone: its rows, no targets
+            continue
         notes = []
         if t.n_images != DATASETS[t.dataset][1]:
             notes.append(f"capped at {t.n_images} images")
@@ -458,8 +507,12 @@ def all_checks(tables: list[BenchTable]) -> list[tuple[str, list[tuple[str, str,
         if (t.dataset, t.noise) == TARGET_ROW:
             seen = {target.split(" (")[0] for target, _, _ in items}
             items += [c for c in target_checks(t.rows) if c[0] not in seen]
-        if t.noise == "asym20" and any(k.startswith("original") for k in t.rows):
+        if t.noise == "asym20" and t.row("original") is not None:
             items.append(beats_original(t.rows))
+        embedding = t.row("embeddings (")
+        if (t.dataset, t.noise) == EMBED_SPEEDUP_ROW and embedding is not None:
+            reused = tuple(m for m in ("default", "embeddings") if m in t.reused)
+            items.append(speedup_check(default, embedding, reused))
         checks.append((where, items))
     return checks
 

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from benchmarks.noise_bench import parse_args
+from benchmarks.noise_bench import config_hash, embedding_overrides, parse_args
 from benchmarks.results_md import markdown_table, write_results
 from benchmarks.score_results import demo_lines, demo_run, score_against_truth
 from benchmarks.score_results import main as score_main
@@ -22,6 +22,7 @@ from benchmarks.scoring import (
     decision_checks,
     default_metrics,
     default_rows,
+    knn_note,
     missed_targets,
     original_rows,
     predictions_from_frames,
@@ -424,3 +425,86 @@ def test_score_results_keeps_numeric_class_names(tmp_path, capsys):
     assert score_main([str(tmp_path / "results.csv"), str(tmp_path / "truth.csv")]) == 0
     out = capsys.readouterr().out
     assert "precision=1.0000" in out and "guard=None" in out  # no summary.json beside it
+
+
+def test_speedup_check_on_the_target_row_only():
+    rows = {"default audit (x)": _row(wall_s=1000.0),
+            "embeddings (resnet18, none)": _row(wall_s=50.0, f1=0.5),
+            "cleanlab both": _row(f1=0.9)}
+    (_, items), (_, other) = all_checks([BenchTable("fmnist20k", "sym20", 20000, 4000, rows),
+                                         BenchTable("digits", "sym20", 1797, 359, rows)])
+    target = "embedding audit >= 10x faster than training mode"
+    assert items[-1] == (target, "20.0x (training 1000 s / embeddings 50 s)", True)
+    assert not any(t == target for t, _, _ in other)
+    # The embedding row's quality is shown, not checked: the default's checks all pass.
+    assert all(ok for _, _, ok in items)
+    rows["embeddings (resnet18, none)"]["wall_s"] = 200.0
+    (_, items), = all_checks([BenchTable("fmnist20k", "sym20", 20000, 4000, rows,
+                                         reused=("default",))])
+    assert items[-1] == (target, "5.0x (training 1000 s / embeddings 200 s; default reused, "
+                         "so the wall times are from different runs) (misses by 5.0)", False)
+    # Embedding mode alone: its rows, no targets.
+    assert all_checks([BenchTable("fmnist20k", "sym20", 20000, 4000,
+                                  {"embeddings (resnet18, none)": _row()})]) == []
+
+
+def test_parse_args_methods_and_embedding_options(tmp_path):
+    args = parse_args(["--methods", "embeddings"])
+    assert args.methods == ["embeddings"] and args.embed_model == "resnet18"
+    assert args.embed_weights_label == "none" and args.embed_image_size == 64
+    state = tmp_path / "backbone.pt"
+    args = parse_args(["--methods", "default,embeddings", "--embed-weights", str(state),
+                       "--embed-image-size", "0"])
+    assert args.embed_weights_label == "backbone.pt"
+    assert embedding_overrides(args)["image_size"] is None
+    for bad in ("original,embeddings", "default,knn", ""):
+        with pytest.raises(SystemExit):
+            parse_args(["--methods", bad])
+
+
+def test_embedding_audit_has_its_own_run_id():
+    base = {"data_path": "/data/s", "work_uri": "/work/w"}
+    default = config_hash(base)
+    args = parse_args(["--methods", "default,embeddings"])
+    embed = config_hash({**base, **embedding_overrides(args)})
+    assert embed != default
+    # The model's default size and that size named are the same audit (so --reuse finds it).
+    at_224 = parse_args(["--methods", "embeddings", "--embed-image-size", "224"])
+    at_default = parse_args(["--methods", "embeddings", "--embed-image-size", "0"])
+    assert (config_hash({**base, **embedding_overrides(at_224)})
+            == config_hash({**base, **embedding_overrides(at_default)}) != embed)
+
+
+def test_knn_note_from_the_results_column():
+    results, truth, classes, mean, wrong = _synthetic()
+    assert knn_note(predictions_from_frames(results, truth, classes, mean)) is None
+    knn = np.full(len(results), 0.8)
+    knn[wrong] = 0.2
+    knn[wrong[0]] = np.nan  # an image without neighbours
+    results["knn_agreement"] = knn
+    p = predictions_from_frames(results, truth, classes, mean)
+    assert knn_note(p) == ("mean knn_agreement 0.200 on the wrong labels, 0.800 on the "
+                           "correct ones")
+
+
+def test_results_md_names_the_backbone_and_the_reused_audits(tmp_path):
+    args = parse_args(["--methods", "default,embeddings", "--sensitivity", "90"])
+    rows = {"default audit (x)": _row(wall_s=900.0, epochs=20),
+            "embeddings (resnet18, none)": _row(wall_s=100.0, epochs=0),
+            "cleanlab both": _row(f1=0.9, wall_s=900.0, epochs=20)}
+    out = tmp_path / "RESULTS.md"
+    info = {"machine": "m", "software": "s", "commit": "c", "load": "0"}
+    base = {"n_repeats": 10, "num_epochs": 8, "patience": 2}
+    table = BenchTable("fmnist20k", "sym20", 20000, 4000, rows, reused=("embeddings",),
+                       notes=("embeddings (resnet18, none): mean knn_agreement 0.2",))
+    write_results(out, args, [], info, base, [table], pd.Timestamp.now(), 1.0)
+    text = out.read_text()
+    assert ("backbone resnet18 with model_weights none (random initialisation" in text
+            and "at 64 px" in text and "not the mode's ceiling" in text)
+    assert "the same machine in one run" in text
+    assert "Reused from an earlier run (`--reuse`; wall times are from when they ran): the " \
+        "embeddings audit." in text
+    assert "- embeddings (resnet18, none): mean knn_agreement 0.2" in text
+    assert ("| fmnist20k sym20 | embedding audit >= 10x faster than training mode | 9.0x "
+            "(training 900 s / embeddings 100 s; embeddings reused, so the wall times are "
+            "from different runs) (misses by 1.0) | FAIL |") in text
