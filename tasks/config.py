@@ -80,6 +80,13 @@ class ConfigError(UserError, ValueError):
     """A config value is invalid; the message names the key and the value."""
 
 
+def unknown_weights_name(model_name: str, name: str, names: list[str]) -> ConfigError:
+    """The one-line error for a weights name `model_name` does not have (`names`: its own)."""
+    return ConfigError(
+        f"model_weights {name!r} is not a weights name of {model_name}; choose one of "
+        f"{', '.join(['DEFAULT', *names])}, none (random init), or give a state-dict path")
+
+
 def _section(name: str) -> dict[str, Any]:
     return {"section": name}
 

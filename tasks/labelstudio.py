@@ -75,8 +75,10 @@ def select_suspects(results: pd.DataFrame, top_n: int | None = None,
 
 
 def _task(row: dict, image_root: str, model_version: str) -> dict:
-    score = row.get("suggested_quality")
-    score = float(score) if pd.notna(score) else float(row["%"]) / 100
+    # the probability that the suggestion is the true label; a hand-made CSV without it:
+    # the pooled probability, else the vote share
+    score = next((row[c] for c in ("p_suggestion", "suggested_quality")
+                  if pd.notna(row.get(c))), float(row["%"]) / 100)
     caption = (f"given label: {row['label']} · suggested: {row['corrected_label']} "
                f"({row['%']:g}% of {int(row['num_preds'])} predictions)")
     return {
@@ -84,7 +86,7 @@ def _task(row: dict, image_root: str, model_version: str) -> dict:
                  "filename": row["filename"], "label": row["label"],
                  "suggestion": row["corrected_label"], "caption": caption},
         "predictions": [{
-            "model_version": model_version, "score": round(score, 5),
+            "model_version": model_version, "score": round(float(score), 5),
             "result": [{"from_name": CHOICES, "to_name": IMAGE, "type": "choices",
                         "value": {"choices": [row["corrected_label"]]}}],
         }],

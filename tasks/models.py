@@ -20,10 +20,10 @@ from tasks.config import (
     EXACT_IMAGE_SIZES,
     AuditConfig,
     ConfigError,
+    unknown_weights_name,
     weights_path_like,
 )
 from tasks.images import Preprocess
-from tasks.weights import unknown_weights_name
 
 log = logging.getLogger(__name__)
 

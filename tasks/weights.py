@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks import storage
-from tasks.config import AuditConfig, ConfigError, weights_path_like
+from tasks.config import AuditConfig, ConfigError, unknown_weights_name, weights_path_like
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +61,6 @@ WEIGHTS_NAMES = {
     "efficientnet_v2_s": ("IMAGENET1K_V1",),
     "alexnet": ("IMAGENET1K_V1",),
 }
-
-
-def unknown_weights_name(model_name: str, name: str, names: list[str]) -> ConfigError:
-    """The one-line error for a weights name `model_name` does not have (`names`: its own)."""
-    return ConfigError(
-        f"model_weights {name!r} is not a weights name of {model_name}; choose one of "
-        f"{', '.join(['DEFAULT', *names])}, none (random init), or give a state-dict path")
 
 
 def record_uri(run: str) -> str:

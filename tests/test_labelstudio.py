@@ -89,7 +89,7 @@ def test_tasks_are_the_flagged_rows_with_the_suggestion_as_prediction(results_ur
         "label": "cat", "suggestion": "owl",
         "caption": "given label: cat · suggested: owl (75% of 3 predictions)"}
     assert first["predictions"] == [{
-        "model_version": "auto-correct-labels", "score": 0.62,
+        "model_version": "auto-correct-labels", "score": 0.558,  # p_suggestion
         "result": [{"from_name": "label", "to_name": "image", "type": "choices",
                     "value": {"choices": ["owl"]}}]}]
     assert len(ls.build_tasks(read_results(results_uri), "pets", top_n=2)) == 2
