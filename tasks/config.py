@@ -278,8 +278,8 @@ class AuditConfig(BaseModel):
     max_label_quality: float = Field(
         1.0, gt=0, le=1,
         description="Flag an image only when its label_quality (mean out-of-sample "
-        "probability of its given label) is below this, besides cleanlab's estimate and the "
-        "vote. 1 (default) is off; 0.1 helped at low symmetric noise but cut recall to a third "
+        "probability of its given label) is below this, besides p_label_wrong and the vote. "
+        "1 (default) is off; 0.1 helped at low symmetric noise but cut recall to a third "
         "on asymmetric noise (benchmarks/RESULTS.md).",
         json_schema_extra=_section("Scoring"),
     )

@@ -50,6 +50,10 @@ MIN_CLASS_IMAGES = 10
 PRIOR_MAX = 0.9
 # Above this estimated noise rate the confident joint no longer tells labels from errors.
 MAX_NOISE = 0.5
+# Probes on a randomly initialised backbone's features are too weak and too sure of themselves
+# for the posterior (benchmarks/EMBED_RESULTS.md): such an audit is never trusted to relabel.
+RANDOM_EMBEDDINGS = ("method embeddings with a randomly initialised backbone (model_weights "
+                     "none, or small_cnn): its features are too weak to decide on labels")
 REMEDY = ("train longer (num_epochs), add images per class, or use a stronger or pretrained "
           "model (model_name, model_weights)")
 
@@ -203,6 +207,8 @@ def summary(cfg, classes: list[str], *, labels: np.ndarray, num_preds: np.ndarra
     predicted = num_preds > 0
     noise, per_class_noise = noise_rates(joint)
     verdict, agreement = guard(labels, corrected, predicted, noise, classes)
+    if cfg.method == "embeddings" and cfg.weights_request is None:
+        verdict = Verdict(False, [*verdict.reasons, RANDOM_EMBEDDINGS])
     issue = tier == 0
     ceiling = relabel_ceiling_values(issue, corrected != labels, num_preds, cfg.min_preds,
                                      p_suggestion)

@@ -196,3 +196,20 @@ def test_an_undertrained_audit_is_stopped_by_the_guard(tmp_path):
     assert journal.name == "relabel-journal.jsonl" and snapshot(data) != before
     assert tasks_cli("undo", "--journal", str(journal)).returncode == 0
     assert snapshot(data) == before
+
+
+def test_embeddings_on_random_weights_are_never_trusted(tmp_path):
+    """A probe on a random backbone's features: untrusted whatever its agreement."""
+    labels = np.array([0, 0, 1, 1, 2, 2] * 20)
+    args = dict(labels=labels, num_preds=np.full(len(labels), 3), corrected=labels,
+                p_label_wrong=np.zeros(len(labels)), p_suggestion=np.zeros(len(labels)),
+                tier=np.full(len(labels), 2, dtype=np.int8), joint=np.diag([1.0, 1, 1]) / 3)
+    classes = ["a", "b", "c"]
+    trained = decide.summary(AuditConfig(data_path=str(tmp_path)), classes, **args)
+    assert trained["guard"]["trusted"] is True
+    for weights in ("none", None):
+        cfg = AuditConfig(data_path=str(tmp_path), method="embeddings", model_name="resnet18",
+                          model_weights=weights)
+        s = decide.summary(cfg, classes, **args)
+        assert (s["guard"]["trusted"], s["guard"]["reasons"]) == (
+            (True, []) if weights is None else (False, [decide.RANDOM_EMBEDDINGS]))
