@@ -158,11 +158,13 @@ class Verdict:
 
 
 def guard(labels: np.ndarray, corrected: np.ndarray, predicted: np.ndarray,
-          noise_rate: float, classes: list[str]) -> tuple[Verdict, dict[str, float]]:
+          noise_rate: float, classes: list[str],
+          random_embeddings: bool = False) -> tuple[Verdict, dict[str, float]]:
     """The model-quality guard: (verdict, per-class agreement of the vote with the given
     labels). Untrusted when the models are near chance overall (`MIN_SKILL`), the estimated
-    noise rate is above `MAX_NOISE`, or a class's images are almost never voted into it
-    (`MIN_CLASS_SKILL`)."""
+    noise rate is above `MAX_NOISE`, a class's images are almost never voted into it
+    (`MIN_CLASS_SKILL`), or the predictions are probes on a randomly initialised backbone's
+    embeddings (`random_embeddings`)."""
     k = len(classes)
     lab, vote = labels[predicted], corrected[predicted]
     reasons: list[str] = []
@@ -193,6 +195,8 @@ def guard(labels: np.ndarray, corrected: np.ndarray, predicted: np.ndarray,
         reasons.append("the models never learnt class(es) " + ", ".join(unlearnt[:5])
                        + (f" and {len(unlearnt) - 5} more" if len(unlearnt) > 5 else "")
                        + ": the vote rarely keeps their images' labels")
+    if random_embeddings:
+        reasons.append(RANDOM_EMBEDDINGS)
     return Verdict(not reasons, reasons), per_class
 
 
@@ -206,9 +210,8 @@ def summary(cfg, classes: list[str], *, labels: np.ndarray, num_preds: np.ndarra
     k = len(classes)
     predicted = num_preds > 0
     noise, per_class_noise = noise_rates(joint)
-    verdict, agreement = guard(labels, corrected, predicted, noise, classes)
-    if cfg.method == "embeddings" and cfg.weights_request is None:
-        verdict = Verdict(False, [*verdict.reasons, RANDOM_EMBEDDINGS])
+    verdict, agreement = guard(labels, corrected, predicted, noise, classes,
+                               cfg.method == "embeddings" and cfg.weights_request is None)
     issue = tier == 0
     ceiling = relabel_ceiling_values(issue, corrected != labels, num_preds, cfg.min_preds,
                                      p_suggestion)
