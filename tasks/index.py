@@ -14,6 +14,7 @@ import io
 import logging
 import multiprocessing
 import os
+import re
 import tempfile
 import threading
 import time
@@ -162,6 +163,9 @@ def _classify(info: storage.ObjectInfo) -> tuple[str | None, str | None]:
     return parts[0], None
 
 
+_OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
 def decode_problem(data: bytes) -> str | None:
     """Why these bytes are not a usable image, or None when they decode."""
     try:
@@ -169,7 +173,8 @@ def decode_problem(data: bytes) -> str | None:
         if img.width < 1 or img.height < 1:
             return "image has no pixels"
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        return f"does not decode as an image ({type(err).__name__}: {str(err)[:80]})"
+        text = _OBJECT_REPR.sub("", str(err)).strip()  # PIL names its buffer's address
+        return f"does not decode as an image ({type(err).__name__}: {text[:80]})"
     except Image.DecompressionBombError as err:
         return f"image too large ({err})"
     return None

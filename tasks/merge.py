@@ -880,7 +880,10 @@ class ResultsError(UserError, ValueError):
 # or the (low, high) range of a number (empty is missing).
 _TYPED_COLUMNS: dict[str, str | tuple[float, float]] = {
     "is_label_issue": "bool", "num_preds": "int", "%": (0, 100), "label_quality": (0, 1),
-    "suggested_quality": (0, 1), "tier": "tier", "p_label_wrong": (0, 1), "p_suggestion": (0, 1)}
+    "suggested_quality": (0, 1), "tier": "tier", "p_label_wrong": (0, 1), "p_suggestion": (0, 1),
+    # method embeddings (tasks.embeddings.NEIGHBOUR_COLUMNS); outlier_score is a cosine distance
+    "knn_agreement": (0, 1), "outlier_score": (0, 2), "duplicate_group": "group",
+    "duplicate_conflict": "bool"}
 _TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
 
 
@@ -900,10 +903,16 @@ def _parse_column(frame: pd.DataFrame, column: str, kind: str | tuple[float, flo
         expected = "true or false (or 1/0, yes/no)"
     else:
         number = pd.to_numeric(text.where(text != "", None), errors="coerce")
-        if kind == "int":
-            bad = number.isna() | ~np.isfinite(number) | (number < 0) | (number % 1 != 0)
-            value = number.where(~bad, 0).astype(np.int64)
-            expected = "a whole number of at least 0"
+        if kind in ("int", "group"):  # group: empty for an image in no group
+            missing = text == "" if kind == "group" else pd.Series(False, index=text.index)
+            bad = ~missing & (number.isna() | ~np.isfinite(number) | (number < 0)
+                              | (number % 1 != 0))
+            if kind == "int":
+                value = number.where(~bad, 0).astype(np.int64)
+                expected = "a whole number of at least 0"
+            else:
+                value = number.where(~bad & ~missing).astype("Int64")
+                expected = "a whole number of at least 0 (or empty)"
         else:
             low, high = kind
             bad = ((number.isna() & ~text.str.lower().isin(["", "nan"]))
@@ -919,9 +928,9 @@ def _parse_column(frame: pd.DataFrame, column: str, kind: str | tuple[float, flo
 
 
 def read_results(uri: str) -> pd.DataFrame:
-    """A results CSV as written by `merge_run` (or edited by hand): `is_label_issue`,
-    `num_preds`, `%`, `label_quality` and `suggested_quality` are parsed strictly, and a
-    value that is not of its column's kind is a ResultsError naming its line."""
+    """A results CSV as written by `merge_run` (or edited by hand): the columns of
+    `_TYPED_COLUMNS` that it has are parsed strictly, and a value that is not of its column's
+    kind is a ResultsError naming its line."""
     if not storage.exists(uri):
         raise MissingFileError(f"results CSV {uri} does not exist")
     try:

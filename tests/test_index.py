@@ -74,6 +74,7 @@ def test_bad_input_dataset_indexes_and_lists_what_it_skipped(tmp_path, caplog):
                             "dog/notes.txt", "dog/noextension", "README.md"}
     assert reasons["cat/corrupt.png"].startswith("does not decode as an image")
     assert reasons["cat/garbage.png"].startswith("does not decode as an image")
+    assert not any(" at 0x" in r for r in reasons.values())  # no object addresses
     assert reasons["dog/zero.png"] == "empty file (0 bytes)"
     assert reasons["dog/notes.txt"] == "not an image file (extension '.txt')"
     assert reasons["dog/noextension"] == "not an image file (extension 'none')"

@@ -628,3 +628,35 @@ def test_a_bucketed_merge_in_the_bucket_matches_local(s3, tmp_path):
                                                                        "predictions.parquet"))))
     assert len(preds) == 150
     assert [c for c in preds.columns if c in merge.RESULT_COLUMNS] == merge.RESULT_COLUMNS
+
+
+NEIGHBOUR_CSV = ("filename,label,knn_agreement,outlier_score,duplicate_group,duplicate_conflict\n"
+                 "a/1.png,a,0.9,0.25,,False\n"
+                 "a/2.png,a,0.1,0.5,3,True\n")
+
+
+def test_read_results_parses_the_neighbour_columns(tmp_path):
+    path = tmp_path / "results.csv"
+    path.write_text(NEIGHBOUR_CSV)
+    res = read_results(str(path))
+    assert res["knn_agreement"].tolist() == [0.9, 0.1]
+    assert res["duplicate_group"].isna().tolist() == [True, False]
+    assert int(res["duplicate_group"].iloc[1]) == 3
+    assert res["duplicate_conflict"].tolist() == [False, True]
+
+
+@pytest.mark.parametrize(("column", "bad", "expected"), [
+    ("knn_agreement", "most", "is not a number from 0 to 1"),
+    ("outlier_score", "3", "is not a number from 0 to 2"),
+    ("duplicate_group", "x7", "is not a whole number of at least 0 (or empty)"),
+    ("duplicate_group", "1.5", "is not a whole number"),
+    ("duplicate_conflict", "perhaps", "is not true or false"),
+])
+def test_read_results_rejects_a_bad_neighbour_cell(tmp_path, column, bad, expected):
+    frame = pd.read_csv(io.StringIO(NEIGHBOUR_CSV), dtype=str, keep_default_na=False)
+    frame.loc[1, column] = bad
+    path = tmp_path / "results.csv"
+    frame.to_csv(path, index=False)
+    with pytest.raises(merge.ResultsError) as err:
+        read_results(str(path))
+    assert f"line 3 (a/2.png): {column} '{bad}' {expected}" in str(err.value)

@@ -27,6 +27,7 @@ from benchmarks.scoring import (
     original_rows,
     predictions_from_frames,
     ranking_scores,
+    relabel_recall_ceiling,
     rule_metrics,
     target_checks,
 )
@@ -289,6 +290,31 @@ def test_decision_checks_by_row():
     missed = missed_targets([("fmnist5k sym5", decision_checks("fmnist5k", "sym5", bad))])
     assert "fmnist5k sym5: relabel precision >= 0.95: 0.9000 (misses by 0.0500)" in missed
     assert len(missed) == 6
+
+
+def test_relabel_recall_ceiling_by_hand():
+    """Eight wrong labels, all suggested right; the ceiling is the longest prefix of the
+    p_suggestion ranking (ties move together) that is precise enough."""
+    results, truth, classes, mean, _ = _synthetic(n=40, k=2)  # 8 wrong labels
+    p = predictions_from_frames(results, truth, classes, mean)
+    assert relabel_recall_ceiling(p, 2, 0.95) == 1.0
+    issues = np.flatnonzero(p.is_label_issue)
+    assert len(issues) == 8
+    p.p_suggestion = p.p_suggestion.copy()
+    p.p_suggestion[issues] = [0.99, 0.98, 0.97, 0.96, 0.96, 0.95, 0.94, 0.93]
+    p.true = p.true.copy()
+    p.true[issues[3]] = p.given[issues[3]]  # 4th: correctly labelled, but moved away
+    # Cuts (7 wrong labels): 1/1, 2/2, 3/3 right, then 4/5 with the tie, 5/6, 6/7, 7/8.
+    assert relabel_recall_ceiling(p, 2, 0.95) == pytest.approx(3 / 7)
+    assert relabel_recall_ceiling(p, 2, 0.86) == pytest.approx(7 / 7)  # 7/8 = 0.875
+    p.true[issues[7]] = p.given[issues[7]]  # the last one too: 6 wrong labels
+    assert relabel_recall_ceiling(p, 2, 0.86) == pytest.approx(3 / 6)  # 6/8 and 5/7 < 0.86
+    assert relabel_recall_ceiling(p, 3, 0.5) == 0.0  # no image has 3 predictions
+    row = _row(relabel_recall=0.3, relabel_recall_ceiling=0.54)
+    got = {t: m for t, m, _ in decision_checks("fmnist5k", "sym10", row)}
+    assert got["relabel recall >= 0.6"] == (
+        "0.300 (misses by 0.300); at relabel precision >= 0.95 no sensitivity gets above "
+        "0.540 with these models")
 
 
 def test_results_md_lists_checks_and_misses(tmp_path):
