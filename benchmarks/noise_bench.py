@@ -252,7 +252,7 @@ def bench_one(args: argparse.Namespace, base: dict, dataset: str, noise: str,
 
     def cost(rec: dict, extra: float = 0.0) -> dict[str, float]:
         return {"trainings": rec["trainings"], "epochs": rec["epochs"],
-                "wall_s": rec["wall_s"] + extra}
+                "wall_s": rec["wall_s"] + extra, "finished": rec.get("finished")}
 
     if "original" in audits:
         p_orig, rec_orig, _ = audits["original"]

@@ -481,8 +481,13 @@ def speedup_check(training: dict[str, object], embedding: dict[str, object],
     t, e = float(training["wall_s"]), float(embedding["wall_s"])  # type: ignore[arg-type]
     ratio = t / e if e > 0 else float("nan")
     shown = f"{format_metric(ratio, '.1f')}x (training {t:.0f} s / embeddings {e:.0f} s"
-    shown += (f"; {' and '.join(reused)} reused, so the wall times are from different runs)"
-              if reused else ")")
+    if reused:  # when each finished says whether they ran back to back, in one run
+        when = "; ".join(f"{name} finished {row.get('finished') or 'at an unrecorded time'}"
+                         for name, row in (("training", training), ("embeddings", embedding)))
+        shown += (f"; {' and '.join(reused)} reused, so the wall times may be from different "
+                  f"runs: {when})")
+    else:
+        shown += ")"
     return bound_check(f"embedding audit >= {MIN_EMBED_SPEEDUP:g}x faster than training mode",
                        ratio, MIN_EMBED_SPEEDUP, ">=", ".1f", shown=shown)
 

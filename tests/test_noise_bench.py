@@ -465,10 +465,13 @@ def test_speedup_check_on_the_target_row_only():
     # The embedding row's quality is shown, not checked: the default's checks all pass.
     assert all(ok for _, _, ok in items)
     rows["embeddings (resnet18, none)"]["wall_s"] = 200.0
+    rows["default audit (x)"]["finished"] = "2026-12-01T21:45:00+00:00"
     (_, items), = all_checks([BenchTable("fmnist20k", "sym20", 20000, 4000, rows,
                                          reused=("default",))])
     assert items[-1] == (target, "5.0x (training 1000 s / embeddings 200 s; default reused, "
-                         "so the wall times are from different runs) (misses by 5.0)", False)
+                         "so the wall times may be from different runs: training finished "
+                         "2026-12-01T21:45:00+00:00; embeddings finished at an unrecorded "
+                         "time) (misses by 5.0)", False)
     # Embedding mode alone: its rows, no targets.
     assert all_checks([BenchTable("fmnist20k", "sym20", 20000, 4000,
                                   {"embeddings (resnet18, none)": _row()})]) == []
@@ -532,5 +535,6 @@ def test_results_md_names_the_backbone_and_the_reused_audits(tmp_path):
         "embeddings audit." in text
     assert "- embeddings (resnet18, none): mean knn_agreement 0.2" in text
     assert ("| fmnist20k sym20 | embedding audit >= 10x faster than training mode | 9.0x "
-            "(training 900 s / embeddings 100 s; embeddings reused, so the wall times are "
-            "from different runs) (misses by 1.0) | FAIL |") in text
+            "(training 900 s / embeddings 100 s; embeddings reused, so the wall times may be "
+            "from different runs: training finished at an unrecorded time; embeddings "
+            "finished at an unrecorded time) (misses by 1.0) | FAIL |") in text
