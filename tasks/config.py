@@ -315,8 +315,9 @@ class AuditConfig(BaseModel):
     force_relabel: bool = Field(
         False,
         description="Relabel even when the model-quality guard says the audit cannot be "
-        "trusted (models near chance, estimated noise above half, a class never learnt; see "
-        "the run's summary.json). Off: relabel refuses such a run with one line.",
+        "trusted (models near chance, estimated noise above half, a class never learnt, or "
+        "embeddings from a random backbone; see the run's summary.json). Off: relabel refuses "
+        "such a run with one line.",
         json_schema_extra=_section("Relabelling"),
     )
     relabel_mode: Literal["move", "manifest"] = Field(
