@@ -1,4 +1,4 @@
-"""Decision variants on finished benchmark audits: what two candidate changes to the posterior
+"""Decision variants on finished benchmark audits: what candidate changes to the posterior
 (`tasks.decide.posterior`) would do to the relabel decision, without training.
 
 For every finished training-mode audit under `--work` (the `noise_bench` runs with a
@@ -6,14 +6,14 @@ bench.json and predictions.parquet; `--runs` picks by name), it re-pools the run
 prints, per relabel sensitivity, the moves, their precision, the correct labels moved and the
 relabel recall of:
 
-- shipped: the product's posterior on the pooled probabilities, as merge computes it;
-- temperature: each shard's probabilities first scaled by a temperature fitted on that
-  shard's own held-out rows against the given labels (one scalar per training, by NLL), the
-  calibration a model fitted to noisy labels would get from its validation split;
-- clipped share: p_suggestion = p_label_wrong x max(q_s - f, 0) / sum over the other classes
-  j of max(q_j - f, 0), with f = eta / (K - 1), the posterior's own noise floor: the exact
-  backward-corrected share of each class, clipped at 0 per class (needs every class's pooled
-  probability, not only the CSV's two).
+- shipped: the product's posterior on the pooled probabilities, as merge computes it (the
+  suggestion's clipped backward-corrected share of the other classes);
+- temperature: the same after scaling each shard's probabilities by a temperature fitted on
+  that shard's own held-out rows against the given labels (one scalar per training, by NLL),
+  the calibration a model fitted to noisy labels would get from its validation split;
+- q share: the previous release's p_suggestion = p_label_wrong x q_s / (1 - q_g), the
+  suggestion's raw share of the other classes' probability, which a model trained at noise
+  rate eta keeps below about 1 - eta.
 
 Moves follow the product's rule (an issue, a suggestion other than the label, at least
 `min_preds` predictions, p_suggestion above sensitivity / 100); the suggestion here is the
@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 SENSITIVITIES = (80, 90, 95)
-VARIANTS = ("shipped", "temperature", "clipped share")
+VARIANTS = ("shipped", "temperature", "q share")
 
 
 def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -59,18 +59,6 @@ def with_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
     z = np.log(np.clip(probs, 1e-7, 1.0)) / temperature
     z = np.exp(z - z.max(1, keepdims=True))
     return z / z.sum(1, keepdims=True)
-
-
-def clipped_share(q: np.ndarray, given: np.ndarray, suggested: np.ndarray,
-                  floor: float) -> np.ndarray:
-    """Per row the suggestion's share of the other classes' probability above `floor`
-    (0 where no other class is above it)."""
-    rows = np.arange(len(q))
-    above = np.maximum(q - floor, 0.0)
-    above[rows, given] = 0.0
-    total = above.sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(total > 0, above[rows, suggested] / total, 0.0)
 
 
 @dataclass
@@ -115,10 +103,10 @@ def pool_run(run: Path, truth_csv: Path) -> Pooled:
                   labels[has], true[has], temperatures)
 
 
-def decide_rows(q: np.ndarray, given: np.ndarray, num_preds: np.ndarray,
-                clipped: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def decide_rows(q: np.ndarray, given: np.ndarray,
+                q_share: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(suggested label, is_label_issue, p_suggestion) as merge decides them from pooled
-    probabilities (the vote taken as the argmax), with the clipped share if asked."""
+    probabilities (the vote taken as the argmax), or with the previous release's share."""
     from cleanlab.count import compute_confident_joint
 
     from tasks import decide
@@ -129,11 +117,13 @@ def decide_rows(q: np.ndarray, given: np.ndarray, num_preds: np.ndarray,
     joint = compute_confident_joint(given, q, calibrate=False)
     eta, _ = decide.noise_rates(decide.noise_joint(joint, np.bincount(given, minlength=k)))
     differs = suggested != given
-    p_wrong, p_sugg = decide.posterior(q[rows, given], q[rows, suggested], differs, eta, k, n)
-    if clipped:
-        prior = min(max(eta, 1.0 / n), decide.PRIOR_MAX * (k - 1) / k)
-        p_sugg = np.where(differs, p_wrong * clipped_share(q, given, suggested,
-                                                           prior / (k - 1)), 0.0)
+    q_g, q_s = q[rows, given], q[rows, suggested]
+    p_wrong, p_sugg = decide.posterior(q_g, q_s, differs, eta, k, n,
+                                       *decide.other_classes(q, given, suggested))
+    if q_share:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share = np.where(q_g < 1, q_s / (1 - q_g), 0.0)
+        p_sugg = np.where(differs, p_wrong * np.clip(share, 0, 1), 0.0)
     return suggested, (p_wrong > 0.5) & differs, p_sugg
 
 
@@ -143,8 +133,7 @@ def variant_lines(name: str, pooled: Pooled, min_preds: int) -> list[str]:
     lines = []
     for variant in VARIANTS:
         q = pooled.scaled if variant == "temperature" else pooled.raw
-        suggested, issue, p_sugg = decide_rows(q, pooled.given, pooled.num_preds,
-                                               variant == "clipped share")
+        suggested, issue, p_sugg = decide_rows(q, pooled.given, variant == "q share")
         cells = []
         for s in SENSITIVITIES:
             moved = issue & (p_sugg > s / 100) & (pooled.num_preds >= min_preds)

@@ -14,10 +14,13 @@ tiers, the model-quality guard, the relabel rule and the run summary.
   weak model's own look-alike confusions cannot raise the prior of exactly the pairs it
   confuses), Bayes' rule with the backward-corrected class probability
   p_g = (q_g - eta / (K - 1)) / (1 - eta K / (K - 1)) gives
-  P(label right) = (1 - eta) p_g / q_g, so `p_label_wrong` = 1 - that (clipped to [0, 1]),
-  and `p_suggestion` = p_label_wrong x q_s / (1 - q_g): the share of the other classes' mass
-  that the suggestion holds. Only q_g (`label_quality`) and q_s (`suggested_quality`) enter,
-  so both can be recomputed from the CSV.
+  P(label right) = (1 - eta) p_g / q_g, so `p_label_wrong` = 1 - that (clipped to [0, 1]).
+  Given that the label is wrong, the true class is j with probability proportional to its
+  backward-corrected p_j = (q_j - eta / (K - 1)) / scale, clipped at 0 class by class, so
+  `p_suggestion` = p_label_wrong x max(q_s - f, 0) / sum over j != given of max(q_j - f, 0)
+  with the floor f = eta / (K - 1) (`other_classes` keeps the `OTHERS` largest q_j of each
+  image besides the label and the suggestion; the rest's probability counts in full, which
+  can only lower the share).
 - Issues: `is_label_issue` is p_label_wrong > 1/2 (the label is more likely wrong than
   right) with a suggestion that differs from the label.
 - Tiers: `issue` is `is_label_issue`; `review` the next most suspicious images (lowest label
@@ -48,6 +51,9 @@ MIN_CLASS_IMAGES = 10
 # The posterior's prior noise rate stays below this share of (K - 1) / K, where the backward
 # correction's scale 1 - eta K / (K - 1) reaches 0 (the guard distrusts such runs anyway).
 PRIOR_MAX = 0.9
+# p_suggestion uses this many of the other classes' probabilities per image exactly; the
+# remaining classes' probability counts in full (exact up to OTHERS + 1 classes).
+OTHERS = 16
 # Above this estimated noise rate the confident joint no longer tells labels from errors.
 MAX_NOISE = 0.5
 # Probes on a randomly initialised backbone's features are too weak and too sure of themselves
@@ -79,10 +85,27 @@ def noise_rates(joint: np.ndarray) -> tuple[float, np.ndarray]:
     return float(1.0 - np.trace(joint)), per_class
 
 
+def other_classes(probs: np.ndarray, labels: np.ndarray,
+                  suggested: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row (image) of mean probabilities: the `OTHERS` largest probabilities of the
+    classes other than its label and its suggestion (in no particular order; those two count
+    as 0) and the sum of the remaining classes' probabilities. NaN (no prediction) counts
+    as 0."""
+    p = np.nan_to_num(np.asarray(probs, dtype=np.float32), nan=0.0)
+    rows = np.arange(len(p))
+    p[rows, np.asarray(labels)] = 0.0
+    p[rows, np.asarray(suggested)] = 0.0
+    keep = min(OTHERS, p.shape[1])
+    top = np.partition(p, p.shape[1] - keep, axis=1)[:, p.shape[1] - keep:]
+    rest = np.maximum(p.sum(1, dtype=np.float64) - top.sum(1, dtype=np.float64), 0.0)
+    return top, rest
+
+
 def posterior(label_quality: np.ndarray, suggested_quality: np.ndarray, differs: np.ndarray,
-              noise_rate: float, num_classes: int,
-              predicted: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per image (p_label_wrong, p_suggestion), see the module docstring; NaN where there is
+              noise_rate: float, num_classes: int, predicted: int, others: np.ndarray,
+              rest: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per image (p_label_wrong, p_suggestion), see the module docstring (`others`, `rest`:
+    `other_classes` of the mean probabilities, labels and suggestions); NaN where there is
     no prediction, p_suggestion 0 where the suggestion is the label. The prior noise rate is
     cleanlab's estimate, at least one wrong label in `predicted` images and at most
     `PRIOR_MAX` of the rate at which the backward correction breaks down."""
@@ -94,11 +117,14 @@ def posterior(label_quality: np.ndarray, suggested_quality: np.ndarray, differs:
     k = num_classes
     eta = min(max(float(noise_rate), 1.0 / max(1, predicted)), PRIOR_MAX * (k - 1) / k)
     floor, scale = eta / (k - 1), 1.0 - eta * k / (k - 1)
+    mine = np.maximum(q_s - floor, 0.0)
+    above = mine + (np.maximum(np.asarray(others, dtype=np.float64) - floor, 0.0).sum(1)
+                    + np.asarray(rest, dtype=np.float64))
     with np.errstate(invalid="ignore", divide="ignore"):
         right = (1.0 - eta) * np.maximum(q_g - floor, 0.0) / (scale * q_g)
         right = np.where(q_g > 0, right, 0.0)
         wrong = 1.0 - np.clip(right, 0.0, 1.0)
-        share = np.where(q_g < 1, q_s / (1.0 - q_g), 0.0)
+        share = np.where(above > 0, mine / above, 0.0)
     sugg = np.where(np.asarray(differs, dtype=bool), wrong * np.clip(share, 0.0, 1.0), 0.0)
     missing = np.isnan(q_g)
     return np.where(missing, np.nan, wrong), np.where(missing | np.isnan(q_s), np.nan, sugg)

@@ -78,7 +78,9 @@ _CL_THRESHOLD_FLOOR = 2e-6
 
 # Memory model of the merge (bytes), checked with benchmarks/scale_bench.py.
 BASE_BYTES = 350 << 20  # Python, numpy, pandas, pyarrow and cleanlab
-IMAGE_BYTES = 120  # per image, kept for the whole merge (labels, counts, flags, sort keys)
+# per image, kept for the whole merge (labels, counts, flags, sort keys, the other classes'
+# largest probabilities for p_suggestion)
+IMAGE_BYTES = 120 + 4 * decide.OTHERS + 8
 BUCKET_IMAGE_BYTES = 700  # per image of a bucket: its result row, sorted and written
 BUCKET_CELL_BYTES = 16  # per image x class of a bucket: workspace, mean probabilities written
 TOPK_IMAGE_BYTES = 800  # per image beyond FULL_PROBS_MAX_CLASSES: its top-k classes written
@@ -212,7 +214,7 @@ def score(labels: np.ndarray, votes: np.ndarray, mean_probs: np.ndarray,
     noise, _ = decide.noise_rates(decide.noise_joint(joint, counts))
     s["p_label_wrong"], s["p_suggestion"] = decide.posterior(
         s["quality"], s["suggested_quality"], s["corrected"] != labels, noise, k,
-        int(predicted.sum()))
+        int(predicted.sum()), *decide.other_classes(safe_probs, labels, s["corrected"]))
     s["flagged"] = (np.nan_to_num(s["p_label_wrong"]) > 0.5) & _disagrees(
         s, labels, max_label_quality)
     return s
@@ -522,6 +524,8 @@ class _Merge:
         self.tier = np.full(self.n, 2, dtype=np.int8)  # set after pass 2 (`tasks.decide`)
         self.p_wrong = np.full(self.n, np.nan)  # ... as are the posterior's two columns
         self.p_suggestion = np.full(self.n, np.nan)
+        self.others = np.zeros((self.n, min(decide.OTHERS, self.k)), dtype=np.float32)
+        self.rest = np.zeros(self.n)  # ... and the rest's sum (`decide.other_classes`)
         # method embeddings: the neighbour columns by id, appended to the results' columns
         self.neighbours = None
         if self.cfg.method == "embeddings":
@@ -610,6 +614,8 @@ class _Merge:
             for key, value in _vote_scores(lab[a:b], pool.votes[a:b], means,
                                            npred[a:b]).items():
                 s[key][a:b] = value
+            self.others[lo + a:lo + b], self.rest[lo + a:lo + b] = decide.other_classes(
+                means, lab[a:b], s["corrected"][a:b])
             p = predicted[a:b]
             sub = filt.scaled(_scaled(means[p]))
             self_conf[done:done + len(sub)] = filt.self_confidence(lab[a:b][p], sub)
@@ -770,7 +776,8 @@ def merge_run(run: str) -> str:
         noise, _ = decide.noise_rates(joint)
         m.p_wrong, m.p_suggestion = decide.posterior(
             m.quality, m.suggested_quality, m.corrected != m.labels, noise, m.k,
-            int(predicted.sum()))
+            int(predicted.sum()), m.others, m.rest)
+        m.others = m.rest = None
         m.p_wrong, m.p_suggestion = np.round(m.p_wrong, 5), np.round(m.p_suggestion, 5)
         flags = (np.nan_to_num(m.p_wrong) > 0.5) & m.disagree
         m.tier = decide.tiers(flags, m.quality, noise * predicted.sum())

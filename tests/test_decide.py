@@ -86,22 +86,45 @@ def test_posterior_by_hand():
     q_g = np.array([0.005, 0.02, 0.5, 0.9, np.nan, 0.05])
     q_s = np.array([0.99, 0.9, 0.45, 0.05, np.nan, 0.9])
     differs = np.array([True, True, True, True, False, False])
-    wrong, sugg = decide.posterior(q_g, q_s, differs, 0.1, 10, 1000)
+    # the other classes: the suggestion and the rest spread evenly over 8 classes
+    probs = np.zeros((6, 10))
+    probs[:, 0], probs[:, 1] = q_g, q_s
+    probs[:, 2:] = ((1 - np.nan_to_num(q_g) - np.nan_to_num(q_s)) / 8)[:, None]
+    others = decide.other_classes(probs, np.zeros(6, dtype=int), np.ones(6, dtype=int))
+    wrong, sugg = decide.posterior(q_g, q_s, differs, 0.1, 10, 1000, *others)
     floor, scale = 0.1 / 9, 8 / 9
     right = 0.9 * (q_g - floor) / (scale * q_g)
     assert wrong[0] == 1.0  # below the floor: surely wrong
     assert wrong[1:4] == pytest.approx(1 - right[1:4])
     assert wrong[1] > 0.5 > wrong[2] > wrong[3] >= 0  # 0.02 flags, 0.5 does not
-    assert sugg[:4] == pytest.approx(wrong[:4] * q_s[:4] / (1 - q_g[:4]))
+    spread = np.maximum(probs[:, 2] - floor, 0)
+    share = np.maximum(q_s - floor, 0) / (np.maximum(q_s - floor, 0) + 8 * spread)
+    assert sugg[:4] == pytest.approx(wrong[:4] * share[:4])
+    assert share[0] == 1.0  # the others (0.000625 each) are below the floor
     assert sugg[5] == 0.0 and np.isnan(wrong[4]) and np.isnan(sugg[4])
     # the prior: at least one wrong label in the predicted images, and capped
-    none, _ = decide.posterior(q_g, q_s, differs, 0.0, 10, 1000)
+    none, _ = decide.posterior(q_g, q_s, differs, 0.0, 10, 1000, *others)
     assert none[1] == pytest.approx(1 - 0.999 * (0.02 - 0.001 / 9)
                                     / ((1 - 0.001 * 10 / 9) * 0.02))
-    capped, _ = decide.posterior(q_g, q_s, differs, 0.99, 2, 1000)
+    capped, _ = decide.posterior(q_g, q_s, differs, 0.99, 2, 1000, *others)
     assert np.isfinite(capped[:4]).all() and (capped[:4] <= 1).all()
-    one, _ = decide.posterior(q_g, q_s, differs, 0.1, 1, 1000)
+    one, _ = decide.posterior(q_g, q_s, differs, 0.1, 1, 1000, *others)
     assert (np.nan_to_num(one) == 0).all()
+
+
+def test_other_classes_keeps_the_largest_and_sums_the_rest():
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(40), size=5)
+    labels, suggested = np.array([0, 3, 39, 7, 7]), np.array([1, 2, 0, 7, 8])
+    top, rest = decide.other_classes(probs, labels, suggested)
+    assert top.shape == (5, decide.OTHERS)
+    for i, (g, s) in enumerate(zip(labels, suggested, strict=True)):
+        other = np.sort(np.delete(probs[i], sorted({g, s})))
+        assert np.sort(top[i]) == pytest.approx(other[-decide.OTHERS:], abs=1e-7)
+        assert rest[i] == pytest.approx(other[:-decide.OTHERS].sum(), abs=1e-6)
+    ten = probs[:, :10] / probs[:, :10].sum(1, keepdims=True)
+    small, rest = decide.other_classes(ten, np.zeros(5, dtype=int), np.ones(5, dtype=int))
+    assert small.shape == (5, 10) and (rest < 1e-6).all()  # every class kept: exact
 
 
 @pytest.mark.parametrize(("noise", "skill", "fires"), [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from benchmarks.decision_variants import clipped_share, fit_temperature, with_temperature
+from benchmarks.decision_variants import fit_temperature, with_temperature
 
 
 def test_fit_temperature_recovers_the_temperature_that_made_the_labels():
@@ -17,11 +17,3 @@ def test_fit_temperature_recovers_the_temperature_that_made_the_labels():
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     assert fit_temperature(probs, labels) == pytest.approx(true_t, rel=0.1)
     assert with_temperature(probs, 1.0) == pytest.approx(probs, abs=1e-6)
-
-
-def test_clipped_share_ignores_the_given_class_and_mass_below_the_floor():
-    q = np.array([[0.05, 0.80, 0.10, 0.05],   # given 0, suggested 1: 0.75 / (0.75 + 0.05)
-                  [0.90, 0.04, 0.03, 0.03],   # nothing above the floor besides the label
-                  [0.10, 0.30, 0.30, 0.30]])  # three equal classes
-    share = clipped_share(q, np.array([0, 0, 0]), np.array([1, 1, 1]), 0.05)
-    assert share == pytest.approx([0.75 / 0.80, 0.0, 1 / 3])

@@ -109,9 +109,10 @@ def test_votes_majority_ties_and_scores(tmp_path):
     assert planted["label_quality"] == pytest.approx(0.005, abs=1e-5)
     assert planted["votes"] == "dog:3"
     assert bool(planted["is_label_issue"]) and planted["tier"] == "issue"
-    # below the prior's noise floor the label is surely wrong, and dog holds the rest
+    # below the prior's noise floor (eta / 2, eta >= 1 / 30) the label is surely wrong, and
+    # dog holds all of the other classes' probability above the floor (owl has 0.005)
     assert planted["p_label_wrong"] == 1.0
-    assert planted["p_suggestion"] == pytest.approx(0.99 / 0.995, abs=1e-5)
+    assert planted["p_suggestion"] == 1.0
 
     majority = res.loc["cat/img-001.png"]
     assert majority["corrected_label"] == "dog"  # 2 votes beat owl's mean 0.59
@@ -390,7 +391,8 @@ def reference_merge(run: str) -> tuple[bytes, np.ndarray]:
                                                                calibrate=False)
     noise, _ = decide.noise_rates(decide.noise_joint(cj, label_counts))
     p_wrong, p_sugg = decide.posterior(np.round(quality, 5), np.round(suggested, 5),
-                                       corrected != labels, noise, k, int(predicted.sum()))
+                                       corrected != labels, noise, k, int(predicted.sum()),
+                                       *decide.other_classes(safe, labels, corrected))
     p_wrong, p_sugg = np.round(p_wrong, 5), np.round(p_sugg, 5)
     flagged = ((np.nan_to_num(p_wrong) > 0.5) & (corrected != labels)
                & (np.nan_to_num(quality, nan=1.0) < cfg.max_label_quality))

@@ -125,7 +125,7 @@ def _synthetic(n: int = 60, k: int = 3, seed: int = 0, unpredicted: int = 0,
     columns as merge computes them (`tasks.decide.posterior` at a 20% noise rate: every wrong
     label's p_suggestion is above 0.9); with `decision`, the tier column too (every wrong
     label an issue, no review tier)."""
-    from tasks.decide import posterior
+    from tasks.decide import other_classes, posterior
 
     rng = np.random.default_rng(seed)
     classes = [f"c{i}" for i in range(k)]
@@ -153,7 +153,8 @@ def _synthetic(n: int = 60, k: int = 3, seed: int = 0, unpredicted: int = 0,
         "suggested_quality": probs[np.arange(n), corrected],
     })
     p_wrong, p_sugg = posterior(quality, results["suggested_quality"].to_numpy(),
-                                corrected != given, 0.2, k, n - unpredicted)
+                                corrected != given, 0.2, k, n - unpredicted,
+                                *other_classes(probs, given, corrected))
     results["p_label_wrong"], results["p_suggestion"] = np.round(p_wrong, 5), np.round(p_sugg, 5)
     if decision:
         results["tier"] = np.where(results["is_label_issue"], "issue", "ok")
