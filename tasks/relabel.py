@@ -7,7 +7,9 @@ file (tasks/decisions.py): exactly the `accept` and `other` rows move, whatever 
 say; the same safety checks apply. The journal (the whole plan, and where it came from) is
 written before anything moves.
 Each move is: copy (server-side on S3) to `<root>/<corrected_label>/<name>`, verify the
-copy's size and checksum against the source, then delete the source. An existing object
+copy's size and checksum against the source, then delete the source (on S3 the sources of
+verified copies are deleted DELETE_BATCH at a time, so a killed relabel can leave both
+copies of a few files until the re-run or undo). An existing object
 is never overwritten: a clash gets a deterministic suffix. Every step is idempotent and its
 state is read back from the store, so re-running an interrupted relabel finishes it, and
 `undo` reverses a journal the same way; a moved file that was deleted by hand since is
@@ -28,7 +30,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -49,6 +53,8 @@ log = logging.getLogger(__name__)
 PROGRESS_SECONDS = 5.0  # one progress line per this many seconds of moving
 PLAN_LOGGED = 20  # moves a relabel lists one per line (a dry run lists all; the journal too)
 JOURNAL_BATCH = 10_000  # journal lines encoded and written at a time
+DELETE_BATCH = 1000  # sources of verified S3 copies deleted per request
+_MD5 = re.compile(r"[0-9a-f]{32}")
 LIST_PAGE = 1000  # keys per page of an S3 listing
 
 
@@ -240,15 +246,17 @@ def _listed(root: str, pairs: list[tuple[str, str]], class_sizes: dict[str, int]
 
 
 def _look(root: str, src: str, corrected: str, known: dict[str, ObjectInfo] | None,
-          ) -> tuple[ObjectInfo | None, str, bool]:
+          md5_etags: bool) -> tuple[ObjectInfo | None, str, bool]:
     """What planning needs to know of one source: its head (or its entry in the listing
-    `known`), its content MD5 (the head's ETag locally; an S3 ETag is one only for
-    single-part, unencrypted objects), and whether its plain destination is taken."""
+    `known`), its content MD5 (the head's ETag locally; on S3 a single-part ETag where
+    `md5_etags` says the store's are MD5s, else the MD5 of the downloaded content), and
+    whether its plain destination is taken."""
     src_uri, dst = storage.join(root, src), _target_key(src, corrected)
     info = storage.head(src_uri) if known is None else known.get(src)
     if info is None:
         return None, "", False
-    md5 = info.etag if not storage.is_s3(root) else _content_md5(src_uri)
+    md5 = (info.etag if not storage.is_s3(root) or (md5_etags and _MD5.fullmatch(info.etag))
+           else _content_md5(src_uri))
     taken = storage.exists(storage.join(root, dst)) if known is None else dst in known
     return info, md5, taken
 
@@ -274,9 +282,14 @@ def plan_moves(root: str, rows: pd.DataFrame, workers: int | None = None,
                 raise RelabelError(f"refusing to relabel {key!r}: {reason}")
     workers = storage.parallelism(root) if workers is None else workers
     known = _listed(root, pairs, class_sizes, workers) if pairs else None
+    # One HEAD tells whether this store's single-part ETags are MD5s (no KMS or customer-key
+    # encryption); a source that is an exception fails its move's check and is kept.
+    md5_etags = bool(pairs) and storage.is_s3(root) and storage.etags_are_md5(
+        storage.join(root, pairs[0][0]))
     progress = Progress("planned", "files checked", len(pairs))
     looked: list[tuple[ObjectInfo | None, str, bool]] = [(None, "", False)] * len(pairs)
-    for i, _, found in _in_parallel(lambda p: _look(root, *p, known), pairs, workers):
+    for i, _, found in _in_parallel(lambda p: _look(root, *p, known, md5_etags), pairs,
+                                    workers):
         looked[i] = found
         progress.step()
     moves: list[Move] = []
@@ -315,8 +328,10 @@ def _same(info: storage.ObjectInfo | None, uri: str, move: Move) -> bool:
     return bool(move.md5) and _content_md5(uri) == move.md5
 
 
-def _move_one(root: str, move: Move, src_key: str, dst_key: str) -> str:
-    """Bring one move to its end state; returns what was done. Idempotent."""
+def _move_one(root: str, move: Move, src_key: str, dst_key: str,
+              delete: Callable[[str], None] | None = None) -> str:
+    """Bring one move to its end state; returns what was done. Idempotent. The source goes
+    through `delete` once its copy is verified (a batch may delete it later)."""
     src_uri, dst_uri = storage.join(root, src_key), storage.join(root, dst_key)
     src, dst = storage.head(src_uri), storage.head(dst_uri)
     if src is None and _same(dst, dst_uri, move):
@@ -334,11 +349,12 @@ def _move_one(root: str, move: Move, src_key: str, dst_key: str) -> str:
     if not _same(dst, dst_uri, move):
         raise RelabelError(f"copy {dst_uri} does not match {src_uri} (size/checksum); "
                            "source kept")
-    storage.delete(src_uri)
+    (delete or storage.delete)(src_uri)
     return "moved"
 
 
-def _move_fast(root: str, move: Move, src_key: str, dst_key: str) -> str:
+def _move_fast(root: str, move: Move, src_key: str, dst_key: str,
+               delete: Callable[[str], None] | None = None) -> str:
     """`_move_one` in fewer requests where the store checks both ends itself (S3): a copy made
     only if the source is still the planned version and the destination is free, verified by
     the ETag the copy reports (else a HEAD and the MD5), then the delete. Anything else (the
@@ -348,12 +364,35 @@ def _move_fast(root: str, move: Move, src_key: str, dst_key: str) -> str:
     try:
         etag = storage.copy(src_uri, dst_uri, expect=ObjectInfo(src_key, move.size, move.etag))
     except StorageError:
-        return _move_one(root, move, src_key, dst_key)
+        return _move_one(root, move, src_key, dst_key, delete)
     if etag != move.etag and not _same(storage.head(dst_uri), dst_uri, move):
         raise RelabelError(f"copy {dst_uri} does not match {src_uri} (size/checksum); "
                            "source kept")
-    storage.delete(src_uri)
+    (delete or storage.delete)(src_uri)
     return "moved"
+
+
+class _Deletes:
+    """The sources of verified copies, deleted DELETE_BATCH at a time on S3 (one DeleteObjects
+    request each) and at once locally. Thread-safe; `flush` deletes what is pending."""
+
+    def __init__(self, batched: bool) -> None:
+        self.batched, self.pending, self.lock = batched, [], threading.Lock()
+
+    def add(self, uri: str) -> None:
+        if not self.batched:
+            storage.delete(uri)
+            return
+        with self.lock:
+            self.pending.append(uri)
+
+    def full(self) -> bool:
+        return len(self.pending) >= DELETE_BATCH
+
+    def flush(self) -> None:
+        with self.lock:
+            batch, self.pending = self.pending, []
+        storage.delete_many(batch)
 
 
 def _duration(seconds: float) -> str:
@@ -548,11 +587,12 @@ def _execute(root: str, moves: list[Move], reverse: bool, workers: int | None = 
     if workers > 1 and _chained(moves):
         workers = 1
     step = _move_fast if storage.is_s3(root) else _move_one
+    deletes = _Deletes(batched=storage.is_s3(root))
 
     def run(m: Move) -> tuple[str, GoneError | None]:
         src, dst = (m.dst, m.src) if reverse else (m.src, m.dst)
         try:
-            return step(root, m, src, dst), None
+            return step(root, m, src, dst, deletes.add), None
         except GoneError as err:
             if not reverse:
                 raise
@@ -561,12 +601,23 @@ def _execute(root: str, moves: list[Move], reverse: bool, workers: int | None = 
     counts: dict[str, int] = {}
     gone: list[tuple[int, dict]] = []
     progress = Progress("undo" if reverse else "relabel", "moves", len(moves))
-    for i, m, (done, err) in _in_parallel(run, moves, workers):
-        if err is not None:
-            log.warning("cannot restore %s: %s", m.src, err)
-            gone.append((i, {"src": m.src, "dst": m.dst, "reason": str(err)}))
-        counts[done] = counts.get(done, 0) + 1
-        progress.step()
+    try:
+        for i, m, (done, err) in _in_parallel(run, moves, workers):
+            if err is not None:
+                log.warning("cannot restore %s: %s", m.src, err)
+                gone.append((i, {"src": m.src, "dst": m.dst, "reason": str(err)}))
+            counts[done] = counts.get(done, 0) + 1
+            progress.step()
+            if deletes.full():
+                deletes.flush()
+    except BaseException:
+        try:  # the copies made are verified: delete their sources, then stop
+            deletes.flush()
+        except StorageError as err:
+            log.warning("the sources of the last verified copies were not deleted (%s); a "
+                        "re-run deletes them", err)
+        raise
+    deletes.flush()
     progress.finish()
     return counts, [x for _, x in sorted(gone, key=lambda g: g[0])]
 

@@ -60,6 +60,7 @@ DEFAULT_MAX_ATTEMPTS = 20
 MULTIPART_THRESHOLD = 64 << 20
 MULTIPART_CHUNK = 16 << 20
 COPY_OBJECT_LIMIT = 5 << 30  # the largest object CopyObject copies in one request
+DELETE_OBJECTS_LIMIT = 1000  # the most keys one DeleteObjects request takes
 PROGRESS_SECONDS = 10
 STREAM_ATTEMPTS = 3  # botocore retries a request, not a body that breaks mid-stream
 
@@ -71,6 +72,8 @@ _BAD_CREDENTIALS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken
 _BUSY = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
          "ServiceUnavailable", "503", "InternalError", "500", "RequestTimeout"}
 _NOT_SUPPORTED = {"NotImplemented", "501", "InvalidArgument", "InvalidRequest"}
+_REFUSED = {"PreconditionFailed", "412", "ConditionalRequestConflict"}
+_KMS = {"aws:kms", "aws:kms:dsse"}  # encryption whose ETags are not the content MD5
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -185,6 +188,9 @@ class S3Backend:
                                        max_concurrency=min(self.concurrency, 10))
         self._conditional_copy: bool | None = None  # unknown until the server answers
         self._conditional_put: bool | None = None
+        self._multi_delete: bool | None = None
+        self._refuses_overwrite: dict[str, bool] = {}  # per bucket, once probed
+        self._probe_lock = threading.Lock()
 
     @classmethod
     def shared(cls, settings: Mapping[str, str] | None = None) -> S3Backend:
@@ -302,7 +308,7 @@ class S3Backend:
                     return True
                 except ClientError as err:
                     code = str(err.response.get("Error", {}).get("Code"))
-                    if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                    if code in _REFUSED:
                         return False
                     if code not in _NOT_SUPPORTED or self._conditional_put:
                         raise
@@ -455,7 +461,7 @@ class S3Backend:
         info = expect or self.head(src)
         if info is None:
             raise StorageError(f"{src} does not exist")
-        if self.head(dst) is not None:
+        if not self._overwrite_refused(dst_bucket, dst_key) and self.head(dst) is not None:
             raise StorageError(f"refusing to overwrite {dst}")
         source = {"Bucket": src_bucket, "Key": src_key}
         match = {"CopySourceIfMatch": f'"{expect.etag}"'} if expect else {}
@@ -477,7 +483,7 @@ class S3Backend:
                         return _copy_etag(resp)
                     except ClientError as err:
                         code = str(err.response.get("Error", {}).get("Code"))
-                        if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                        if code in _REFUSED:
                             raise StorageError(refused) from None
                         if code not in _NOT_SUPPORTED or self._conditional_copy:
                             raise
@@ -495,10 +501,96 @@ class S3Backend:
                     raise StorageError(refused) from None
                 raise
 
+    def _overwrite_refused(self, bucket: str, key: str) -> bool:
+        """Whether this server is proven to refuse a conditional copy (If-None-Match: *) onto
+        an existing object of `bucket`, so that a copy needs no HEAD of its destination
+        first: tried once per bucket with two hidden probe objects beside `key`, deleted
+        right after (a server that ignores the condition keeps the HEAD check)."""
+        with self._probe_lock:
+            if bucket not in self._refuses_overwrite:
+                self._refuses_overwrite[bucket] = self._probe_overwrite(bucket, key)
+            return self._refuses_overwrite[bucket]
+
+    def _probe_overwrite(self, bucket: str, key: str) -> bool:
+        folder = key.rsplit("/", 1)[0] + "/" if "/" in key else ""
+        a, b = (f"{folder}.acl-overwrite-probe-{os.urandom(6).hex()}-{x}" for x in "ab")
+        try:
+            self.client.put_object(Bucket=bucket, Key=a, Body=b"a")
+            self.client.put_object(Bucket=bucket, Key=b, Body=b"b")
+            try:
+                self.client.copy_object(Bucket=bucket, Key=b, IfNoneMatch="*",
+                                        CopySource={"Bucket": bucket, "Key": a})
+            except ClientError as err:
+                if str(err.response.get("Error", {}).get("Code")) in _REFUSED:
+                    return True
+                raise
+            log.info("this S3 server does not refuse a conditional copy onto an existing "
+                     "object; every copy checks its destination first")
+            return False
+        except (ClientError, BotoCoreError) as err:
+            log.info("could not check whether this S3 server refuses overwrites (%s); every "
+                     "copy checks its destination first", self._redact(str(err))[:200])
+            return False
+        finally:
+            for k in (a, b):
+                try:
+                    self.client.delete_object(Bucket=bucket, Key=k)
+                except (ClientError, BotoCoreError):
+                    log.warning("could not delete the probe object s3://%s/%s", bucket, k)
+
     def delete(self, uri: str) -> None:
         bucket, key = split_uri(uri)
         with self._errors(uri, "delete"):
             self.client.delete_object(Bucket=bucket, Key=key)
+
+    def delete_many(self, uris: list[str]) -> None:
+        by_bucket: dict[str, list[str]] = {}
+        for uri in uris:
+            bucket, key = split_uri(uri)
+            by_bucket.setdefault(bucket, []).append(key)
+        for bucket, keys in by_bucket.items():
+            for a in range(0, len(keys), DELETE_OBJECTS_LIMIT):
+                self._delete_objects(bucket, keys[a:a + DELETE_OBJECTS_LIMIT])
+
+    def _delete_objects(self, bucket: str, keys: list[str]) -> None:
+        if self._multi_delete is False:
+            for key in keys:
+                self.delete(f"s3://{bucket}/{key}")
+            return
+        with self._errors(f"s3://{bucket}/{keys[0]}", "delete"):
+            try:
+                resp = self.client.delete_objects(
+                    Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys], "Quiet": True})
+                self._multi_delete = True
+            except ClientError as err:
+                code = str(err.response.get("Error", {}).get("Code"))
+                if code not in _NOT_SUPPORTED or self._multi_delete:
+                    raise
+                log.info("this S3 server has no multi-object delete (%s); deleting one object "
+                         "per request", code)
+                self._multi_delete = False
+                self._delete_objects(bucket, keys)
+                return
+        failed = [e for e in resp.get("Errors") or [] if str(e.get("Code")) not in _MISSING]
+        if failed:
+            first = failed[0]
+            raise StorageError(
+                f"could not delete {len(failed)} of {len(keys)} objects, the first "
+                f"s3://{bucket}/{first.get('Key')} ({first.get('Code')}: "
+                f"{self._redact(str(first.get('Message', '')))[:200]})")
+
+    def etags_are_md5(self, uri: str) -> bool:
+        bucket, key = split_uri(uri)
+        with self._errors(uri, "read"):
+            try:
+                resp = self.client.head_object(Bucket=bucket, Key=key)
+            except ClientError as err:
+                if str(err.response.get("Error", {}).get("Code")) in _MISSING | {"NoSuchBucket"}:
+                    return False
+                raise
+        return (re.fullmatch(r"[0-9a-f]{32}", str(resp["ETag"]).strip('"')) is not None
+                and resp.get("ServerSideEncryption") not in _KMS
+                and not resp.get("SSECustomerAlgorithm"))
 
     def local_path(self, uri: str) -> str:
         return self.fetch_many([uri])[0]

@@ -299,6 +299,13 @@ class LocalBackend:
     def delete(self, uri: str) -> None:
         Path(uri).unlink(missing_ok=True)
 
+    def delete_many(self, uris: list[str]) -> None:
+        for uri in uris:
+            self.delete(uri)
+
+    def etags_are_md5(self, uri: str) -> bool:
+        return True
+
     def local_path(self, uri: str) -> str:
         return uri
 
@@ -388,6 +395,21 @@ def parallelism(uri: str) -> int:
 def delete(uri: str) -> None:
     """Delete one file or object (no error if it is already gone)."""
     _backend(uri).delete(uri)
+
+
+def delete_many(uris: list[str]) -> None:
+    """Delete files or objects of one store (no error for those already gone): on S3 in
+    DeleteObjects requests of up to 1,000 keys (one request per key where the server has no
+    multi-object delete); a StorageError names the first that could not be deleted."""
+    if uris:
+        _backend(uris[0]).delete_many(uris)
+
+
+def etags_are_md5(uri: str) -> bool:
+    """True when the ETag of the object at `uri` is its content MD5 (always for a local file's
+    `head`; on S3 for a single-part object stored without KMS or customer-key encryption, as
+    a HEAD tells), so a plan can take other single-part ETags of that store for MD5s."""
+    return _backend(uri).etags_are_md5(uri)
 
 
 def local_path(uri: str) -> str:

@@ -860,6 +860,23 @@ def test_parallel_moves_in_the_bucket_survive_a_kill_and_a_changed_source(s3, ca
     assert bucket_snapshot(s3, root) == before
 
 
+def test_planning_in_the_bucket_downloads_nothing(s3):
+    """The bucket's single-part ETags are MD5s (one HEAD tells): planning lists the class
+    folders instead of reading every image, and each move carries the ETag as its MD5."""
+    from tasks.relabel import plan_moves
+    from tasks.s3 import S3Backend
+
+    root, results = bucket_dataset(s3, f"{s3.prefix}/ds", 30)
+    calls = []
+    for op in ("GetObject", "HeadObject", "ListObjectsV2"):
+        S3Backend.shared().client.meta.events.register(f"before-call.s3.{op}",
+                                                       lambda op=op, **kw: calls.append(op))
+    moves = plan_moves(root, results, workers=4, class_sizes={"cat": 30, "dog": 1})
+    assert sorted(set(calls)) == ["HeadObject", "ListObjectsV2"] and calls.count("HeadObject") == 1
+    assert len(moves) == 30
+    assert all(m.md5 == m.etag == hashlib.md5(content(m.src)).hexdigest() for m in moves)
+
+
 def test_parallel_and_serial_relabels_write_the_same_journal(s3):
     """16 moves in flight or one at a time: the same journal (but the root and the times),
     the same objects moved; an undo in parallel lists the files it cannot restore in the

@@ -113,6 +113,67 @@ def test_conditional_copy_refuses_overwrite_without_head_check(s3, monkeypatch):
     assert backend.read_bytes(f"{s3.root}/dst.png") == b"old"
 
 
+def test_copies_skip_the_destination_check_once_the_server_refuses_overwrites(s3):
+    """SeaweedFS refuses a conditional copy onto an existing object: proven once per bucket
+    with two hidden probe objects (gone afterwards), then a copy is one request."""
+    backend = S3Backend()
+    for i in range(2):
+        backend.write_bytes(f"{s3.root}/a/{i}.png", b"x%d" % i)
+    infos = [backend.head(f"{s3.root}/a/{i}.png") for i in range(2)]
+    calls = []
+    for op in ("HeadObject", "CopyObject", "PutObject"):
+        backend.client.meta.events.register(f"before-call.s3.{op}",
+                                            lambda op=op, **kw: calls.append(op))
+    backend.copy(f"{s3.root}/a/0.png", f"{s3.root}/b/0.png", expect=infos[0])
+    # The probe (two objects written, a refused copy between them), then the copy.
+    assert calls == ["PutObject", "PutObject", "CopyObject", "CopyObject"]
+    calls.clear()
+    backend.copy(f"{s3.root}/a/1.png", f"{s3.root}/b/1.png", expect=infos[1])
+    assert calls == ["CopyObject"]
+    assert backend._refuses_overwrite == {s3.bucket: True}
+    assert [k for k in keys_under(s3, s3.prefix) if "probe" in k] == []
+    with pytest.raises(storage.StorageError, match="refusing to copy"):
+        backend.copy(f"{s3.root}/a/1.png", f"{s3.root}/b/0.png", expect=infos[1])
+    assert backend.read_bytes(f"{s3.root}/b/0.png") == b"x0"
+
+
+def test_delete_many_in_batches_and_one_by_one_where_unsupported(s3, monkeypatch):
+    from botocore.exceptions import ClientError
+
+    monkeypatch.setattr("tasks.s3.DELETE_OBJECTS_LIMIT", 2)
+    backend = S3Backend()
+    uris = [f"{s3.root}/d/{i}.png" for i in range(5)]
+    for uri in uris:
+        backend.write_bytes(uri, b"x")
+    requests = []
+    backend.client.meta.events.register("before-call.s3.DeleteObjects",
+                                        lambda **kw: requests.append(1))
+    backend.delete_many([*uris[:3], f"{s3.root}/d/missing.png"])
+    assert len(requests) == 2 and keys_under(s3, f"{s3.prefix}/d/") == [
+        f"{s3.prefix}/d/3.png", f"{s3.prefix}/d/4.png"]
+
+    def unsupported(**kw):  # what a server without multi-object delete answers
+        raise ClientError({"Error": {"Code": "NotImplemented", "Message": "no"}},
+                          "DeleteObjects")
+
+    other = S3Backend()
+    other.client.meta.events.register("before-call.s3.DeleteObjects", unsupported)
+    other.delete_many(uris[3:])
+    assert keys_under(s3, f"{s3.prefix}/d/") == [] and other._multi_delete is False
+    with pytest.raises(storage.StorageError, match="NotImplemented"):  # supported before
+        backend.client.meta.events.register("before-call.s3.DeleteObjects", unsupported)
+        backend.delete_many(uris[3:])
+
+
+def test_single_part_etags_are_md5s_and_multipart_ones_are_not(s3):
+    backend = S3Backend(multipart_threshold=5 << 20, multipart_chunksize=5 << 20)
+    backend.write_bytes(f"{s3.root}/small.png", b"pixels")
+    backend.write_bytes(f"{s3.root}/big.bin", os.urandom((6 << 20) + 1))
+    assert storage.etags_are_md5(f"{s3.root}/small.png")
+    assert not backend.etags_are_md5(f"{s3.root}/big.bin")
+    assert not backend.etags_are_md5(f"{s3.root}/missing.png")
+
+
 def test_multipart_upload_for_large_objects(s3):
     backend = S3Backend(multipart_threshold=5 << 20, multipart_chunksize=5 << 20)
     data = os.urandom((6 << 20) + 123)
@@ -373,7 +434,7 @@ def test_resuming_over_changed_objects_in_the_bucket_is_refused(s3):
 # --- relabelling in the bucket ----------------------------------------------------------
 
 # A relabel (or undo) in a child process that SIGKILLs itself right after the nth call of
-# one step: the journal write, a server-side copy or a delete.
+# one step: the journal write, a server-side copy or a batch of deletes.
 KILL_CHILD = """
 import os, signal, sys
 import pandas as pd
@@ -391,6 +452,7 @@ def kill_after(fn):
         return out
     return wrapper
 
+relabel.DELETE_BATCH = 2  # several batches of deletes, to be killed between
 if point == "journal":
     relabel.Journal.write = kill_after(relabel.Journal.write)
 else:
@@ -438,8 +500,8 @@ def relabel_case(s3, relabel_mode: str = "move") -> tuple[str, str]:
 
 
 @pytest.mark.parametrize(("command", "point", "nth"), [
-    ("relabel", "journal", 1), ("relabel", "copy", 2), ("relabel", "delete", 3),
-    ("undo", "delete", 2),
+    ("relabel", "journal", 1), ("relabel", "copy", 2), ("relabel", "delete_many", 1),
+    ("undo", "delete_many", 1),
 ])
 def test_relabel_in_the_bucket_survives_a_kill(s3, command, point, nth, capsys):
     from tasks import cli
