@@ -16,9 +16,10 @@ process (`os.wait4`):
   otherwise);
 - report: `tasks.report.write_report` (the dataset holds no images: thumbnails are
   placeholders, so this is the cost of reading the results and rendering);
-- relabel (cases of at most RELABEL_MAX images): on the SeaweedFS test server
+- relabel (cases of at most RELABEL_MAX images and RELABEL_CLASSES classes: a move's cost
+  does not depend on the audit's classes): on the SeaweedFS test server
   (tests/s3server.py, telemetry off) N small objects of distinct content in the case's class
-  folders (at most RELABEL_CLASSES), a run folder whose results.csv moves every one to the
+  folders, a run folder whose results.csv moves every one to the
   next class, then `tasks.relabel.relabel_results` and `tasks.relabel.undo`, each timed on
   its own (moves/s; planning and moving apart), with the MD5 of every object read back before,
   after the relabel (the same content under the new keys, nothing lost) and after the undo
@@ -435,7 +436,8 @@ STAGES = [Stage("merge", stage_merge), Stage("merge_bucketed", stage_merge_bucke
           Stage("report", stage_report),
           Stage("index", stage_index, "tree", _index_case("index")),
           Stage("index_s3", stage_index, "tree_s3", _index_case("index_s3")),
-          Stage("relabel", stage_relabel, applies=lambda case: case.n <= RELABEL_MAX)]
+          Stage("relabel", stage_relabel,
+                applies=lambda case: case.n <= RELABEL_MAX and case.classes <= RELABEL_CLASSES)]
 BUILD = Stage("build", stage_build)
 PREPARE = {"build": BUILD, "tree": Stage("tree", stage_tree),
            "tree_s3": Stage("tree_s3", stage_tree_s3)}

@@ -288,8 +288,9 @@ def plan_moves(root: str, rows: pd.DataFrame, workers: int | None = None,
         storage.join(root, pairs[0][0]))
     progress = Progress("planned", "files checked", len(pairs))
     looked: list[tuple[ObjectInfo | None, str, bool]] = [(None, "", False)] * len(pairs)
+    # With the listing and MD5 ETags, looking needs no request: threads would only add cost.
     for i, _, found in _in_parallel(lambda p: _look(root, *p, known, md5_etags), pairs,
-                                    workers):
+                                    1 if known is not None and md5_etags else workers):
         looked[i] = found
         progress.step()
     moves: list[Move] = []
@@ -584,10 +585,11 @@ def _execute(root: str, moves: list[Move], reverse: bool, workers: int | None = 
     them in the order of `moves` (`src`: where the file belongs, `dst`: where it was moved,
     `reason`)."""
     workers = storage.parallelism(root) if workers is None else workers
-    if workers > 1 and _chained(moves):
+    chained = _chained(moves)  # in order, each source gone before the next move
+    if workers > 1 and chained:
         workers = 1
     step = _move_fast if storage.is_s3(root) else _move_one
-    deletes = _Deletes(batched=storage.is_s3(root))
+    deletes = _Deletes(batched=storage.is_s3(root) and not chained)
 
     def run(m: Move) -> tuple[str, GoneError | None]:
         src, dst = (m.dst, m.src) if reverse else (m.src, m.dst)

@@ -539,6 +539,33 @@ def test_relabel_in_the_bucket_survives_a_kill(s3, command, point, nth, capsys):
     assert_no_secrets(capsys.readouterr().out, "the relabel output")
 
 
+def test_a_chained_journal_in_the_bucket_runs_in_order(s3):
+    """A hand-written journal whose second move's destination is the first one's source
+    (b/x -> c/x, then a/x -> b/x): each source is deleted before the next move (no batch),
+    and the undo runs the chain backwards."""
+    from tasks.relabel import Journal, Move, relabel, undo
+
+    prefix = f"{s3.prefix}/chain"
+    bodies = {"a/x.png": b"from a", "b/x.png": b"from b"}
+    for key, body in bodies.items():
+        put(s3, f"{prefix}/{key}", body)
+    before = snapshot(s3, prefix + "/")
+
+    def move(src: str, dst: str) -> Move:
+        md5 = hashlib.md5(bodies[src]).hexdigest()
+        return Move(src=src, dst=dst, label=src[0], corrected_label=dst[0], pct=100.0,
+                    num_preds=2, size=len(bodies[src]), etag=md5, md5=md5)
+
+    root, journal = f"s3://{s3.bucket}/{prefix}", f"{s3.root}/work/chain.jsonl"
+    Journal(journal).write({"type": "header", "root": root, "state": "started"},
+                           [move("b/x.png", "c/x.png"), move("a/x.png", "b/x.png")])
+    relabel(pd.DataFrame(), root, journal, 60.0, 2)  # finishes the journal
+    assert snapshot(s3, prefix + "/") == {"b/x.png": before["a/x.png"],
+                                          "c/x.png": before["b/x.png"]}
+    undo(journal)
+    assert snapshot(s3, prefix + "/") == before
+
+
 def test_relabel_manifest_mode_leaves_the_bucket_alone(s3, capsys):
     from tasks import cli
 
