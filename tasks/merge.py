@@ -81,6 +81,7 @@ BASE_BYTES = 350 << 20  # Python, numpy, pandas, pyarrow and cleanlab
 # per image, kept for the whole merge (labels, counts, flags, sort keys, the other classes'
 # largest probabilities for p_suggestion)
 IMAGE_BYTES = 120 + 4 * decide.OTHERS + 8
+POSTERIOR_CHUNK = 1 << 18  # images per call of decide.posterior (float64 temporaries)
 BUCKET_IMAGE_BYTES = 700  # per image of a bucket: its result row, sorted and written
 BUCKET_CELL_BYTES = 16  # per image x class of a bucket: workspace, mean probabilities written
 TOPK_IMAGE_BYTES = 800  # per image beyond FULL_PROBS_MAX_CLASSES: its top-k classes written
@@ -774,9 +775,11 @@ def merge_run(run: str) -> str:
         shards.close()
         joint = decide.noise_joint(confident_joint, label_counts)
         noise, _ = decide.noise_rates(joint)
-        m.p_wrong, m.p_suggestion = decide.posterior(
-            m.quality, m.suggested_quality, m.corrected != m.labels, noise, m.k,
-            int(predicted.sum()), m.others, m.rest)
+        for a in range(0, m.n, POSTERIOR_CHUNK):  # elementwise: bounded temporaries
+            b = min(a + POSTERIOR_CHUNK, m.n)
+            m.p_wrong[a:b], m.p_suggestion[a:b] = decide.posterior(
+                m.quality[a:b], m.suggested_quality[a:b], m.corrected[a:b] != m.labels[a:b],
+                noise, m.k, int(predicted.sum()), m.others[a:b], m.rest[a:b])
         m.others = m.rest = None
         m.p_wrong, m.p_suggestion = np.round(m.p_wrong, 5), np.round(m.p_suggestion, 5)
         flags = (np.nan_to_num(m.p_wrong) > 0.5) & m.disagree
