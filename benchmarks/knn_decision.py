@@ -8,7 +8,9 @@ run's embeddings, finds every image's `knn_k` nearest neighbours with the produc
 sample's truth, the flags (precision, recall, F1) and, per relabel sensitivity, the moves,
 their precision, the correct labels moved and the relabel recall of:
 
-- shipped: `is_label_issue` and the product's relabel rule, as the audit wrote them;
+- as merged: `is_label_issue` and the product's relabel rule, as the audit wrote them
+  (an audit merged before embedding mode's neighbour gate, `tasks.decide.backed_by_neighbours`,
+  has them without it; merged since, this row and the next are the same);
 - agree<0.5: the same, kept only where fewer than half of the neighbours carry the given
   label (`knn_agreement` < 0.5: the neighbours do not back the label either);
 - vote: agree<0.5, and a move only where the neighbours' most common label is the
@@ -28,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 SENSITIVITIES = (80, 90, 95)
-VARIANTS = ("shipped", "agree<0.5", "vote")
+VARIANTS = ("as merged", "agree<0.5", "vote")
 MAJORITY = 0.5  # the share of neighbours that backs a label: a plain majority, not tuned
 
 
@@ -61,14 +63,14 @@ def variant_lines(name: str, p, agreement: np.ndarray, vote: np.ndarray,
     backed = agreement < MAJORITY
     lines = []
     for variant in VARIANTS:
-        flags = p.is_label_issue & (backed if variant != "shipped" else True)
+        flags = p.is_label_issue & (backed if variant != "as merged" else True)
         tp = int((flags & wrong).sum())
         precision, recall = tp / max(1, flags.sum()), tp / max(1, wrong.sum())
         f1 = 2 * precision * recall / max(1e-12, precision + recall)
         cells = [f"{int(flags.sum())}, {precision:.3f} / {recall:.3f} / {f1:.3f}"]
         for s in SENSITIVITIES:
             moved = default_relabel(p, s, min_preds)
-            if variant != "shipped":
+            if variant != "as merged":
                 moved &= backed
             if variant == "vote":
                 moved &= vote == p.corrected

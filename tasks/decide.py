@@ -54,6 +54,8 @@ PRIOR_MAX = 0.9
 # p_suggestion uses this many of the other classes' probabilities per image exactly; the
 # remaining classes' probability counts in full (exact up to OTHERS + 1 classes).
 OTHERS = 16
+# Embedding mode: the share of an image's nearest neighbours with its label that backs it.
+KNN_MAJORITY = 0.5
 # Above this estimated noise rate the confident joint no longer tells labels from errors.
 MAX_NOISE = 0.5
 # Probes on a randomly initialised backbone's features are too weak and too sure of themselves
@@ -128,6 +130,14 @@ def posterior(label_quality: np.ndarray, suggested_quality: np.ndarray, differs:
     sugg = np.where(np.asarray(differs, dtype=bool), wrong * np.clip(share, 0.0, 1.0), 0.0)
     missing = np.isnan(q_g)
     return np.where(missing, np.nan, wrong), np.where(missing | np.isnan(q_s), np.nan, sugg)
+
+
+def backed_by_neighbours(knn_agreement: np.ndarray) -> np.ndarray:
+    """Where at least KNN_MAJORITY of an image's nearest neighbours carry its given label
+    (NaN: unknown, not backed). Embedding mode flags no such image: on its benchmark the gate
+    raised flag and relabel precision on every row (benchmarks/KNN_DECISION.md)."""
+    agreement = np.nan_to_num(np.asarray(knn_agreement, dtype=np.float64), nan=0.0)
+    return agreement >= KNN_MAJORITY
 
 
 def tiers(issue: np.ndarray, quality: np.ndarray, expected_wrong: float) -> np.ndarray:

@@ -5,7 +5,8 @@ by mean probability), `%` (vote share of `corrected_label`, 0-100), `label_quali
 out-of-sample probability of the given label), `suggested_quality` (that of
 `corrected_label`), and from `tasks.decide` (after cleanlab's noise estimate):
 `p_label_wrong`, `p_suggestion`, `is_label_issue` (p_label_wrong > 1/2, the majority vote
-names another class and `label_quality < max_label_quality`, default 1: off) and `tier`.
+names another class and `label_quality < max_label_quality`, default 1: off; in embedding
+mode also fewer than half of the image's nearest neighbours carry its label) and `tier`.
 
 Memory (`merge_memory_gb`): the shards are streamed, each read once (one download on S3), and
 the manifest is hashed once for their fingerprints. Images are pooled in buckets of
@@ -783,6 +784,9 @@ def merge_run(run: str) -> str:
         m.others = m.rest = None
         m.p_wrong, m.p_suggestion = np.round(m.p_wrong, 5), np.round(m.p_suggestion, 5)
         flags = (np.nan_to_num(m.p_wrong) > 0.5) & m.disagree
+        if m.neighbours is not None:  # method embeddings: not where the neighbours back it
+            flags &= ~decide.backed_by_neighbours(
+                m.neighbours.column("knn_agreement").to_numpy(zero_copy_only=False))
         m.tier = decide.tiers(flags, m.quality, noise * predicted.sum())
         summary = decide.summary(cfg, m.classes, labels=m.labels, num_preds=m.num_preds,
                                  corrected=m.corrected, p_label_wrong=m.p_wrong,

@@ -219,6 +219,35 @@ def test_merge_appends_the_neighbour_columns_by_id_in_memory_and_bucketed(
         merge_run(run)
 
 
+def test_images_whose_neighbours_back_their_label_are_not_flagged(tmp_path, weights) -> None:
+    """Embedding mode's gate: an image is an issue only where fewer than half of its nearest
+    neighbours carry its label. The same run with neighbours rewritten to back every label
+    (the fingerprint kept) flags nothing; p_label_wrong does not change."""
+    import pyarrow as pa
+
+    data = tmp_path / "data"
+    planted = colour_dataset(data, per_class=12, wrong=2)
+    cfg = tiny_config(data, tmp_path / "work", method="embeddings", model_weights=weights,
+                      image_size=16, embed_chunk_size=20, knn_k=5, n_repeats=10)
+    run = prepare_run(cfg, "r1")
+    for c in range(2):
+        run_chunk(run, c)
+    run_probes(run)
+    results = read_results(merge_run(run))
+    issues = results[results["is_label_issue"]]
+    assert set(planted) <= set(issues["filename"]) and (issues["knn_agreement"] < 0.5).all()
+    uri = runs.neighbours_uri(run)
+    table = pq.read_table(uri)
+    backed = table.set_column(table.schema.get_field_index("knn_agreement"), "knn_agreement",
+                              pa.array(np.ones(table.num_rows)))
+    pq.write_table(backed.replace_schema_metadata(table.schema.metadata), uri)
+    again = read_results(merge_run(run))
+    assert not again["is_label_issue"].any() and (again["knn_agreement"] == 1.0).all()
+    both = results.set_index("filename").join(again.set_index("filename"), rsuffix="_backed")
+    assert (both["p_label_wrong"] == both["p_label_wrong_backed"]).all()
+    assert set(planted) <= set(again.loc[again["tier"] == "review", "filename"])
+
+
 def test_mlp_probe_writes_shards_too(tmp_path, weights) -> None:
     run = embedding_run(tmp_path, weights, probe="mlp")
     for c in range(3):
