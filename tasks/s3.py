@@ -329,19 +329,25 @@ class S3Backend:
     def exists(self, uri: str) -> bool:
         return self.head(uri) is not None
 
-    def head(self, uri: str) -> ObjectInfo | None:
+    def _head_object(self, uri: str) -> dict[str, Any] | None:
+        """The HEAD response of the object at `uri`, or None if it (or its bucket) is absent."""
         bucket, key = split_uri(uri)
         if not key:
             return None
         with self._errors(uri, "read"):
             try:
-                resp = self.client.head_object(Bucket=bucket, Key=key)
+                return self.client.head_object(Bucket=bucket, Key=key)
             except ClientError as err:
                 if str(err.response.get("Error", {}).get("Code")) in _MISSING | {"NoSuchBucket"}:
                     return None
                 raise
-        return ObjectInfo(key=PurePosixPath(key).name, size=int(resp["ContentLength"]),
-                          etag=str(resp["ETag"]).strip('"'))
+
+    def head(self, uri: str) -> ObjectInfo | None:
+        resp = self._head_object(uri)
+        if resp is None:
+            return None
+        return ObjectInfo(key=PurePosixPath(split_uri(uri)[1]).name,
+                          size=int(resp["ContentLength"]), etag=str(resp["ETag"]).strip('"'))
 
     def list(self, root: str) -> Iterator[ObjectInfo]:
         """Every object under the prefix `root`, keys relative to it, sorted. Folder
@@ -580,14 +586,9 @@ class S3Backend:
                 f"{self._redact(str(first.get('Message', '')))[:200]})")
 
     def etags_are_md5(self, uri: str) -> bool:
-        bucket, key = split_uri(uri)
-        with self._errors(uri, "read"):
-            try:
-                resp = self.client.head_object(Bucket=bucket, Key=key)
-            except ClientError as err:
-                if str(err.response.get("Error", {}).get("Code")) in _MISSING | {"NoSuchBucket"}:
-                    return False
-                raise
+        resp = self._head_object(uri)
+        if resp is None:
+            return False
         return (re.fullmatch(r"[0-9a-f]{32}", str(resp["ETag"]).strip('"')) is not None
                 and resp.get("ServerSideEncryption") not in _KMS
                 and not resp.get("SSECustomerAlgorithm"))
