@@ -467,7 +467,10 @@ class S3Backend:
         info = expect or self.head(src)
         if info is None:
             raise StorageError(f"{src} does not exist")
-        if not self._overwrite_refused(dst_bucket, dst_key) and self.head(dst) is not None:
+        # The managed multipart copy (over COPY_OBJECT_LIMIT) sends no If-None-Match.
+        conditional = info.size <= COPY_OBJECT_LIMIT and self._overwrite_refused(dst_bucket,
+                                                                                 dst_key)
+        if not conditional and self.head(dst) is not None:
             raise StorageError(f"refusing to overwrite {dst}")
         source = {"Bucket": src_bucket, "Key": src_key}
         match = {"CopySourceIfMatch": f'"{expect.etag}"'} if expect else {}
