@@ -375,10 +375,14 @@ def _move_fast(root: str, move: Move, src_key: str, dst_key: str,
 
 class _Deletes:
     """The sources of verified copies, deleted DELETE_BATCH at a time on S3 (one DeleteObjects
-    request each) and at once locally. Thread-safe; `flush` deletes what is pending."""
+    request each, sent in the background while the copies go on; one batch in flight) and at
+    once locally. Thread-safe; `flush` sends what is pending, and unless `wait` is False
+    waits until every batch sent is deleted. A failed batch raises at the next `flush`."""
 
     def __init__(self, batched: bool) -> None:
         self.batched, self.pending, self.lock = batched, [], threading.Lock()
+        self.sending: Future[None] | None = None
+        self.pool = ThreadPoolExecutor(max_workers=1) if batched else None
 
     def add(self, uri: str) -> None:
         if not self.batched:
@@ -390,10 +394,25 @@ class _Deletes:
     def full(self) -> bool:
         return len(self.pending) >= DELETE_BATCH
 
-    def flush(self) -> None:
+    def _settle(self) -> None:
+        sending, self.sending = self.sending, None
+        if sending is not None:
+            sending.result()
+
+    def flush(self, wait: bool = True) -> None:
         with self.lock:
             batch, self.pending = self.pending, []
-        storage.delete_many(batch)
+        try:
+            self._settle()
+        finally:
+            if batch and self.pool is not None:
+                self.sending = self.pool.submit(storage.delete_many, batch)
+        if wait:
+            self._settle()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
 
 
 def _duration(seconds: float) -> str:
@@ -611,15 +630,19 @@ def _execute(root: str, moves: list[Move], reverse: bool, workers: int | None = 
             counts[done] = counts.get(done, 0) + 1
             progress.step()
             if deletes.full():
-                deletes.flush()
+                deletes.flush(wait=False)
+        deletes.flush()
     except BaseException:
-        try:  # the copies made are verified: delete their sources, then stop
-            deletes.flush()
-        except StorageError as err:
-            log.warning("the sources of the last verified copies were not deleted (%s); a "
-                        "re-run deletes them", err)
+        for _ in range(2):  # the copies made are verified: delete their sources, then stop
+            try:  # (a failed batch raises before the last one is waited for: wait again)
+                deletes.flush()
+                break
+            except StorageError as err:
+                log.warning("the sources of the last verified copies were not deleted (%s); "
+                            "a re-run deletes them", err)
         raise
-    deletes.flush()
+    finally:
+        deletes.close()
     progress.finish()
     return counts, [x for _, x in sorted(gone, key=lambda g: g[0])]
 

@@ -539,6 +539,34 @@ def test_relabel_in_the_bucket_survives_a_kill(s3, command, point, nth, capsys):
     assert_no_secrets(capsys.readouterr().out, "the relabel output")
 
 
+def test_a_failed_batch_of_deletes_stops_the_relabel_and_loses_nothing(s3, monkeypatch):
+    """The deletes go in the background while the copies go on: a batch that fails stops the
+    relabel with its error, every content is still in the bucket, and a re-run completes."""
+    from tasks import cli, relabel
+
+    prefix, results = relabel_case(s3)
+    before = snapshot(s3, prefix)
+    monkeypatch.setattr(relabel, "DELETE_BATCH", 2)
+    real, sent = storage.delete_many, []
+
+    def failing_first(uris: list[str]) -> None:
+        sent.append(list(uris))
+        if len(sent) == 1:
+            raise storage.StorageError("DeleteObjects refused (test)")
+        real(uris)
+
+    monkeypatch.setattr(storage, "delete_many", failing_first)
+    with pytest.raises(storage.StorageError, match=r"refused \(test\)"):
+        relabel.relabel_results(results)
+    assert len(sent) >= 2  # the sources of the copies made after it are still deleted
+    assert not Counter(before.values()) - Counter(snapshot(s3, prefix).values())
+    monkeypatch.setattr(storage, "delete_many", real)
+    assert cli.main(["relabel", "--results", results]) == 0
+    after = snapshot(s3, prefix)
+    assert Counter(after.values()) == Counter(before.values())
+    assert all(src not in after for src in MOVES)
+
+
 def test_a_chained_journal_in_the_bucket_runs_in_order(s3):
     """A hand-written journal whose second move's destination is the first one's source
     (b/x -> c/x, then a/x -> b/x): each source is deleted before the next move (no batch),
