@@ -364,8 +364,8 @@ def _csv_bytes(table: pa.Table, columns: list[str] | None = None) -> memoryview:
             fields.append(pc.if_else(col, "True", "False"))
         elif pa.types.is_integer(col.type):
             fields.append(pc.fill_null(pc.cast(col, pa.string()), ""))
-        else:
-            fields.append(_csv_strings(col))
+        else:  # a null would make the whole line null: empty, as for the other types
+            fields.append(_csv_strings(pc.fill_null(col, "")))
     fields = [f.cast(pa.large_string()) for f in fields]
     comma, empty, newline = (pa.scalar(t, pa.large_string()) for t in (",", "", "\n"))
     lines = pc.binary_join_element_wise(pc.binary_join_element_wise(*fields, comma), empty,
