@@ -9,12 +9,14 @@ sample's truth, the flags (precision, recall, F1) and, per relabel sensitivity, 
 their precision, the correct labels moved and the relabel recall of:
 
 - as merged: `is_label_issue` and the product's relabel rule, as the audit wrote them
-  (an audit merged before embedding mode's neighbour gate, `tasks.decide.backed_by_neighbours`,
-  has them without it; merged since, this row and the next are the same);
-- agree<0.5: the same, kept only where fewer than half of the neighbours carry the given
-  label (`knn_agreement` < 0.5: the neighbours do not back the label either);
-- vote: agree<0.5, and a move only where the neighbours' most common label is the
-  suggestion.
+  (an audit merged before embedding mode's neighbour gates, `tasks.decide.backed_by_neighbours`
+  and `neighbours_vote_for`, has them without them);
+- agree<0.5: the same without the neighbours' vote in the relabel rule, kept only where
+  fewer than half of the neighbours carry the given label (`knn_agreement` < 0.5: the
+  neighbours do not back the label either);
+- vote: agree<0.5, and a move only where the label most of the neighbours carry (none on
+  a tie) is the suggestion (`tasks.decide.neighbours_vote_for`). Both gates are the
+  product's rule since; an audit merged with them has all three rows alike.
 
 Results go to `--out` (default benchmarks/KNN_DECISION.md). Run from the repository root:
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,23 +38,21 @@ MAJORITY = 0.5  # the share of neighbours that backs a label: a plain majority, 
 
 
 def neighbour_votes(run: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(filenames, share of neighbours with the given label, neighbours' most common label)
-    of every image of an embedding-mode run, in manifest order."""
+    """(filenames, share of neighbours with the given label, neighbours' vote: the label most
+    of them carry, -1 where none does uniquely) of every image of an embedding-mode run, in
+    manifest order, with the product's own search and vote (`tasks.probe`)."""
     from tasks import runs
     from tasks.embeddings import read_embeddings
     from tasks.index import read_manifest
-    from tasks.probe import nearest_neighbours
+    from tasks.probe import nearest_neighbours, neighbour_vote
 
     cfg = runs.read_config(run)
-    manifest, classes = read_manifest(run)
+    manifest, _ = read_manifest(run)
     labels = manifest["label_idx"].to_numpy(np.int64)
     _, idx = nearest_neighbours(read_embeddings(run, cfg, manifest), min(cfg.knn_k,
                                                                          len(labels) - 1))
     near = labels[idx]
-    counts = np.zeros((len(labels), len(classes)), dtype=np.int64)
-    np.add.at(counts, (np.repeat(np.arange(len(labels)), near.shape[1]), near.ravel()), 1)
-    return (manifest["key"].to_numpy(), (near == labels[:, None]).mean(1),
-            counts.argmax(1))
+    return manifest["key"].to_numpy(), (near == labels[:, None]).mean(1), neighbour_vote(near)
 
 
 def variant_lines(name: str, p, agreement: np.ndarray, vote: np.ndarray,
@@ -69,7 +70,9 @@ def variant_lines(name: str, p, agreement: np.ndarray, vote: np.ndarray,
         f1 = 2 * precision * recall / max(1e-12, precision + recall)
         cells = [f"{int(flags.sum())}, {precision:.3f} / {recall:.3f} / {f1:.3f}"]
         for s in SENSITIVITIES:
-            moved = default_relabel(p, s, min_preds)
+            # The variants start from the relabel rule without the neighbours' vote.
+            moved = default_relabel(p if variant == "as merged" else replace(p, knn_label=None),
+                                    s, min_preds)
             if variant != "as merged":
                 moved &= backed
             if variant == "vote":

@@ -97,6 +97,8 @@ class Predictions:
     p_suggestion: np.ndarray | None = None  # the posterior that `corrected` is the true class
     # Embedding mode's share of an image's nearest neighbours with its label (nan: none).
     knn_agreement: np.ndarray | None = None
+    # ... and the label most of them carry (None: no unique one), which gates its relabel.
+    knn_label: np.ndarray | None = None
 
     @property
     def predicted(self) -> np.ndarray:
@@ -201,6 +203,8 @@ def default_relabel(p: Predictions, sensitivity: float, min_preds: int) -> np.nd
     frame = pd.DataFrame({"corrected_label": cls[p.corrected], "label": cls[p.given],
                           "p_suggestion": p.p_suggestion, "num_preds": p.num_preds,
                           "is_label_issue": p.is_label_issue})
+    if p.knn_label is not None:
+        frame["knn_label"] = p.knn_label
     mask = np.zeros(len(frame), dtype=bool)
     mask[select_rows(frame, sensitivity, min_preds).index.to_numpy()] = True
     return mask
@@ -319,8 +323,8 @@ def predictions_from_frames(results: pd.DataFrame, truth: pd.DataFrame, classes:
                             guard: dict | None = None) -> Predictions:
     """Align a results frame (as merge writes it) and a truth file (filename, true_label,
     given_label); `mean_probs`: predictions.parquet's `filename` and `mean_probs` columns;
-    `guard`: the run summary's verdict. The `tier` and `knn_agreement` columns are
-    read when the results have them."""
+    `guard`: the run summary's verdict. The `tier`, `knn_agreement` and `knn_label`
+    columns are read when the results have them."""
     df = results.merge(truth, on="filename", how="inner", validate="one_to_one")
     if len(df) != len(truth) or len(df) != len(results):
         raise ValueError(f"results ({len(results)} rows) and truth ({len(truth)} rows) do not "
@@ -355,6 +359,8 @@ def predictions_from_frames(results: pd.DataFrame, truth: pd.DataFrame, classes:
                       if "p_suggestion" in df.columns else None),
         knn_agreement=(pd.to_numeric(df["knn_agreement"], errors="coerce").to_numpy(float)
                        if "knn_agreement" in df.columns else None),
+        knn_label=(df["knn_label"].astype(object).where(df["knn_label"].notna(), None)
+                   .to_numpy() if "knn_label" in df.columns else None),
     )
 
 

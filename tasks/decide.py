@@ -29,7 +29,8 @@ tiers, the model-quality guard, the relabel rule and the run summary.
   `ok` the rest.
 - Guard: whether the models are good enough for their flags to mean anything (`guard`).
 - Relabel: an issue with at least `min_preds` predictions whose `p_suggestion` is above
-  sensitivity / 100 (`relabel_ceiling_values`).
+  sensitivity / 100 (`relabel_ceiling_values`); in embedding mode, also only where the
+  label most of its nearest neighbours carry is the suggestion (`neighbours_vote_for`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 
 TIERS = ("issue", "review", "ok")
 # issue + review hold this many times the estimated number of wrong labels.
@@ -140,6 +142,15 @@ def backed_by_neighbours(knn_agreement: np.ndarray) -> np.ndarray:
     return agreement >= KNN_MAJORITY
 
 
+def neighbours_vote_for(knn_label: np.ndarray, corrected_label: np.ndarray) -> np.ndarray:
+    """Where the label most of an image's nearest neighbours carry (`knn_label`; missing or
+    empty: none does uniquely) is its suggestion. Embedding mode moves no other image: on
+    its benchmark the vote raised relabel precision on every row
+    (benchmarks/KNN_DECISION.md)."""
+    vote = pd.Series(knn_label, dtype="string").fillna("").to_numpy(str)
+    return (vote != "") & (vote == pd.Series(corrected_label, dtype="string").to_numpy(str))
+
+
 def tiers(issue: np.ndarray, quality: np.ndarray, expected_wrong: float) -> np.ndarray:
     """Per image 0 (issue), 1 (review) or 2 (ok): the `issue` images, then the predicted
     images of lowest label quality (`quality`; NaN: no prediction) until the first two tiers
@@ -157,14 +168,18 @@ def tiers(issue: np.ndarray, quality: np.ndarray, expected_wrong: float) -> np.n
 
 
 def relabel_ceiling_values(issue: np.ndarray, differs: np.ndarray, num_preds: np.ndarray,
-                           min_preds: int, p_suggestion: np.ndarray) -> np.ndarray:
+                           min_preds: int, p_suggestion: np.ndarray,
+                           voted: np.ndarray | None = None) -> np.ndarray:
     """Per image the sensitivity below which it is relabelled (NaN: never): an issue whose
-    suggestion differs from its label, with at least `min_preds` predictions; the least `s`
-    at which `p_suggestion > s / 100` fails (a missing value counts as -1). At sensitivity
-    `s` an image moves exactly when `s < ceiling`."""
+    suggestion differs from its label, with at least `min_preds` predictions (and, where
+    `voted` is given, embedding mode's `neighbours_vote_for`); the least `s` at which
+    `p_suggestion > s / 100` fails (a missing value counts as -1). At sensitivity `s` an
+    image moves exactly when `s < ceiling`."""
     share = lowest_share_reached(np.nan_to_num(np.asarray(p_suggestion, dtype=np.float64),
                                                nan=-1.0))
     eligible = issue & differs & (np.asarray(num_preds) >= min_preds)
+    if voted is not None:
+        eligible &= np.asarray(voted, dtype=bool)
     return np.where(eligible, share, np.nan)
 
 
@@ -238,11 +253,11 @@ def guard(labels: np.ndarray, corrected: np.ndarray, predicted: np.ndarray,
 
 def summary(cfg, classes: list[str], *, labels: np.ndarray, num_preds: np.ndarray,
             corrected: np.ndarray, p_label_wrong: np.ndarray, p_suggestion: np.ndarray,
-            tier: np.ndarray, joint: np.ndarray) -> dict:
+            tier: np.ndarray, joint: np.ndarray, voted: np.ndarray | None = None) -> dict:
     """The run summary (`<run>/summary.json`): sizes, the models' agreement, cleanlab's noise
     estimate overall and per class, the posterior's expected number of wrong labels, the
     tiers, what relabel would move at the run's sensitivity, and the guard's verdict. `cfg`:
-    the run's AuditConfig."""
+    the run's AuditConfig; `voted`: embedding mode's `neighbours_vote_for`."""
     k = len(classes)
     predicted = num_preds > 0
     noise, per_class_noise = noise_rates(joint)
@@ -250,7 +265,7 @@ def summary(cfg, classes: list[str], *, labels: np.ndarray, num_preds: np.ndarra
                                cfg.method == "embeddings" and cfg.weights_request is None)
     issue = tier == 0
     ceiling = relabel_ceiling_values(issue, corrected != labels, num_preds, cfg.min_preds,
-                                     p_suggestion)
+                                     p_suggestion, voted)
     expected = np.bincount(labels[predicted], weights=np.nan_to_num(p_label_wrong[predicted]),
                            minlength=k)
     moves = np.nan_to_num(ceiling, nan=-np.inf) > cfg.sensitivity

@@ -33,7 +33,10 @@ log = logging.getLogger(__name__)
 
 # Bump when what an embedding chunk holds changes for the same config (preprocessing, head).
 EMBED_VERSION = "2"
-NEIGHBOUR_COLUMNS = ["knn_agreement", "outlier_score", "duplicate_group", "duplicate_conflict"]
+# Bump when what neighbours.parquet holds changes for the same embeddings and config.
+NEIGHBOURS_VERSION = "2"
+NEIGHBOUR_COLUMNS = ["knn_agreement", "knn_label", "outlier_score", "duplicate_group",
+                     "duplicate_conflict"]
 REPORT_GROUPS_MAX = 100  # duplicate groups listed in the report
 REPORT_OUTLIERS_MAX = 50
 
@@ -128,8 +131,10 @@ def read_embeddings(run: str, cfg: AuditConfig, manifest: pd.DataFrame) -> np.nd
 # --- neighbours.parquet ---------------------------------------------------------------------
 
 def neighbours_fingerprint(cfg: AuditConfig, manifest: pd.DataFrame) -> str:
-    """Changes with the embeddings, the given labels, knn_k and duplicate_threshold."""
-    h = hashlib.sha256(json.dumps([cfg.knn_k, cfg.duplicate_threshold]).encode())
+    """Changes with the embeddings, the given labels, knn_k, duplicate_threshold and
+    NEIGHBOURS_VERSION."""
+    h = hashlib.sha256(json.dumps([NEIGHBOURS_VERSION, cfg.knn_k,
+                                   cfg.duplicate_threshold]).encode())
     for c in range(n_chunks(len(manifest), cfg.embed_chunk_size)):
         h.update(chunk_fingerprint(cfg, manifest, c).encode())
     h.update(pd.util.hash_pandas_object(manifest["label"], index=False).to_numpy().tobytes())
@@ -181,7 +186,10 @@ def neighbour_table(run: str, cfg: AuditConfig, manifest: pd.DataFrame) -> pa.Ta
     conflict = np.zeros(n, dtype=bool)
     conflict[ids] = table.column("duplicate_conflict").fill_null(False).to_numpy(
         zero_copy_only=False)
-    return pa.table({"knn_agreement": agreement, "outlier_score": outlier,
+    knn_label = np.full(n, None, dtype=object)
+    knn_label[ids] = table.column("knn_label").to_numpy(zero_copy_only=False)
+    return pa.table({"knn_agreement": agreement, "knn_label": pa.array(knn_label, pa.string()),
+                     "outlier_score": outlier,
                      "duplicate_group": pa.array(group, mask=~grouped),
                      "duplicate_conflict": conflict})
 

@@ -784,13 +784,18 @@ def merge_run(run: str) -> str:
         m.others = m.rest = None
         m.p_wrong, m.p_suggestion = np.round(m.p_wrong, 5), np.round(m.p_suggestion, 5)
         flags = (np.nan_to_num(m.p_wrong) > 0.5) & m.disagree
+        voted = None
         if m.neighbours is not None:  # method embeddings: not where the neighbours back it
             flags &= ~decide.backed_by_neighbours(
                 m.neighbours.column("knn_agreement").to_numpy(zero_copy_only=False))
+            voted = decide.neighbours_vote_for(
+                m.neighbours.column("knn_label").to_numpy(zero_copy_only=False),
+                np.asarray(m.classes, dtype=object)[m.corrected])
         m.tier = decide.tiers(flags, m.quality, noise * predicted.sum())
         summary = decide.summary(cfg, m.classes, labels=m.labels, num_preds=m.num_preds,
                                  corrected=m.corrected, p_label_wrong=m.p_wrong,
-                                 p_suggestion=m.p_suggestion, tier=m.tier, joint=joint)
+                                 p_suggestion=m.p_suggestion, tier=m.tier, joint=joint,
+                                 voted=voted)
         writer = _ResultsWriter(Path(tmp), m.columns)
         _write_sorted(m, results, flags, Path(tmp, "sorted"), writer)
         writer.close()

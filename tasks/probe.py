@@ -199,17 +199,41 @@ def duplicate_groups(sims: np.ndarray, idx: np.ndarray, threshold: float) -> np.
     return out
 
 
+def neighbour_vote(near: np.ndarray) -> np.ndarray:
+    """Per row of `near` (the labels of an image's neighbours; -1: no neighbour there) the
+    label most of them carry, or -1 where none does uniquely (a tie, or no neighbours). Never
+    a dense image x class matrix: k comparisons of the k columns."""
+    valid = near >= 0
+    counts = np.zeros(near.shape, dtype=np.int32)
+    for j in range(near.shape[1]):
+        counts[:, j] = ((near == near[:, j:j + 1]) & valid).sum(1)
+    counts[~valid] = 0
+    best = counts.max(1) if near.shape[1] else np.zeros(len(near), dtype=np.int32)
+    # A label counted c times sits at c positions: it is the only winner exactly when the
+    # positions holding the best count number that count.
+    unique = (best > 0) & ((counts == best[:, None]).sum(1) == best)
+    top = near[np.arange(len(near)), counts.argmax(1)] if near.shape[1] else best
+    return np.where(unique, top, -1)
+
+
 def neighbour_frame(embeddings: np.ndarray, labels: np.ndarray, ids: np.ndarray, k: int,
-                    threshold: float) -> pd.DataFrame:
-    """`id` and the neighbour columns of every image (`tasks.embeddings.NEIGHBOUR_COLUMNS`)."""
+                    threshold: float, classes: list[str]) -> pd.DataFrame:
+    """`id` and the neighbour columns of every image (`tasks.embeddings.NEIGHBOUR_COLUMNS`);
+    `labels` index `classes`."""
     n = len(labels)
     k = min(k, n - 1)
     if k < 1:  # a single image has no neighbours
-        return pd.DataFrame({"id": ids, "knn_agreement": np.nan, "outlier_score": np.nan,
+        return pd.DataFrame({"id": ids, "knn_agreement": np.nan,
+                             "knn_label": pd.array([None] * n, dtype="string"),
+                             "outlier_score": np.nan,
                              "duplicate_group": pd.array([None] * n, dtype="Int64"),
                              "duplicate_conflict": False})
     sims, idx = nearest_neighbours(embeddings, k)
-    agreement = (labels[idx] == labels[:, None]).mean(1)
+    near = np.where(idx >= 0, labels[np.maximum(idx, 0)], -1)
+    agreement = (near == labels[:, None]).mean(1)
+    vote = neighbour_vote(near)
+    names = np.asarray(classes, dtype=object)[np.maximum(vote, 0)]
+    knn_label = pd.array(np.where(vote >= 0, names, None), dtype="string")
     group = duplicate_groups(sims, idx, threshold)
     frame = pd.DataFrame({"group": group, "label": labels})
     n_labels = frame[group > 0].groupby("group")["label"].nunique()
@@ -217,6 +241,7 @@ def neighbour_frame(embeddings: np.ndarray, labels: np.ndarray, ids: np.ndarray,
     return pd.DataFrame({
         "id": ids,
         "knn_agreement": np.round(agreement, 4),
+        "knn_label": knn_label,
         "outlier_score": np.round(1 - sims[:, -1].astype(np.float64), 4),
         "duplicate_group": pd.array(np.where(group > 0, group, None), dtype="Int64"),
         "duplicate_conflict": conflict,
@@ -254,7 +279,8 @@ def run_probes(run: str, force: bool = False) -> list[str]:
         del features
     if nb_todo:
         t1 = time.perf_counter()
-        frame = neighbour_frame(embeddings, labels, ids, cfg.knn_k, cfg.duplicate_threshold)
+        frame = neighbour_frame(embeddings, labels, ids, cfg.knn_k, cfg.duplicate_threshold,
+                                classes)
         uri = write_neighbours(run, frame, nb_fingerprint)
         groups = frame["duplicate_group"].dropna()
         largest = int(groups.value_counts().max()) if len(groups) else 0

@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 
 from tasks import storage
-from tasks.decide import relabel_ceiling_values
+from tasks.decide import neighbours_vote_for, relabel_ceiling_values
 from tasks.errors import MissingFileError, StorageError, UserError
 from tasks.storage import ObjectInfo, unsafe_key_reason
 
@@ -89,13 +89,17 @@ def relabel_ceiling(results: pd.DataFrame, min_preds: int) -> pd.Series:
     row moves exactly when `s < relabel_ceiling` (the one relabel rule,
     `tasks.decide.relabel_ceiling_values`; `select_rows` and the report's slider both compare
     against it). NaN for a row that never moves: not flagged as a label issue,
-    `corrected_label == label`, or `num_preds < min_preds`. Otherwise the least `s` at which
+    `corrected_label == label`, `num_preds < min_preds`, or (results with a `knn_label`
+    column: embedding mode) `knn_label != corrected_label`. Otherwise the least `s` at which
     `p_suggestion > s / 100` fails; a missing probability counts as -1."""
+    voted = (neighbours_vote_for(results["knn_label"].to_numpy(),
+                                 results["corrected_label"].to_numpy())
+             if "knn_label" in results.columns else None)
     ceiling = relabel_ceiling_values(
         results["is_label_issue"].astype(bool).to_numpy(),
         (results["corrected_label"] != results["label"]).to_numpy(),
         results["num_preds"].to_numpy(), min_preds,
-        pd.to_numeric(results["p_suggestion"], errors="coerce").to_numpy(np.float64))
+        pd.to_numeric(results["p_suggestion"], errors="coerce").to_numpy(np.float64), voted)
     return pd.Series(ceiling, index=results.index, name="relabel_ceiling")
 
 

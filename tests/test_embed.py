@@ -30,7 +30,13 @@ from tasks.images import decode_for
 from tasks.merge import RESULT_COLUMNS, MissingShardsError, merge_run, read_results
 from tasks.models import SmallCNN, model_transform
 from tasks.plan import plan_repeats
-from tasks.probe import duplicate_groups, nearest_neighbours, neighbour_frame, run_probes
+from tasks.probe import (
+    duplicate_groups,
+    nearest_neighbours,
+    neighbour_frame,
+    neighbour_vote,
+    run_probes,
+)
 from tasks.weights import staged_weights
 from tests.datasets import tiny_config
 
@@ -204,7 +210,7 @@ def test_merge_appends_the_neighbour_columns_by_id_in_memory_and_bucketed(
     assert results["duplicate_conflict"].tolist() == want["duplicate_conflict"].tolist()
     assert np.isnan(group).any() and (group > 0).any()  # empty and numbered groups both
     preds = pd.read_parquet(Path(run, "predictions.parquet"))
-    assert preds.columns[-4:].tolist() == NEIGHBOUR_COLUMNS
+    assert preds.columns[-len(NEIGHBOUR_COLUMNS):].tolist() == NEIGHBOUR_COLUMNS
     # Bucketed (one image a bucket, rows routed and sorted part by part): the same bytes.
     runs.write_config(run, cfg.model_copy(update={"merge_memory_gb": 1e-6}))
     assert Path(merge_run(run)).read_bytes() == csv
@@ -248,6 +254,44 @@ def test_images_whose_neighbours_back_their_label_are_not_flagged(tmp_path, weig
     assert set(planted) <= set(again.loc[again["tier"] == "review", "filename"])
 
 
+def test_the_neighbours_vote_decides_what_relabel_and_the_summary_would_move(
+        tmp_path, weights) -> None:
+    """knn_label is the neighbours' vote, in the results by id; a run whose neighbours are
+    rewritten to vote for no class flags the same images, and relabel (and the summary's
+    would-relabel count) moves none of them."""
+    import json
+
+    import pyarrow as pa
+
+    from tasks.relabel import select_rows
+
+    data = tmp_path / "data"
+    planted = colour_dataset(data, per_class=12, wrong=2)
+    cfg = tiny_config(data, tmp_path / "work", method="embeddings", model_weights=weights,
+                      image_size=16, embed_chunk_size=20, knn_k=5, n_repeats=10,
+                      sensitivity=50)
+    run = prepare_run(cfg, "r1")
+    for c in range(2):
+        run_chunk(run, c)
+    run_probes(run)
+    results = read_results(merge_run(run))
+    summary = json.loads(Path(run, "summary.json").read_text())
+    moves = select_rows(results, cfg.sensitivity, cfg.min_preds)
+    assert set(planted) <= set(moves["filename"])  # colours separate: the vote backs them
+    assert (moves["knn_label"] == moves["corrected_label"]).all()
+    assert summary["would_relabel"] == len(moves)
+    uri = runs.neighbours_uri(run)
+    table = pq.read_table(uri)
+    none = table.set_column(table.schema.get_field_index("knn_label"), "knn_label",
+                            pa.nulls(table.num_rows, pa.string()))
+    pq.write_table(none.replace_schema_metadata(table.schema.metadata), uri)
+    again = read_results(merge_run(run))
+    assert (again["knn_label"].fillna("") == "").all()
+    assert again["is_label_issue"].sum() == results["is_label_issue"].sum()
+    assert select_rows(again, cfg.sensitivity, cfg.min_preds).empty
+    assert json.loads(Path(run, "summary.json").read_text())["would_relabel"] == 0
+
+
 def test_mlp_probe_writes_shards_too(tmp_path, weights) -> None:
     run = embedding_run(tmp_path, weights, probe="mlp")
     for c in range(3):
@@ -281,6 +325,31 @@ def test_duplicate_groups_join_transitively_and_need_the_threshold() -> None:
     assert duplicate_groups(sims, idx, 0.95).tolist() == [1, 1, 1, 2, 2, 0]
 
 
+def test_the_neighbour_vote_is_the_unique_most_common_label() -> None:
+    near = np.array([[2, 2, 1, 0, 2],    # 2 three times
+                     [1, 0, 1, 0, 3],    # 1 and 0 tie: no vote
+                     [3, -1, -1, 3, 1],  # missing neighbours do not count
+                     [-1, -1, -1, -1, -1],
+                     [4, 0, 1, 2, 3]])   # all different: a five-way tie
+    assert neighbour_vote(near).tolist() == [2, -1, 3, -1, -1]
+    assert neighbour_vote(np.array([[5]])).tolist() == [5]
+
+
+def test_relabel_in_embedding_mode_moves_only_where_the_neighbours_vote_for_it() -> None:
+    from tasks.decide import neighbours_vote_for
+    from tasks.relabel import relabel_ceiling
+
+    results = pd.DataFrame({
+        "label": ["a", "a", "a", "a", "a"], "corrected_label": ["b", "b", "b", "b", "b"],
+        "knn_label": ["b", "c", "", None, np.nan], "is_label_issue": True, "num_preds": 4,
+        "p_suggestion": 0.99})
+    assert neighbours_vote_for(results["knn_label"], results["corrected_label"]).tolist() == [
+        True, False, False, False, False]
+    assert relabel_ceiling(results, 2).notna().tolist() == [True, False, False, False, False]
+    # Training mode's results have no knn_label: no neighbour gate.
+    assert relabel_ceiling(results.drop(columns="knn_label"), 2).notna().all()
+
+
 def test_an_exact_duplicate_under_two_classes_is_a_label_conflict() -> None:
     rng = np.random.default_rng(1)
     emb = rng.normal(size=(40, 32)).astype(np.float16)
@@ -288,7 +357,7 @@ def test_an_exact_duplicate_under_two_classes_is_a_label_conflict() -> None:
     emb[30] = emb[7]  # and one copied within its class
     labels = np.arange(40) % 4
     labels[30] = labels[7]
-    frame = neighbour_frame(emb, labels, np.arange(40), 5, 0.98)
+    frame = neighbour_frame(emb, labels, np.arange(40), 5, 0.98, list("abcd"))
     groups = frame["duplicate_group"]
     assert groups[3] == groups[25] and groups[7] == groups[30] and groups[3] != groups[7]
     assert groups.notna().sum() == 4
