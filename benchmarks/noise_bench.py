@@ -156,6 +156,10 @@ def run_method(cfg: AuditConfig, run_id: str, reuse: bool, prefix: str) -> tuple
 
         record = {**json.loads(storage.read_text(record_uri)), "reused": True}
         runs.write_config(run, cfg)  # same training keys; scoring keys as they are now
+        if cfg.method == "embeddings":  # keeps the probes that match; redoes stale neighbours
+            from tasks.probe import run_probes
+
+            run_probes(run)
         merge_run(run)
         print(f"{prefix} reusing {run} ({record['wall_s']:.0f}s when it ran), re-merged",
               flush=True)
