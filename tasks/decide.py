@@ -187,9 +187,26 @@ def lowest_share_reached(prob: np.ndarray) -> np.ndarray:
     """Per probability p, the least float s with `s / 100 >= p` (as floats), so that
     `p > s / 100` holds exactly when `s` is below it. `100 * p` alone can be an ulp off
     (0.55 > 55 / 100 is false, but 55 < 100 * 0.55 is true); nudge it to the exact boundary."""
+    prob = np.asarray(prob, dtype=np.float64)
+    ceil = _share_guess(prob)
+    with np.errstate(over="ignore"):
+        at = np.flatnonzero((ceil / 100 < prob) | (np.nextafter(ceil, -np.inf) / 100 >= prob))
+    if at.size:  # each distinct value once (p = 0, common, takes dozens of subnormal steps)
+        values, inverse = np.unique(prob[at], return_inverse=True)
+        ceil[at] = _share_stepped(values)[inverse]
+    return ceil
+
+
+def _share_guess(prob: np.ndarray) -> np.ndarray:
     big = np.finfo(np.float64).max
     with np.errstate(over="ignore"):  # only for absurd p: an infinite bound is then right
-        ceil = np.clip(prob * 100, -big, big)  # finite, so the steps below can start
+        return np.clip(prob * 100, -big, big)  # finite, so the steps below can start
+
+
+def _share_stepped(prob: np.ndarray) -> np.ndarray:
+    """`lowest_share_reached` by stepping `100 * p` one float at a time."""
+    ceil = _share_guess(prob)
+    with np.errstate(over="ignore"):
         while (up := np.isfinite(ceil) & (ceil / 100 < prob)).any():
             ceil = np.where(up, np.nextafter(ceil, np.inf), ceil)
         while (down := np.isfinite(ceil) & (np.nextafter(ceil, -np.inf) / 100 >= prob)).any():

@@ -81,6 +81,21 @@ def test_relabel_ceiling_is_the_probability_of_the_suggestion():
     assert decide.lowest_share_reached(np.array([0.55]))[0] == ceiling[0]
 
 
+def test_the_lowest_share_reached_is_the_exact_boundary_for_every_float():
+    """s / 100 >= p at s, and not one float below, for ordinary, zero, subnormal and huge p
+    (zero takes dozens of subnormal steps; only the values still off are stepped)."""
+    rng = np.random.default_rng(0)
+    p = np.concatenate([np.round(rng.random(20_000), 5), rng.random(20_000),
+                        [0.0, -0.0, 1.0, -1.0, 0.55, 1e-300, 5e-324, -5e-324, 1e308, -1e308],
+                        rng.uniform(-1e300, 1e300, 200), 10.0 ** rng.uniform(-320, -300, 200)])
+    with np.errstate(all="ignore"):
+        s = decide.lowest_share_reached(p)
+        finite = np.isfinite(s)
+        assert finite[:40_000].all()  # a huge p can have an infinite bound
+        assert (s[finite] / 100 >= p[finite]).all()
+        assert (np.nextafter(s[finite], -np.inf) / 100 < p[finite]).all()
+
+
 def test_posterior_by_hand():
     """eta 0.1, K 10: the prior noise floor is 0.1 / 9 per class, the backward scale 8/9."""
     q_g = np.array([0.005, 0.02, 0.5, 0.9, np.nan, 0.05])
