@@ -249,7 +249,7 @@ def test_images_whose_neighbours_back_their_label_are_not_flagged(tmp_path, weig
     pq.write_table(backed.replace_schema_metadata(table.schema.metadata), uri)
     again = read_results(merge_run(run))
     assert not again["is_label_issue"].any() and (again["knn_agreement"] == 1.0).all()
-    both = results.set_index("filename").join(again.set_index("filename"), rsuffix="_backed")
+    both = results.merge(again, on="filename", suffixes=("", "_backed"))
     assert (both["p_label_wrong"] == both["p_label_wrong_backed"]).all()
     assert set(planted) <= set(again.loc[again["tier"] == "review", "filename"])
 
