@@ -200,20 +200,18 @@ def duplicate_groups(sims: np.ndarray, idx: np.ndarray, threshold: float) -> np.
 
 
 def neighbour_vote(near: np.ndarray) -> np.ndarray:
-    """Per row of `near` (the labels of an image's neighbours; -1: no neighbour there) the
-    label most of them carry, or -1 where none does uniquely (a tie, or no neighbours). Never
-    a dense image x class matrix: k comparisons of the k columns."""
+    """Per row of `near` (the labels of an image's k >= 1 neighbours; -1: no neighbour there)
+    the label most of them carry, or -1 where none does uniquely (a tie, or no neighbours).
+    Never a dense image x class matrix: k comparisons of the k columns."""
     valid = near >= 0
-    counts = np.zeros(near.shape, dtype=np.int32)
+    counts = np.zeros(near.shape, dtype=np.int32)  # per position: how many carry its label
     for j in range(near.shape[1]):
-        counts[:, j] = ((near == near[:, j:j + 1]) & valid).sum(1)
-    counts[~valid] = 0
-    best = counts.max(1) if near.shape[1] else np.zeros(len(near), dtype=np.int32)
+        counts[:, j] = ((near == near[:, j:j + 1]) & valid).sum(1)  # 0 where j is missing
+    best = counts.max(1)
     # A label counted c times sits at c positions: it is the only winner exactly when the
     # positions holding the best count number that count.
     unique = (best > 0) & ((counts == best[:, None]).sum(1) == best)
-    top = near[np.arange(len(near)), counts.argmax(1)] if near.shape[1] else best
-    return np.where(unique, top, -1)
+    return np.where(unique, near[np.arange(len(near)), counts.argmax(1)], -1)
 
 
 def neighbour_frame(embeddings: np.ndarray, labels: np.ndarray, ids: np.ndarray, k: int,
