@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from benchmarks.scoring import move_cell
+
 SENSITIVITIES = (80, 90, 95)
 VARIANTS = ("shipped", "temperature", "q share")
 
@@ -137,10 +139,7 @@ def variant_lines(name: str, pooled: Pooled, min_preds: int) -> list[str]:
         cells = []
         for s in SENSITIVITIES:
             moved = issue & (p_sugg > s / 100) & (pooled.num_preds >= min_preds)
-            fixed = int((moved & (suggested == pooled.true)).sum())
-            precision = f"{fixed / moved.sum():.3f}" if moved.any() else "–"
-            cells.append(f"{int(moved.sum())}, {precision}, {int((moved & ~wrong).sum())}, "
-                         f"{fixed / max(1, wrong.sum()):.2f}")
+            cells.append(move_cell(moved, suggested, pooled.true, wrong))
         lines.append(f"| {name} | {variant} | " + " | ".join(cells) + " |")
     return lines
 

@@ -58,7 +58,7 @@ def neighbour_votes(run: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def variant_lines(name: str, p, agreement: np.ndarray, vote: np.ndarray,
                   min_preds: int) -> list[str]:
     """Markdown rows of each variant for one run (`p`: its `scoring.Predictions`)."""
-    from benchmarks.scoring import default_relabel
+    from benchmarks.scoring import default_relabel, move_cell
 
     wrong = p.true != p.given
     backed = agreement < MAJORITY
@@ -77,10 +77,7 @@ def variant_lines(name: str, p, agreement: np.ndarray, vote: np.ndarray,
                 moved &= backed
             if variant == "vote":
                 moved &= vote == p.corrected
-            fixed = int((moved & (p.corrected == p.true)).sum())
-            prec = f"{fixed / moved.sum():.3f}" if moved.any() else "–"
-            cells.append(f"{int(moved.sum())}, {prec}, {int((moved & ~wrong).sum())}, "
-                         f"{fixed / max(1, wrong.sum()):.2f}")
+            cells.append(move_cell(moved, p.corrected, p.true, wrong))
         lines.append(f"| {name} | {variant} | " + " | ".join(cells) + " |")
     return lines
 

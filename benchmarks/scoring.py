@@ -364,6 +364,16 @@ def predictions_from_frames(results: pd.DataFrame, truth: pd.DataFrame, classes:
     )
 
 
+def move_cell(moved: np.ndarray, suggested: np.ndarray, true: np.ndarray,
+              wrong: np.ndarray) -> str:
+    """A relabel cell of the decision tables (decision_variants, knn_decision): moves, their
+    precision (share landing in the true class), correct labels moved, relabel recall."""
+    fixed = int((moved & (suggested == true)).sum())
+    precision = f"{fixed / moved.sum():.3f}" if moved.any() else "–"
+    return (f"{int(moved.sum())}, {precision}, {int((moved & ~wrong).sum())}, "
+            f"{fixed / max(1, wrong.sum()):.2f}")
+
+
 def format_metric(value: object, fmt: str | None) -> str:
     """A metric as table text; "—" for a missing one (None or nan)."""
     if value is None or (isinstance(value, float) and np.isnan(value)):
