@@ -23,7 +23,8 @@ def unsafe_key_reason(key: str) -> str | None:
     Keys listed from a bucket are data: they are checked before they name a file anywhere."""
     if key.startswith("/") or key.startswith("\\"):
         return "absolute path"
-    if any(unicodedata.category(c) == "Cc" for c in key):
+    if (not key.isprintable() if key.isascii()  # ASCII: not printable is exactly Cc
+            else any(unicodedata.category(c) == "Cc" for c in key)):
         return "control character in name"
     if any(part in ("..", ".") or part == "" for part in key.split("/")):
         return "'..', '.' or empty path component"

@@ -212,11 +212,13 @@ def _check_same_decisions(header: dict, decided: Decided, journal_uri: str) -> N
 
 
 def _target_key(src: str, corrected: str, suffix: str = "") -> str:
+    """`src` (a checked key: class folder first) in the folder `corrected`, its file name
+    with `suffix` before the extension."""
     parts = src.split("/")
-    name = PurePosixPath(parts[-1])
     if suffix:
-        name = PurePosixPath(_fit_name(name.stem, suffix, name.suffix))
-    return "/".join([corrected, *parts[1:-1], str(name)])
+        name = PurePosixPath(parts[-1])
+        parts[-1] = _fit_name(name.stem, suffix, name.suffix)
+    return "/".join([corrected, *parts[1:]])
 
 
 def _listed(root: str, pairs: list[tuple[str, str]], class_sizes: dict[str, int] | None,

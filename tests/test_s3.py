@@ -99,6 +99,31 @@ def test_backend_roundtrip_list_copy_delete(s3):
     assert storage.read_text(f"{root}/t.txt") == "héllo"
 
 
+def test_timestamps_parse_as_botocore_parses_them(s3):
+    """The backend's client parses timestamps itself (dateutil's parser was most of a
+    listing's CPU): the same instants as botocore's parser, from this server's answers and
+    from the other forms S3 servers send."""
+    from botocore.utils import parse_timestamp
+
+    from tasks.s3 import _timestamp
+    for value in ["2026-12-02T06:42:09.123Z", "2026-12-02T06:42:09Z",
+                  "2026-12-02T06:42:09.123456+00:00", "2026-12-02T08:42:09+02:00",
+                  "Wed, 02 Dec 2026 06:42:09 GMT", "2026-12-02T06:42:09", "1764657729",
+                  1764657729, 1764657729.5]:
+        ours, theirs = _timestamp(value), parse_timestamp(value)
+        assert ours == theirs and (ours.tzinfo is None) == (theirs.tzinfo is None), value
+    put(s3, f"{s3.prefix}/t/1.png", b"x")
+    backend, client = S3Backend(), s3.server.client()
+    for ask in ("head_object", "list_objects_v2"):
+        args = {"Bucket": s3.bucket, **({"Key": f"{s3.prefix}/t/1.png"} if ask == "head_object"
+                                        else {"Prefix": f"{s3.prefix}/t/"})}
+        ours, theirs = (getattr(c, ask)(**args) for c in (backend.client, client))
+        if ask == "list_objects_v2":
+            ours, theirs = ours["Contents"][0], theirs["Contents"][0]
+        assert ours["LastModified"] == theirs["LastModified"]
+        assert ours["LastModified"].tzinfo is not None
+
+
 def test_conditional_copy_refuses_overwrite_without_head_check(s3, monkeypatch):
     """The server-side If-None-Match guard alone stops an overwrite (the race the HEAD
     check cannot see)."""
