@@ -112,9 +112,10 @@ def _third_party_options(core: botocore.session.Session, options: dict[str, Any]
 
 
 def _timestamp(value: Any) -> Any:
-    """A response's timestamp as botocore's default parser gives it (an aware datetime), but
-    fast for the ISO 8601 and HTTP-date forms S3 sends: a listing parses one per object, and
-    dateutil's parser was most of a listing's client CPU. Any other form goes to botocore."""
+    """A response's timestamp, the same datetime as botocore's default parser gives, but fast
+    for the timezone-qualified ISO 8601 and HTTP-date forms S3 sends: a listing parses one per
+    object, and dateutil's parser was most of a listing's client CPU. Any other form goes to
+    botocore."""
     if isinstance(value, str):
         try:
             parsed: datetime | None = datetime.fromisoformat(value)
