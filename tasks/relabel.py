@@ -30,12 +30,13 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import re
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
 from pathlib import Path, PurePosixPath
 from typing import TypeVar
@@ -471,22 +472,24 @@ def _in_parallel(fn: Callable[[T], R], items: Iterable[T], workers: int,
             yield i, item, fn(item)
         return
     todo = enumerate(items)
+    done: queue.SimpleQueue[Future[R]] = queue.SimpleQueue()  # futures as they finish
     pending: dict[Future[R], tuple[int, T]] = {}
     pool = ThreadPoolExecutor(max_workers=workers)
 
     def fill() -> None:
         for i, item in todo:
-            pending[pool.submit(fn, item)] = (i, item)
+            future = pool.submit(fn, item)
+            pending[future] = (i, item)
+            future.add_done_callback(done.put)
             if len(pending) >= 4 * workers:  # bounded: never a future per move at once
                 return
 
     try:
         fill()
         while pending:
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in finished:
-                i, item = pending.pop(future)
-                yield i, item, future.result()
+            future = done.get()
+            i, item = pending.pop(future)
+            yield i, item, future.result()
             fill()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
