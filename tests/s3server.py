@@ -132,11 +132,14 @@ class SeaweedS3:
                 "AWS_SECRET_ACCESS_KEY": ADMIN_SECRET, "AWS_DEFAULT_REGION": REGION,
                 "AWS_EC2_METADATA_DISABLED": "true"}
 
-    def client(self, key: str = ADMIN_KEY, secret: str = ADMIN_SECRET, attempts: int = 3):
-        """A plain boto3 client, independent of the code under test."""
+    def client(self, key: str = ADMIN_KEY, secret: str = ADMIN_SECRET, attempts: int = 3,
+               connections: int = 10):
+        """A plain boto3 client, independent of the code under test, with a pool of
+        `connections`."""
         return boto3.client("s3", endpoint_url=self.endpoint, region_name=REGION,
                             aws_access_key_id=key, aws_secret_access_key=secret,
                             config=Config(retries={"mode": "standard",
                                                    "total_max_attempts": attempts},
                                           s3={"addressing_style": "path"},
+                                          max_pool_connections=connections,
                                           connect_timeout=2, read_timeout=10))

@@ -38,5 +38,7 @@ def test_the_scale_benchmark_at_a_tiny_size(tmp_path):
         assert float(merge[7]) > 0.05 and float(merge[6]) > 0  # peak RSS (GB) and CPU time
     assert rows[("1.5k x 10", "relabel")][8].startswith("1,500 moves on SeaweedFS: relabel ")
     assert "checksums equal after relabel and undo" in rows[("1.5k x 10", "relabel")][8]
+    assert re.search(r"bare copy \+ delete \d+ moves/s \(server CPU \d+ s\), relabel at \d+% "
+                     r"of it", rows[("1.5k x 10", "relabel")][8])
     assert "Growth between sizes" not in text  # one size per class count
     assert "RESULTS DIFFER" not in text
